@@ -1,0 +1,15 @@
+"""covidxray: train, evaluate, explain and serve a chest X-ray COVID-19 classifier.
+
+Research use only. Not a medical device.
+"""
+
+import os
+
+__version__ = "0.1.0"
+
+# torch is the fastest Keras backend on CPU; set KERAS_BACKEND=jax on a GPU. Must precede keras.
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+from covidxray.api import evaluate, load, predict, train  # noqa: E402
+
+__all__ = ["train", "load", "predict", "evaluate", "__version__"]

@@ -1,0 +1,93 @@
+"""The typed settings of a training run, saved to ``RUN/config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from covidxray.fileutil import write_text_atomic
+
+
+@dataclass
+class AugmentConfig:
+    """Random transforms applied to training images only (Keras preprocessing layers)."""
+
+    rotation_degrees: float = 5.0
+    zoom: float = 0.1
+    translation: float = 0.05
+    brightness: float = 0.1
+    contrast: float = 0.1
+    horizontal_flip: bool = False  # off: the heart is on the left in every frontal film
+
+    def enabled(self) -> bool:
+        return any([self.rotation_degrees, self.zoom, self.translation, self.brightness,
+                    self.contrast, self.horizontal_flip])
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what ``covidxray train`` does."""
+
+    data: str
+    out: str
+    image_size: int = 224
+    backbone: str = "resnet50"
+    weights: str = "imagenet"  # "imagenet", "none" or a path to a weights file
+    dropout: float = 0.3
+    batch_size: int = 32
+    head_epochs: int = 10  # phase 1: frozen backbone; 0 skips it
+    head_learning_rate: float = 1e-3
+    finetune_epochs: int = 5  # phase 2: top stage(s) unfrozen; 0 skips it
+    finetune_learning_rate: float = 1e-5
+    unfreeze_stages: int = 1
+    patience: int = 3  # early stopping on validation ROC-AUC
+    steps_per_epoch: int | None = None  # None: the whole training split per epoch
+    class_weights: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    split_file: str | None = None  # reuse an earlier split.csv
+    seed: int = 0
+    positive_class: str | None = None  # default: the folder whose name says covid
+    threshold_method: str = "youden"  # or "sensitivity"
+    target_sensitivity: float = 0.95
+    source_from_prefix: bool = False
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+        self.split_fractions = tuple(float(f) for f in self.split_fractions)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be at least 32, got {self.image_size}")
+        if self.head_epochs < 0 or self.finetune_epochs < 0:
+            raise ValueError("epochs cannot be negative")
+        if self.head_epochs == 0 and self.finetune_epochs == 0:
+            raise ValueError("both training phases are skipped: nothing to train")
+        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 \
+                or min(self.split_fractions) < 0:
+            raise ValueError(f"split fractions must be three non-negative numbers summing to 1, "
+                             f"got {self.split_fractions}")
+        if self.threshold_method not in ("youden", "sensitivity"):
+            raise ValueError(f"threshold_method must be 'youden' or 'sensitivity', "
+                             f"got {self.threshold_method!r}")
+        if not 0 < self.target_sensitivity <= 1:
+            raise ValueError("target_sensitivity must be in (0, 1]")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        values = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})

@@ -1,0 +1,240 @@
+"""Discover a labelled data set and load its images.
+
+Three layouts are read:
+
+* class folders: ``DATA/<class>/<image>`` (any class names, any case);
+* split folders of class folders: ``DATA/<Train|val|Test...>/<class>/<image>``;
+* a CSV manifest ``file,label[,patient_id][,source][,split]`` (paths relative to the CSV).
+
+A folder that holds a ``manifest.csv`` with a ``file`` column also takes its ``patient_id``
+and ``source`` columns, so a class-folder tree can still be split by patient.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from covidxray.imageio import IMAGE_SUFFIXES, ImageReadError, load_for_model
+
+SYNTHETIC_MARKER = "SYNTHETIC.txt"
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+               "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+
+
+class DataError(ValueError):
+    """The data set as a whole cannot be used (not a single bad file: those are skipped)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One labelled image. ``label`` is the original class name; ``target`` is 1 for positive."""
+
+    path: str
+    label: str
+    target: int
+    patient_id: str = ""
+    source: str = ""
+    split: str = ""
+
+    @property
+    def group(self) -> str:
+        """The unit that must not cross splits: the patient when known, else the image."""
+        return self.patient_id or self.path
+
+
+@dataclass
+class Dataset:
+    root: str
+    records: list[Record]
+    class_names: list[str]
+    positive_class: str
+    synthetic: bool = False
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def subset(self, split: str) -> list[Record]:
+        return [r for r in self.records if r.split == split]
+
+
+def default_positive_class(class_names: list[str]) -> str:
+    """The class whose name contains 'covid' without a negation ('non', 'no', 'not')."""
+    candidates = [name for name in class_names if "covid" in name.lower()
+                  and not re.search(r"(non|no|not)[\W_]*covid", name.lower())]
+    if len(candidates) != 1:
+        raise DataError(f"cannot tell the positive class among {class_names}: "
+                        f"name it with --positive-class")
+    return candidates[0]
+
+
+def discover(data: str | Path, positive_class: str | None = None,
+             source_from_prefix: bool = False) -> Dataset:
+    """Find every labelled image under ``data`` (a folder or a CSV manifest)."""
+    data = Path(data)
+    if not data.exists():
+        raise DataError(f"{data}: no such file or folder")
+    if data.is_file():
+        rows, skipped = _rows_from_manifest(data)
+        root = data.parent
+    else:
+        rows, skipped = _rows_from_folders(data)
+        root = data
+        manifest = data / "manifest.csv"
+        if manifest.is_file():
+            rows = _join_manifest_columns(rows, manifest)
+    if not rows:
+        raise DataError(f"{data}: no labelled images found (expected class folders, split "
+                        f"folders of class folders, or a CSV with file,label columns)")
+    class_names = sorted({row["label"] for row in rows})
+    if len(class_names) < 2:
+        raise DataError(f"{data}: found only the class {class_names}; need at least two")
+    if positive_class is None:
+        positive_class = default_positive_class(class_names)
+    matches = [c for c in class_names if c.lower() == positive_class.lower()]
+    if not matches:
+        raise DataError(f"positive class {positive_class!r} is not among {class_names}")
+    positive_class = matches[0]
+    records = []
+    for row in rows:
+        source = row.get("source", "")
+        if source_from_prefix and not source:
+            source = Path(row["path"]).name.split("_", 1)[0]
+        records.append(Record(path=row["path"], label=row["label"],
+                              target=int(row["label"] == positive_class),
+                              patient_id=row.get("patient_id", ""), source=source,
+                              split=row.get("split", "")))
+    records.sort(key=lambda r: r.path)
+    return Dataset(root=str(root), records=records, class_names=class_names,
+                   positive_class=positive_class,
+                   synthetic=(root / SYNTHETIC_MARKER).exists(), skipped=skipped)
+
+
+def is_image_candidate(path: Path) -> bool:
+    # DICOM exports often have no suffix; other suffixes (README, CSV) are not images
+    return path.is_file() and not path.name.startswith(".") and \
+        (path.suffix.lower() in IMAGE_SUFFIXES or path.suffix == "")
+
+
+def _rows_from_folders(root: Path) -> tuple[list[dict], list[tuple[str, str]]]:
+    subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    split_folders = [p for p in subfolders if p.name.lower() in SPLIT_NAMES]
+    rows, skipped = [], []
+    if split_folders:
+        if len(split_folders) != len(subfolders):
+            others = [p.name for p in subfolders if p not in split_folders]
+            raise DataError(f"{root}: mixes split folders {[p.name for p in split_folders]} "
+                            f"with other folders {others}")
+        for split_dir in split_folders:
+            split = SPLIT_NAMES[split_dir.name.lower()]
+            for row in _class_folder_rows(split_dir, skipped):
+                rows.append({**row, "split": split})
+    else:
+        rows = _class_folder_rows(root, skipped)
+    return rows, skipped
+
+
+def _class_folder_rows(root: Path, skipped: list) -> list[dict]:
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(class_dir.rglob("*")):
+            if is_image_candidate(path):
+                rows.append({"path": str(path), "label": class_dir.name})
+            elif path.is_file() and not path.name.startswith("."):
+                skipped.append((str(path), f"not an image file suffix ({path.suffix})"))
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None:
+            raise DataError(f"{path}: empty CSV")
+        return [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+                for row in reader]
+
+
+def _rows_from_manifest(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
+    table = _read_csv(path)
+    if not table or "file" not in table[0] or "label" not in table[0]:
+        raise DataError(f"{path}: a manifest needs at least the columns file,label")
+    rows, skipped = [], []
+    for line, row in enumerate(table, start=2):
+        if not row["file"] or not row["label"]:
+            skipped.append((f"{path}:{line}", "row without file or label"))
+            continue
+        file = Path(row["file"])
+        file = file if file.is_absolute() else path.parent / file
+        entry = {"path": str(file), "label": row["label"],
+                 "patient_id": row.get("patient_id", ""), "source": row.get("source", "")}
+        if row.get("split"):
+            split = SPLIT_NAMES.get(row["split"].lower())
+            if split is None:
+                raise DataError(f"{path}:{line}: unknown split {row['split']!r} "
+                                f"(use train, val or test)")
+            entry["split"] = split
+        rows.append(entry)
+    return rows, skipped
+
+
+def _join_manifest_columns(rows: list[dict], manifest: Path) -> list[dict]:
+    table = _read_csv(manifest)
+    if not table or "file" not in table[0]:
+        return rows
+    by_file = {str((manifest.parent / row["file"]).resolve()): row for row in table}
+    joined = []
+    for row in rows:
+        extra = by_file.get(str(Path(row["path"]).resolve()), {})
+        joined.append({**row, **{k: extra[k] for k in ("patient_id", "source") if extra.get(k)}})
+    return joined
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class LoadedImages:
+    """Images prepared for the model, with the records that loaded and those that failed."""
+
+    images: np.ndarray  # (n, size, size) uint8
+    records: list[Record]
+    failures: list[ImageReadError]
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.array([r.target for r in self.records], dtype=np.float32)
+
+
+def load_images(records: list[Record], image_size: int, strict: bool = False) -> LoadedImages:
+    """Decode and prepare every record's image; unreadable files are collected, not fatal.
+
+    With ``strict`` the first unreadable file raises its ``ImageReadError``.
+    """
+    images, kept, failures = [], [], []
+    for record in records:
+        try:
+            images.append(load_for_model(record.path, image_size))
+            kept.append(record)
+        except ImageReadError as error:
+            if strict:
+                raise
+            failures.append(error)
+    array = np.stack(images) if images else np.zeros((0, image_size, image_size), np.uint8)
+    return LoadedImages(images=array, records=kept, failures=failures)
+
+
+def fingerprint(records: list[Record]) -> str:
+    """A hash of the training data: every file's content, label and split."""
+    digest = hashlib.sha256()
+    for record in sorted(records, key=lambda r: r.path):
+        digest.update(f"{file_sha256(record.path)}\t{record.label}\t{record.split}\n".encode())
+    return digest.hexdigest()
+
+
+def with_splits(records: list[Record], splits: dict[str, str]) -> list[Record]:
+    """Records with their ``split`` set from ``splits`` (path -> split); unlisted ones dropped."""
+    return [replace(r, split=splits[r.path]) for r in records if r.path in splits]

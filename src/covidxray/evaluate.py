@@ -1,0 +1,142 @@
+"""Score a run on labelled data at its frozen threshold: metrics with bootstrap CIs, confusion
+matrix, and the same per source and per original class."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from covidxray.data import DataError, Record, discover, load_images
+from covidxray.fileutil import write_json_atomic
+from covidxray.metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, confusion
+from covidxray.run import Predictor
+
+log = logging.getLogger(__name__)
+
+
+def run_test_records(run_dir: Path, positive_class: str, source_from_prefix: bool) -> list[Record]:
+    """The test split a run was trained with, from its ``split.csv``."""
+    split_file = run_dir / "split.csv"
+    if not split_file.is_file():
+        raise DataError(f"{run_dir}: no split.csv; pass the data to evaluate explicitly")
+    with open(split_file, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["split"] == "test"]
+    if not rows:
+        raise DataError(f"{split_file}: the run has no test split; pass the data to evaluate")
+    return [Record(path=row["path"], label=row["label"], target=int(row["label"] == positive_class),
+                   patient_id=row.get("patient_id", ""),
+                   source=row.get("source", "") or (Path(row["path"]).name.split("_", 1)[0]
+                                                    if source_from_prefix else ""),
+                   split="test") for row in rows]
+
+
+def summarise(y_true: np.ndarray, scores: np.ndarray, threshold: float, n_bootstrap: int,
+              seed: int) -> dict:
+    """Metrics at ``threshold`` with their bootstrap CIs, and the confusion counts."""
+    point = binary_metrics(y_true, scores, threshold)
+    intervals = bootstrap_ci(y_true, scores, threshold, n_bootstrap, seed=seed) \
+        if n_bootstrap else {name: (float("nan"),) * 2 for name in METRIC_NAMES}
+    return {
+        "n": int(y_true.size), "n_positive": int(y_true.sum()),
+        "metrics": {name: {"value": point[name], "ci95": list(intervals[name])}
+                    for name in METRIC_NAMES},
+        "confusion": confusion(y_true, scores >= threshold),
+    }
+
+
+def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: int = 1000,
+             source_from_prefix: bool = False, out: str | Path | None = None, seed: int = 0,
+             strict: bool = False, predictor: Predictor | None = None) -> dict:
+    """Evaluate a run on ``data`` (default: its own test split) and write ``metrics.json``."""
+    run_dir = Path(run_dir)
+    predictor = predictor or Predictor.load(run_dir)
+    meta = predictor.metadata
+    if data is None:
+        records = run_test_records(run_dir, meta["positive_class"], source_from_prefix)
+        data_name = f"{run_dir}/split.csv (test split)"
+    else:
+        dataset = discover(data, meta["positive_class"], source_from_prefix)
+        records = dataset.records
+        data_name = str(data)
+        if str(Path(dataset.root).resolve()) == meta.get("data_root"):
+            log.warning("%s is the training data: its train and validation images are scored "
+                        "too; omit DATA to evaluate on the run's test split only", data)
+    loaded = load_images(records, predictor.image_size, strict)
+    for error in loaded.failures:
+        log.warning("skipped %s: %s", error.path, error.reason)
+    if not loaded.records:
+        raise DataError(f"{data_name}: no readable images to evaluate")
+    scores = predictor.predict_prepared(loaded.images)
+    y_true = loaded.targets.astype(int)
+    threshold = predictor.threshold
+    result = {
+        "notice": meta["notice"],
+        "synthetic_data": bool(meta.get("synthetic_data")),
+        "run": str(run_dir), "data": data_name,
+        "threshold": threshold, "threshold_method": meta.get("threshold_method"),
+        "positive_class": meta["positive_class"],
+        "unreadable_files": [{"path": e.path, "reason": e.reason} for e in loaded.failures],
+        "overall": summarise(y_true, scores, threshold, n_bootstrap, seed),
+        "per_source": {},
+        "per_class": {},
+    }
+    by_source, by_class = defaultdict(list), defaultdict(list)
+    for index, record in enumerate(loaded.records):
+        by_class[record.label].append(index)
+        if record.source:
+            by_source[record.source].append(index)
+    for source, index in sorted(by_source.items()):
+        result["per_source"][source] = summarise(y_true[index], scores[index], threshold,
+                                                 n_bootstrap, seed)
+    for label, index in sorted(by_class.items()):
+        called_positive = scores[index] >= threshold
+        result["per_class"][label] = {"n": len(index),
+                                      "called_positive": int(called_positive.sum()),
+                                      "called_positive_rate": float(called_positive.mean())}
+    write_json_atomic(Path(out) if out else run_dir / "metrics.json", result)
+    return result
+
+
+def _fmt(metric: dict) -> str:
+    value, (low, high) = metric["value"], metric["ci95"]
+    if not np.isfinite(value):
+        return "n/a"
+    return f"{value:.3f} ({low:.3f}-{high:.3f})" if np.isfinite(low) else f"{value:.3f}"
+
+
+def format_report(result: dict) -> str:
+    """A readable table of an ``evaluate`` result."""
+    overall = result["overall"]
+    lines = []
+    if result["synthetic_data"]:
+        lines.append("*** SYNTHETIC DATA: these numbers say nothing about real X-rays ***")
+    lines += [f"{result['notice']}",
+              f"data: {result['data']}  images: {overall['n']} "
+              f"({overall['n_positive']} {result['positive_class']})  "
+              f"threshold: {result['threshold']:.4f} ({result['threshold_method']}, frozen on "
+              f"validation)", "",
+              f"{'metric':<12} value (95% bootstrap CI)"]
+    lines += [f"{name:<12} {_fmt(overall['metrics'][name])}" for name in METRIC_NAMES]
+    c = overall["confusion"]
+    lines += ["", "confusion matrix   predicted +   predicted -",
+              f"  actual +         {c['tp']:>11}   {c['fn']:>11}",
+              f"  actual -         {c['fp']:>11}   {c['tn']:>11}"]
+    if result["per_source"]:
+        lines += ["", "per source (a source with one class cannot show discrimination):",
+                  f"  {'source':<14}{'n':>6}{'pos':>6}  {'sensitivity':<24}{'specificity':<24}"
+                  f"roc_auc"]
+        for source, s in result["per_source"].items():
+            m = s["metrics"]
+            lines.append(f"  {source:<14}{s['n']:>6}{s['n_positive']:>6}  "
+                         f"{_fmt(m['sensitivity']):<24}{_fmt(m['specificity']):<24}"
+                         f"{_fmt(m['roc_auc'])}")
+    lines += ["", "called positive per original class:"]
+    lines += [f"  {label:<16} {c['called_positive']:>5} of {c['n']:<5} "
+              f"({c['called_positive_rate']:.1%})" for label, c in result["per_class"].items()]
+    if result["unreadable_files"]:
+        lines += ["", f"{len(result['unreadable_files'])} unreadable files skipped"]
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""Read any supported image file into one float32 grayscale array, and the one preprocessing step.
+
+Every image the model sees, at training, evaluation, prediction and serving time, goes through
+``load_for_model`` (= ``read_image`` then ``prepare``), so a model can never see differently
+prepared pixels.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+
+
+class ImageReadError(Exception):
+    """A file that cannot be used as an image; carries the path and the reason."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def is_dicom(data: bytes) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def read_image(path: str | Path, data: bytes | None = None) -> np.ndarray:
+    """Decode ``path`` (or ``data``, its bytes) into a 2-D float32 array in [0, 1], bone bright.
+
+    The format is decided by the content, not the name. Raises ``ImageReadError`` naming the path
+    and the reason for empty, truncated, unsupported or non-image files.
+    """
+    if data is None:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from exc
+    if not data:
+        raise ImageReadError(path, "empty file")
+    if is_dicom(data) or Path(str(path)).suffix.lower() in DICOM_SUFFIXES:
+        gray = _read_dicom(path, data)
+    else:
+        gray = _read_pillow(path, data)
+    if gray.ndim != 2 or min(gray.shape) < 8:
+        raise ImageReadError(path, f"image too small or not 2-D (shape {gray.shape})")
+    if not np.all(np.isfinite(gray)):
+        raise ImageReadError(path, "image contains NaN or infinite values")
+    return gray
+
+
+def prepare(gray: np.ndarray, image_size: int) -> np.ndarray:
+    """Resize a [0, 1] grayscale image to ``image_size`` square and quantise to uint8 0..255.
+
+    The whole image is resized (no crop, no padding), as Keras' ``flow_from_directory`` does;
+    the backbone's own preprocessing lives inside the model.
+    """
+    image = Image.fromarray(np.asarray(gray, dtype=np.float32), mode="F")
+    image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
+
+
+def load_for_model(path: str | Path, image_size: int, data: bytes | None = None) -> np.ndarray:
+    """The one preprocessing path: file -> (image_size, image_size) uint8 grayscale."""
+    return prepare(read_image(path, data), image_size)
+
+
+def _read_pillow(path, data: bytes) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decodes now, so truncated files fail here
+            return _pillow_to_gray(image)
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(path, "not a recognised image format") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"too many pixels (decompression bomb guard): {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(path, f"corrupt or truncated image ({exc})") from exc
+
+
+def _pillow_to_gray(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _scale_high_bit_depth(np.asarray(image))
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        # composite on black: transparent margins become the dark film border
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def _scale_high_bit_depth(array: np.ndarray) -> np.ndarray:
+    """Scale integer data by the smallest common bit depth (8/10/12/14/16) that holds it.
+
+    Medical PNG/TIFF exports often store 10-16 significant bits in a 16-bit container;
+    dividing a 12-bit image by 65535 would make it nearly black.
+    """
+    if np.issubdtype(array.dtype, np.floating) and array.min(initial=0) >= 0 \
+            and array.max(initial=0) <= 1:
+        return array.astype(np.float32)  # float data already in [0, 1]
+    array = array.astype(np.float64)
+    low = min(array.min(initial=0), 0.0)
+    array = array - low
+    top = array.max(initial=0)
+    for bits in (8, 10, 12, 14, 16, 32):
+        if top <= 2**bits - 1:
+            return (array / (2**bits - 1)).astype(np.float32)
+    return (array / top).astype(np.float32)
+
+
+def _read_dicom(path, data: bytes) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+        pixels = dataset.pixel_array
+    except Exception as exc:  # pydicom raises many types for bad or undecodable data
+        raise ImageReadError(path, f"cannot decode DICOM pixel data ({exc})") from exc
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[0]  # first frame of a multi-frame object
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        if pixels.ndim == 3 and pixels.shape[-1] == 3:
+            if photometric.startswith("YBR"):
+                from pydicom.pixels import convert_color_space
+                pixels = convert_color_space(pixels, photometric, "RGB")
+            rgb = pixels.astype(np.float32)
+            pixels = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            return _min_max(pixels)
+        raise ImageReadError(path, f"unsupported DICOM photometric interpretation {photometric}")
+    values = apply_modality_lut(pixels, dataset).astype(np.float64)
+    if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
+        values = apply_voi_lut(values, dataset).astype(np.float64)
+    gray = _min_max(values)
+    if photometric == "MONOCHROME1":  # low values are bright in MONOCHROME1
+        gray = 1.0 - gray
+    return gray
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float32)
+    return ((values - low) / (high - low)).astype(np.float32)

@@ -1,0 +1,141 @@
+"""The run-folder contract: load ``RUN/`` into a ``Predictor`` (model + metadata)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from covidxray.data import is_image_candidate
+from covidxray.imageio import ImageReadError, load_for_model, prepare
+
+RUN_FILES = ("model.keras", "metadata.json")
+
+
+class RunError(FileNotFoundError):
+    """A folder that is not a complete run."""
+
+
+@dataclass
+class Prediction:
+    """One image's result; ``error`` is set (and the rest None) when it could not be read."""
+
+    path: str
+    probability: float | None = None
+    label: str | None = None
+    positive: bool | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def collect_paths(inputs) -> list[str]:
+    """Files as given, folders expanded recursively to their image files, in sorted order.
+
+    Files named explicitly are kept whatever their suffix, so a bad one is reported, not ignored.
+    """
+    paths = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            paths.extend(str(p) for p in sorted(item.rglob("*")) if is_image_candidate(p))
+        else:
+            paths.append(str(item))
+    return paths
+
+
+class Predictor:
+    """A trained model with everything needed to use it: threshold, image size, class names."""
+
+    def __init__(self, model, metadata: dict, run_dir: str | Path | None = None):
+        self.model = model
+        self.metadata = metadata
+        self.run_dir = Path(run_dir) if run_dir else None
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Predictor":
+        run_dir = Path(run_dir)
+        missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
+        if missing:
+            raise RunError(f"{run_dir}: not a complete run (missing {', '.join(missing)}); "
+                           f"train one with 'covidxray train DATA --out {run_dir}'")
+        import keras
+
+        import covidxray.model  # noqa: F401  registers the custom layers before loading
+        model = keras.saving.load_model(run_dir / "model.keras")
+        metadata = json.loads((run_dir / "metadata.json").read_text())
+        return cls(model, metadata, run_dir)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metadata["threshold"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata["image_size"])
+
+    @property
+    def positive_class(self) -> str:
+        return self.metadata["positive_class"]
+
+    @property
+    def negative_label(self) -> str:
+        negatives = self.metadata["negative_classes"]
+        return negatives[0] if len(negatives) == 1 else f"NON-{self.positive_class.upper()}"
+
+    def label_of(self, probability: float) -> str:
+        return self.positive_class if probability >= self.threshold else self.negative_label
+
+    def predict_prepared(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """P(positive) for (n, size, size) uint8 images already through ``imageio.prepare``."""
+        from covidxray.model import predict_scores
+        return predict_scores(self.model, images, batch_size)
+
+    def prepare_array(self, array: np.ndarray) -> np.ndarray:
+        """A 2-D grayscale (uint8, or float in [0, 1]) or (H, W, 3) array -> model input."""
+        array = np.asarray(array)
+        if array.ndim == 3 and array.shape[-1] in (3, 4):
+            array = array[..., :3].mean(axis=-1)
+        if array.ndim != 2:
+            raise ValueError(f"expected a 2-D grayscale or (H, W, 3) image, got shape "
+                             f"{array.shape}")
+        if np.issubdtype(array.dtype, np.integer):
+            array = array / float(np.iinfo(array.dtype).max)
+        return prepare(np.clip(array, 0.0, 1.0), self.image_size)
+
+    def predict_paths(self, paths, batch_size: int = 32) -> list[Prediction]:
+        """Predict every file; unreadable ones come back with ``error`` set, in input order."""
+        results: list[Prediction] = []
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            images, good = [], []
+            for path in chunk:
+                try:
+                    images.append(load_for_model(path, self.image_size))
+                    good.append(path)
+                except ImageReadError as error:
+                    results.append(Prediction(path=str(path), error=error.reason))
+            scores = self.predict_prepared(np.stack(images) if images else
+                                           np.zeros((0, 1, 1), np.uint8), batch_size)
+            for path, score in zip(good, scores):
+                results.append(self._prediction(str(path), float(score)))
+        order = {str(p): i for i, p in enumerate(paths)}
+        return sorted(results, key=lambda r: order[r.path])
+
+    def predict(self, item):
+        """P(COVID) and label for a path, an array, or a list of them."""
+        if isinstance(item, (list, tuple)):
+            if all(isinstance(i, (str, Path)) for i in item):
+                return self.predict_paths([str(i) for i in item])
+            return [self.predict(i) for i in item]
+        if isinstance(item, (str, Path)):
+            return self.predict_paths([str(item)])[0]
+        score = float(self.predict_prepared(self.prepare_array(item)[None])[0])
+        return self._prediction("<array>", score)
+
+    def _prediction(self, path: str, probability: float) -> Prediction:
+        return Prediction(path=path, probability=probability, label=self.label_of(probability),
+                          positive=probability >= self.threshold)

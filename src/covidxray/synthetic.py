@@ -1,0 +1,90 @@
+"""Radiograph-like synthetic chest images, for the demo and the tests.
+
+They have a thorax, two lung fields, ribs, clavicles, spine, mediastinum and heart, and
+diaphragm domes. Positive cases add what COVID-19 pneumonia typically shows on a frontal film:
+bilateral, peripheral, lower-zone hazy (ground-glass) opacities. They teach the pipeline, not
+medicine: every data set written here is marked synthetic, and so is every output made from it.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from covidxray.data import SYNTHETIC_MARKER
+
+
+def _ellipse(x, y, cx, cy, rx, ry):
+    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
+
+
+def _soft(mask: np.ndarray, radius: float) -> np.ndarray:
+    return gaussian_filter(mask.astype(np.float32), radius)
+
+
+def synthetic_radiograph(rng: np.random.Generator, size: int = 256,
+                         covid: bool = False) -> np.ndarray:
+    """One frontal chest radiograph-like image, float32 in [0, 1], bone and tissue bright."""
+    y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j].astype(np.float32)
+    scale = rng.uniform(0.9, 1.05)
+    x, y = x / scale + rng.normal(0, 0.03), y / scale + rng.normal(0, 0.03)
+    edge = size / 90
+    image = 0.06 + 0.30 * _soft(_ellipse(x, y, 0, 0.1, 0.88, 1.1), 3 * edge)  # soft tissue
+    lung_rx, lung_ry = rng.uniform(0.26, 0.31), rng.uniform(0.5, 0.6)
+    lungs = [_ellipse(x, y, side * 0.4, -0.05, lung_rx, lung_ry) for side in (-1, 1)]
+    lung_field = _soft(lungs[0] | lungs[1], 2 * edge)
+    image -= 0.22 * lung_field
+    for k in range(9):  # posterior ribs: arcs across each lung field
+        level = -0.62 + 0.15 * k
+        arc = np.abs(y - (level - 0.5 * (np.abs(x) - 0.45) ** 2 + 0.15 * np.abs(x)))
+        image += 0.05 * _soft((arc < 0.02) & (np.abs(x) < 0.78), edge) * (0.4 + lung_field)
+    for side in (-1, 1):  # clavicles
+        band = np.abs(y - (-0.66 + 0.18 * side * x)) < 0.03
+        image += 0.18 * _soft(band & (side * x > 0.05) & (side * x < 0.6), edge)
+    image += 0.12 * _soft(np.abs(x) < 0.06, edge)  # spine
+    heart = _ellipse(x, y, 0.1, 0.25, rng.uniform(0.22, 0.3), 0.3)
+    image += 0.30 * _soft(heart | _ellipse(x, y, 0, -0.3, 0.12, 0.45), 2 * edge)  # mediastinum
+    image += 0.25 * _soft((y > 0.5 + 0.12 * x ** 2) & (np.abs(x) < 0.85), 3 * edge)  # diaphragm
+    if covid:
+        opacity = np.zeros_like(image)
+        for side in (-1, 1):  # bilateral
+            for _ in range(rng.integers(2, 5)):
+                cx = side * rng.uniform(0.5, 0.66)  # peripheral
+                cy = rng.uniform(0.05, 0.45)  # lower zones
+                sigma = rng.uniform(0.08, 0.16)
+                opacity += rng.uniform(0.5, 1.0) * np.exp(
+                    -((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma ** 2))
+        image += rng.uniform(0.10, 0.18) * np.clip(opacity, 0, 1.2) * lung_field
+    image = _soft(image, rng.uniform(0.3, 1.0) * edge / 2)
+    image = image ** rng.uniform(0.85, 1.15) + rng.normal(0, 0.015, image.shape)
+    return np.clip(image, 0, 1).astype(np.float32)
+
+
+def make_synthetic_dataset(out: str | Path, n_per_class: int = 60, size: int = 128,
+                           seed: int = 0, images_per_patient: int = 2) -> Path:
+    """Write ``COVID/`` and ``NON-COVID/`` PNGs, a ``manifest.csv`` with patient ids, and the
+    synthetic marker. Returns the folder."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, covid in (("COVID", True), ("NON-COVID", False)):
+        (out / label).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            patient = f"{label.lower()}-{i // images_per_patient:04d}"
+            name = f"synthetic_{label.lower()}_{i:04d}.png"
+            pixels = synthetic_radiograph(rng, size, covid)
+            Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).save(out / label / name)
+            rows.append({"file": f"{label}/{name}", "label": label, "patient_id": patient,
+                         "source": "synthetic"})
+    with open(out / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "label", "patient_id", "source"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / SYNTHETIC_MARKER).write_text(
+        "Synthetic radiograph-like images made by covidxray.synthetic for demonstration and "
+        "testing. Not real X-rays; no result on them says anything about real patients.\n")
+    return out

@@ -1,0 +1,229 @@
+"""Train the classifier in two phases and write the run folder.
+
+Phase 1 trains the head on a frozen backbone; phase 2 unfreezes the top stage(s) at a lower
+learning rate. Both keep the best weights by validation ROC-AUC, stop early, log to
+``history.csv`` and can be resumed. The threshold is then frozen on the validation split.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import platform
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from covidxray import __version__
+from covidxray.config import TrainConfig
+from covidxray.data import DataError, Dataset, LoadedImages, discover, fingerprint, \
+    load_images, with_splits
+from covidxray.fileutil import atomic_path, write_json_atomic
+from covidxray.metrics import binary_metrics, choose_threshold
+from covidxray.model import build_model, get_backbone, predict_scores, unfreeze_top_stages
+from covidxray.split import assign_splits, patients_across_splits, read_split_csv, \
+    write_split_csv
+
+log = logging.getLogger(__name__)
+
+RESEARCH_NOTICE = ("Research use only. Not a medical device: not for diagnosis, triage or any "
+                   "clinical decision.")
+PHASES = {1: "head", 2: "finetune"}
+
+
+class RunExistsError(FileExistsError):
+    """The output folder already holds a run; resume it or choose another folder."""
+
+
+def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto") -> Path:
+    """Train a model as ``config`` says and write ``config.out``; returns the run folder.
+
+    With ``resume``, an interrupted run in ``config.out`` continues from its last finished epoch
+    (its saved ``config.json`` is used).
+    """
+    run = Path(config.out)
+    if resume:
+        if not (run / "config.json").is_file():
+            raise FileNotFoundError(f"{run}: no config.json to resume from")
+        if (run / "model.keras").is_file():
+            raise RunExistsError(f"{run}: this run is already complete")
+        config = TrainConfig.load(run / "config.json")
+    elif (run / "config.json").exists():
+        raise RunExistsError(f"{run} already holds a run: use --resume to continue it, or "
+                             f"another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(config.seed)
+
+    dataset, records = prepare_splits(config, run)
+    config.save(run / "config.json")
+    train_images = _load_split(records, "train", config)
+    val_images = _load_split(records, "val", config)
+
+    model = build_model(config.image_size, config.backbone, config.weights, config.dropout,
+                        config.augment, config.seed)
+    state_file = run / ".checkpoints" / "state.json"
+    state = json.loads(state_file.read_text()) if resume and state_file.exists() else {}
+    best_weights = run / ".checkpoints" / "best.weights.h5"
+    for phase, epochs in ((1, config.head_epochs), (2, config.finetune_epochs)):
+        if epochs == 0 or phase in state.get("phases_done", []):
+            continue
+        if phase == 2:
+            if best_weights.exists():
+                model.load_weights(best_weights)
+            unfreeze_top_stages(model, config.backbone, config.unfreeze_stages)
+        learning_rate = config.head_learning_rate if phase == 1 else config.finetune_learning_rate
+        log.info("phase %d (%s): %d epochs at learning rate %g", phase, PHASES[phase], epochs,
+                 learning_rate)
+        best = _fit_phase(model, phase, epochs, learning_rate, train_images, val_images, config,
+                          run, state.get("best_val_auc"), verbose)
+        state = {"phases_done": state.get("phases_done", []) + [phase],
+                 "best_val_auc": best if best is not None else state.get("best_val_auc")}
+        write_json_atomic(state_file, state)
+    if best_weights.exists():
+        model.load_weights(best_weights)
+
+    val_scores = predict_scores(model, val_images.images, config.batch_size)
+    threshold = choose_threshold(val_images.targets, val_scores, config.threshold_method,
+                                 config.target_sensitivity)
+    val_metrics = binary_metrics(val_images.targets, val_scores, threshold)
+    log.info("validation ROC-AUC %.3f; threshold %.4f (%s)", val_metrics["roc_auc"], threshold,
+             config.threshold_method)
+    metadata = build_metadata(config, dataset, records, train_images, val_images, threshold,
+                              val_metrics)
+    write_json_atomic(run / "metadata.json", metadata)
+    with atomic_path(run / "model.keras", suffix=".keras") as tmp:
+        model.save(tmp)  # last: a run is complete once model.keras exists
+    shutil.rmtree(run / ".checkpoints", ignore_errors=True)
+    return run
+
+
+def prepare_splits(config: TrainConfig, run: Path) -> tuple[Dataset, list]:
+    """Discover the data, give every image a split and write ``RUN/split.csv``."""
+    dataset = discover(config.data, config.positive_class, config.source_from_prefix)
+    for path, reason in dataset.skipped:
+        log.warning("skipped %s: %s", path, reason)
+    if config.split_file:
+        records = with_splits(dataset.records, read_split_csv(config.split_file))
+        if not records:
+            raise DataError(f"{config.split_file}: none of its paths are in {config.data}")
+    else:
+        records = assign_splits(dataset.records, config.split_fractions, config.seed)
+    leaks = patients_across_splits(records)
+    if leaks:
+        example = ", ".join(f"{p} in {'/'.join(s)}" for p, s in list(leaks.items())[:3])
+        raise DataError(f"{len(leaks)} patients appear in more than one split ({example}); "
+                        f"fix the split so that no patient crosses splits")
+    write_split_csv(run / "split.csv", records)
+    counts = Counter((r.split, r.label) for r in records)
+    log.info("split: %s", ", ".join(f"{s}/{c}={n}" for (s, c), n in sorted(counts.items())))
+    return dataset, records
+
+
+def _load_split(records, split: str, config: TrainConfig) -> LoadedImages:
+    loaded = load_images([r for r in records if r.split == split], config.image_size,
+                         config.strict)
+    for error in loaded.failures:
+        log.warning("skipped %s: %s", error.path, error.reason)
+    present = set(loaded.targets.astype(int).tolist())
+    if present != {0, 1}:
+        raise DataError(f"the {split} split needs images of both classes; it has "
+                        f"{len(loaded.records)} readable images of classes {sorted(present)}")
+    return loaded
+
+
+class _PhaseColumn(keras.callbacks.Callback):
+    """Adds the phase number to the epoch logs, so history.csv tells the phases apart."""
+
+    def __init__(self, phase: int):
+        super().__init__()
+        self.phase = phase
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["phase"] = self.phase
+
+
+def _fit_phase(model, phase, epochs, learning_rate, train_images, val_images, config, run,
+               best_so_far, verbose) -> float | None:
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss=keras.losses.BinaryCrossentropy(),
+                  metrics=[keras.metrics.AUC(name="auc"),
+                           keras.metrics.BinaryAccuracy(name="accuracy")])
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        run / ".checkpoints" / "best.weights.h5", monitor="val_auc", mode="max",
+        save_best_only=True, save_weights_only=True, initial_value_threshold=best_so_far)
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(run / ".checkpoints" / f"backup-phase{phase}")),
+        _PhaseColumn(phase),
+        keras.callbacks.CSVLogger(str(run / "history.csv"), append=True),
+        checkpoint,
+        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
+    ]
+    model.fit(train_images.images[..., None], train_images.targets,
+              validation_data=(val_images.images[..., None], val_images.targets),
+              epochs=epochs, batch_size=config.batch_size, shuffle=True,
+              class_weight=class_weights(train_images.targets) if config.class_weights else None,
+              callbacks=callbacks, verbose=verbose)
+    return None if checkpoint.best in (None, float("-inf")) else float(checkpoint.best)
+
+
+def class_weights(targets: np.ndarray) -> dict[int, float]:
+    """Inverse-frequency weights so each class contributes equally to the loss."""
+    counts = np.bincount(targets.astype(int), minlength=2)
+    return {c: float(targets.size / (2 * counts[c])) for c in (0, 1)}
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+    names = ["keras", "numpy", "pillow", "pydicom", "scikit-learn", keras.backend.backend()]
+    backend_package = {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax"}
+    versions = {"python": platform.python_version(), "covidxray": __version__}
+    for name in names:
+        package = backend_package.get(name, name)
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def build_metadata(config: TrainConfig, dataset: Dataset, records, train_images: LoadedImages,
+                   val_images: LoadedImages, threshold: float, val_metrics: dict) -> dict:
+    spec = get_backbone(config.backbone)
+    split_counts = {split: dict(Counter(r.label for r in records if r.split == split))
+                    for split in ("train", "val", "test")}
+    return {
+        "notice": RESEARCH_NOTICE,
+        "covidxray_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "synthetic_data": dataset.synthetic,
+        "class_names": dataset.class_names,
+        "positive_class": dataset.positive_class,
+        "negative_classes": [c for c in dataset.class_names if c != dataset.positive_class],
+        "output": "P(positive class), one sigmoid unit",
+        "image_size": config.image_size,
+        "backbone": spec.name,
+        "weights": config.weights,
+        "preprocessing": {
+            "reader": "covidxray.imageio.load_for_model",
+            "steps": ["decode to grayscale in [0, 1] (DICOM: modality LUT, VOI LUT, "
+                      "MONOCHROME1 inverted)", f"bilinear resize to {config.image_size}x"
+                      f"{config.image_size}", "quantise to uint8 0..255",
+                      f"in the model: gray to 3 channels, '{spec.preprocessing}' mode"],
+        },
+        "threshold": threshold,
+        "threshold_method": config.threshold_method,
+        "target_sensitivity": (config.target_sensitivity
+                               if config.threshold_method == "sensitivity" else None),
+        "validation_metrics": val_metrics,
+        "split_counts": split_counts,
+        "unreadable_training_files": len(train_images.failures) + len(val_images.failures),
+        "data_fingerprint": fingerprint([r for r in records if r.split in ("train", "val")]),
+        "data_root": str(Path(dataset.root).resolve()),
+        "backend": keras.backend.backend(),
+        "versions": library_versions(),
+    }
