@@ -16,6 +16,7 @@ from keras import ops
 from covidxray.config import AugmentConfig
 
 OUTPUT_NAME = "p_covid"
+RANDOM_INIT_BATCHNORM_MOMENTUM = 0.9
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -162,8 +163,16 @@ def build_model(image_size: int, backbone: str = "resnet50", weights: str = "ima
             raise WeightsUnavailableError(_offline_message(spec, str(exc))) from exc
         raise
     base.trainable = False
-    # training=False keeps BatchNorm in inference mode, also once the top stages are unfrozen
-    x = base(x, training=False)
+    if resolved is None:
+        # random weights: BatchNorm must learn its statistics, and Keras' default momentum
+        # (0.99) needs hundreds of steps before inference-mode outputs stop saturating
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = RANDOM_INIT_BATCHNORM_MOMENTUM
+        x = base(x)
+    else:
+        # pretrained: BatchNorm stays in inference mode, also once the top stages are unfrozen
+        x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME)(x)
@@ -178,8 +187,13 @@ def backbone_of(model: keras.Model) -> keras.Model:
     raise ValueError(f"model {model.name} has no backbone sub-model")
 
 
-def unfreeze_top_stages(model: keras.Model, backbone: str, stages: int) -> None:
-    """Phase 2: make the top ``stages`` stages trainable; BatchNorm layers stay frozen."""
+def unfreeze_top_stages(model: keras.Model, backbone: str, stages: int,
+                        freeze_batchnorm: bool = True) -> None:
+    """Phase 2: make the top ``stages`` stages trainable.
+
+    BatchNorm layers of pretrained weights stay frozen (their ImageNet statistics are kept);
+    from random weights they must train.
+    """
     spec = get_backbone(backbone)
     if not 1 <= stages <= len(spec.stage_prefixes):
         raise ValueError(f"{spec.name} has {len(spec.stage_prefixes)} stages; "
@@ -188,8 +202,9 @@ def unfreeze_top_stages(model: keras.Model, backbone: str, stages: int) -> None:
     base = backbone_of(model)
     base.trainable = True
     for layer in base.layers:
-        layer.trainable = (layer.name.startswith(prefixes)
-                           and not isinstance(layer, keras.layers.BatchNormalization))
+        is_batchnorm = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = layer.name.startswith(prefixes) and not (is_batchnorm
+                                                                   and freeze_batchnorm)
 
 
 def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:

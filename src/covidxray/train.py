@@ -74,7 +74,8 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
         if phase == 2:
             if best_weights.exists():
                 model.load_weights(best_weights)
-            unfreeze_top_stages(model, config.backbone, config.unfreeze_stages)
+            unfreeze_top_stages(model, config.backbone, config.unfreeze_stages,
+                                freeze_batchnorm=config.weights.lower() != "none")
         learning_rate = config.head_learning_rate if phase == 1 else config.finetune_learning_rate
         log.info("phase %d (%s): %d epochs at learning rate %g", phase, PHASES[phase], epochs,
                  learning_rate)

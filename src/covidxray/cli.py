@@ -1,0 +1,288 @@
+"""The ``covidxray`` command: argument parsing only; every command calls the Python API.
+
+Exit status: 0 success, 1 the job failed (or, for predict, some files could not be read),
+2 usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+from covidxray import __version__
+
+NOTICE = "covidxray is for research only. It is not a medical device and gives no diagnosis."
+log = logging.getLogger("covidxray")
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    from covidxray.config import AugmentConfig, TrainConfig
+    d = TrainConfig(data="", out="")
+    a = AugmentConfig()
+    model = parser.add_argument_group("model")
+    model.add_argument("--image-size", type=int, default=d.image_size,
+                       help="square input size in pixels (default %(default)s)")
+    model.add_argument("--backbone", default=d.backbone,
+                       help="keras.applications backbone: resnet50, resnet101, resnet152 "
+                            "(default %(default)s)")
+    model.add_argument("--weights", default=d.weights,
+                       help="'imagenet' (downloaded by Keras, or taken from its cache), 'none' "
+                            "(random), or the path of a weights file (default %(default)s)")
+    model.add_argument("--dropout", type=float, default=d.dropout)
+    fit = parser.add_argument_group("training")
+    fit.add_argument("--batch-size", type=int, default=d.batch_size)
+    fit.add_argument("--head-epochs", type=int, default=d.head_epochs,
+                     help="phase 1, frozen backbone; 0 skips it (default %(default)s)")
+    fit.add_argument("--head-lr", type=float, default=d.head_learning_rate)
+    fit.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
+                     help="phase 2, top stage(s) unfrozen; 0 skips it (default %(default)s)")
+    fit.add_argument("--finetune-lr", type=float, default=d.finetune_learning_rate)
+    fit.add_argument("--unfreeze-stages", type=int, default=d.unfreeze_stages,
+                     help="backbone stages trained in phase 2, from the top; 4 = all "
+                          "(default %(default)s)")
+    fit.add_argument("--patience", type=int, default=d.patience,
+                     help="epochs without a better validation ROC-AUC before stopping")
+    fit.add_argument("--no-class-weights", action="store_true",
+                     help="do not weight the loss by inverse class frequency")
+    fit.add_argument("--no-augment", action="store_true", help="no random augmentation")
+    fit.add_argument("--rotation", type=float, default=a.rotation_degrees,
+                     help="max rotation in degrees (default %(default)s)")
+    fit.add_argument("--zoom", type=float, default=a.zoom)
+    fit.add_argument("--translation", type=float, default=a.translation)
+    fit.add_argument("--brightness", type=float, default=a.brightness)
+    fit.add_argument("--contrast", type=float, default=a.contrast)
+    fit.add_argument("--horizontal-flip", action="store_true",
+                     help="also flip left-right (off by default: anatomy is not symmetric)")
+    split = parser.add_argument_group("data and split")
+    split.add_argument("--positive-class",
+                       help="class folder/label that is COVID (default: the one named *covid*)")
+    split.add_argument("--split", dest="split_file", metavar="SPLIT_CSV",
+                       help="reuse the split of an earlier run (its split.csv)")
+    split.add_argument("--val-fraction", type=float, default=d.split_fractions[1])
+    split.add_argument("--test-fraction", type=float, default=d.split_fractions[2])
+    split.add_argument("--seed", type=int, default=d.seed)
+    split.add_argument("--source-from-prefix", action="store_true",
+                       help="take each image's source from its file name before the first '_'")
+    split.add_argument("--strict", action="store_true",
+                       help="stop at the first unreadable file instead of skipping it")
+    threshold = parser.add_argument_group("operating threshold (chosen on validation)")
+    threshold.add_argument("--target-sensitivity", type=float, default=None,
+                           help="highest threshold reaching this sensitivity, e.g. 0.95 "
+                                "(default: maximise Youden's J)")
+
+
+def _train_config(args):
+    from covidxray.config import AugmentConfig, TrainConfig
+    augment = AugmentConfig(0, 0, 0, 0, 0, False) if args.no_augment else AugmentConfig(
+        args.rotation, args.zoom, args.translation, args.brightness, args.contrast,
+        args.horizontal_flip)
+    return TrainConfig(
+        data=str(args.data), out=str(args.out), image_size=args.image_size,
+        backbone=args.backbone, weights=args.weights, dropout=args.dropout,
+        batch_size=args.batch_size, head_epochs=args.head_epochs,
+        head_learning_rate=args.head_lr, finetune_epochs=args.finetune_epochs,
+        finetune_learning_rate=args.finetune_lr, unfreeze_stages=args.unfreeze_stages,
+        patience=args.patience, class_weights=not args.no_class_weights, augment=augment,
+        split_fractions=(1 - args.val_fraction - args.test_fraction, args.val_fraction,
+                         args.test_fraction),
+        split_file=args.split_file, seed=args.seed, positive_class=args.positive_class,
+        threshold_method="sensitivity" if args.target_sensitivity else "youden",
+        target_sensitivity=args.target_sensitivity or 0.95,
+        source_from_prefix=args.source_from_prefix, strict=args.strict)
+
+
+def cmd_train(args) -> int:
+    from covidxray.train import train
+    if args.resume:
+        from covidxray.config import TrainConfig
+        config = TrainConfig.load(Path(args.out) / "config.json")
+    else:
+        if args.data is None:
+            raise UsageError("train needs DATA (or --resume with --out of an interrupted run)")
+        config = _train_config(args)
+    run = train(config, resume=args.resume, verbose=_verbosity(args.quiet))
+    meta = json.loads((run / "metadata.json").read_text())
+    print(f"run written to {run}")
+    print(f"validation ROC-AUC {meta['validation_metrics']['roc_auc']:.3f}; threshold "
+          f"{meta['threshold']:.4f} frozen ({meta['threshold_method']})")
+    print(f"next: covidxray evaluate {run}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from covidxray.evaluate import evaluate, format_report
+    result = evaluate(args.run, args.data, n_bootstrap=args.bootstrap,
+                      source_from_prefix=args.source_from_prefix, out=args.out,
+                      seed=args.seed, strict=args.strict)
+    print(format_report(result))
+    print(f"\nmetrics written to {args.out or Path(args.run) / 'metrics.json'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from covidxray.run import Predictor, collect_paths
+    predictor = Predictor.load(args.run)
+    paths = collect_paths(args.paths)
+    if not paths:
+        raise UsageError(f"no image files found in {' '.join(args.paths)}")
+    results = predictor.predict_paths(paths, batch_size=args.batch_size)
+    synthetic = bool(predictor.metadata.get("synthetic_data"))
+    if args.csv:
+        _write_predictions_csv(args.csv, results, synthetic)
+    if args.json:
+        print(json.dumps({"notice": predictor.metadata["notice"], "synthetic_data": synthetic,
+                          "threshold": predictor.threshold,
+                          "predictions": [r.to_dict() for r in results]}, indent=2))
+    else:
+        print(_predictions_table(results, predictor.threshold, synthetic))
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"error: {r.path}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _predictions_table(results, threshold: float, synthetic: bool) -> str:
+    lines = [NOTICE]
+    if synthetic:
+        lines.append("*** model trained on SYNTHETIC data: outputs mean nothing clinically ***")
+    width = max(len(r.path) for r in results)
+    lines.append(f"{'file':<{width}}  P(COVID)  label (threshold {threshold:.4f})")
+    for r in results:
+        if r.error:
+            lines.append(f"{r.path:<{width}}  {'-':>8}  ERROR: {r.error}")
+        else:
+            lines.append(f"{r.path:<{width}}  {r.probability:8.4f}  {r.label}")
+    return "\n".join(lines)
+
+
+def _write_predictions_csv(path, results, synthetic: bool) -> None:
+    from covidxray.fileutil import write_text_atomic
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "probability", "label", "positive", "error", "synthetic_data"])
+    for r in results:
+        writer.writerow([r.path, "" if r.probability is None else f"{r.probability:.6f}",
+                         r.label or "", "" if r.positive is None else int(r.positive),
+                         r.error or "", int(synthetic)])
+    write_text_atomic(path, buffer.getvalue())
+
+
+def cmd_demo(args) -> int:
+    """data (synthetic unless given) -> train -> evaluate -> predict, all under --out."""
+    from covidxray.evaluate import evaluate, format_report
+    from covidxray.run import Predictor, collect_paths
+    from covidxray.synthetic import make_synthetic_dataset
+    from covidxray.train import train
+    out = Path(args.out)
+    if (out / "run" / "config.json").exists():
+        raise UsageError(f"{out} already holds a demo; remove it or pass another --out")
+    data = Path(args.data) if args.data else make_synthetic_dataset(
+        out / "data", n_per_class=args.n_per_class, size=2 * args.image_size, seed=args.seed)
+    print(f"== 1/4 data: {data}" + ("" if args.data else " (SYNTHETIC radiograph-like images)"))
+    # from random weights a frozen backbone gives random features: train every stage
+    config = _train_config(build_parser().parse_args([
+        "train", str(data), "--out", str(out / "run"), "--image-size", str(args.image_size),
+        "--weights", "none", "--head-epochs", "0", "--finetune-epochs", str(args.epochs),
+        "--unfreeze-stages", "4", "--finetune-lr", "1e-3", "--batch-size", "16",
+        "--patience", str(args.epochs), "--seed", str(args.seed)]))
+    print("== 2/4 train: ResNet50 from random weights (no download needed)")
+    run = train(config, verbose=_verbosity(args.quiet))
+    print("== 3/4 evaluate on the held-out test split")
+    print(format_report(evaluate(run, n_bootstrap=500, seed=args.seed)))
+    print("== 4/4 predict: a few test images")
+    test_paths = [line.split(",")[0] for line in (run / "split.csv").read_text().splitlines()
+                  if ",test," in line][:6]
+    predictor = Predictor.load(run)
+    results = predictor.predict_paths(collect_paths(test_paths))
+    print(_predictions_table(results, predictor.threshold,
+                             bool(predictor.metadata.get("synthetic_data"))))
+    print(f"\neverything is in {out}: run/model.keras, run/metadata.json, run/metrics.json, "
+          f"run/history.csv, run/split.csv")
+    return 0
+
+
+def _verbosity(quiet: bool) -> int:
+    """Keras progress: none when quiet, bars on a terminal, one line per epoch in a log."""
+    return 0 if quiet else (1 if sys.stdout.isatty() else 2)
+
+
+class UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="covidxray", description=f"COVID-19 vs non-COVID chest X-ray classifier "
+                                      f"(Keras ResNet50). {NOTICE}")
+    parser.add_argument("--version", action="version", version=f"covidxray {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("train", help="train a model and write a run folder")
+    p.add_argument("data", nargs="?", help="class folders, split folders, or a CSV manifest")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_train_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("evaluate", help="metrics with 95%% CIs at the frozen threshold")
+    p.add_argument("run")
+    p.add_argument("data", nargs="?", help="labelled data (default: the run's test split)")
+    p.add_argument("--out", help="metrics file (default RUN/metrics.json)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument("--source-from-prefix", action="store_true",
+                   help="source = file name before the first '_' (per-source metrics)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("predict", help="P(COVID) and label for images and folders")
+    p.add_argument("run")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (recursive)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--csv", metavar="FILE", help="also write the results to a CSV file")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("demo", help="the whole pipeline in a few minutes, offline")
+    p.add_argument("data", nargs="?", help="a data set (default: synthetic images made now)")
+    p.add_argument("--out", default="demo-run", help="folder for everything the demo writes")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--n-per-class", type=int, default=80, help="synthetic images per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s",
+                        stream=sys.stderr)
+    from covidxray.data import DataError
+    from covidxray.imageio import ImageReadError
+    from covidxray.model import WeightsUnavailableError
+    from covidxray.run import RunError
+    from covidxray.train import RunExistsError
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        parser.error(str(exc))
+    except (DataError, ImageReadError, WeightsUnavailableError, RunError, RunExistsError,
+            FileNotFoundError, ValueError) as exc:
+        print(f"covidxray {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"covidxray {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
