@@ -4,7 +4,8 @@ threshold choice. Pure numpy / scikit-learn, testable without Keras."""
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from scipy.stats import rankdata
+from sklearn.metrics import roc_curve
 
 METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc", "pr_auc")
 
@@ -47,9 +48,31 @@ def binary_metrics(y_true, scores, threshold: float) -> dict[str, float]:
         "ppv": _ratio(tp, tp + fp),
         "npv": _ratio(tn, tn + fn),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-        "roc_auc": float(roc_auc_score(y_true, scores)) if both_classes else float("nan"),
-        "pr_auc": float(average_precision_score(y_true, scores)) if both_classes else float("nan"),
+        "roc_auc": roc_auc(y_true, scores) if both_classes else float("nan"),
+        "pr_auc": average_precision(y_true, scores) if both_classes else float("nan"),
     }
+
+
+# The two areas below equal scikit-learn's roc_auc_score and average_precision_score (the tests
+# check it) without their input validation, which costs 10x the arithmetic in a bootstrap loop.
+
+def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve as the Mann-Whitney U statistic (ties count one half)."""
+    positives = y_true == 1
+    n_pos, n_neg = positives.sum(), (~positives).sum()
+    ranks = rankdata(scores)
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the precision-recall curve as a step sum over distinct thresholds."""
+    order = np.argsort(-scores, kind="mergesort")
+    sorted_scores, sorted_true = scores[order], y_true[order]
+    last_of_value = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_true.size - 1]
+    true_positives = np.cumsum(sorted_true)[last_of_value]
+    precision = true_positives / (last_of_value + 1)
+    recall_gain = np.diff(np.r_[0, true_positives]) / true_positives[-1]
+    return float(np.sum(recall_gain * precision))
 
 
 def bootstrap_ci(y_true, scores, threshold: float, n_resamples: int = 1000,
@@ -89,7 +112,7 @@ def choose_threshold(y_true, scores, method: str = "youden",
     y_true, scores = _validate(y_true, scores)
     if not 0 < y_true.sum() < y_true.size:
         raise ValueError("choosing a threshold needs both classes in the validation data")
-    fpr, tpr, thresholds = roc_curve(y_true, scores)
+    fpr, tpr, thresholds = roc_curve(y_true, scores, drop_intermediate=False)
     finite = np.isfinite(thresholds)  # scikit-learn's first threshold is +inf
     fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
     if method == "youden":

@@ -1,0 +1,5 @@
+import sys
+
+from covidxray.cli import main
+
+sys.exit(main())

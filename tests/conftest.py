@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CXR_DEV = SHARED_DATA / "cxr-dev"
+DICOM_DIR = SHARED_DATA / "dicom"
+
+# the smallest training that still exercises both phases of the real code path
+TINY_TRAIN = dict(image_size=64, weights="none", head_epochs=1, finetune_epochs=1,
+                  unfreeze_stages=1, batch_size=8, patience=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    from covidxray.synthetic import make_synthetic_dataset
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "tiny", n_per_class=14,
+                                  size=96, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """One small trained run shared by the tests that only read it."""
+    import covidxray
+    return covidxray.train(tiny_data, tmp_path_factory.mktemp("runs") / "tiny", verbose=0,
+                           **TINY_TRAIN)
