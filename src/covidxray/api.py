@@ -12,7 +12,7 @@ def train(data: str | Path, out: str | Path, resume: bool = False, verbose: int 
     >>> covidxray.train("data/", "runs/r1", image_size=224, weights="imagenet")  # doctest: +SKIP
     """
     from covidxray.config import TrainConfig
-    from covidxray.train import train as train_run
+    from covidxray.training import train as train_run
     return train_run(TrainConfig(data=str(data), out=str(out), **options), resume=resume,
                      verbose=verbose)
 
@@ -33,5 +33,5 @@ def predict(run: str | Path, paths) -> list:
 
 def evaluate(run: str | Path, data: str | Path | None = None, **options) -> dict:
     """Metrics of a run at its frozen threshold on ``data`` (default: its own test split)."""
-    from covidxray.evaluate import evaluate as evaluate_run
+    from covidxray.evaluation import evaluate as evaluate_run
     return evaluate_run(run, data, **options)

@@ -36,15 +36,18 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dropout", type=float, default=d.dropout)
     fit = parser.add_argument_group("training")
     fit.add_argument("--batch-size", type=int, default=d.batch_size)
-    fit.add_argument("--head-epochs", type=int, default=d.head_epochs,
-                     help="phase 1, frozen backbone; 0 skips it (default %(default)s)")
-    fit.add_argument("--head-lr", type=float, default=d.head_learning_rate)
-    fit.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
-                     help="phase 2, top stage(s) unfrozen; 0 skips it (default %(default)s)")
-    fit.add_argument("--finetune-lr", type=float, default=d.finetune_learning_rate)
-    fit.add_argument("--unfreeze-stages", type=int, default=d.unfreeze_stages,
+    fit.add_argument("--head-epochs", type=int,
+                     help="phase 1, frozen backbone; 0 skips it (default: 10 with pretrained "
+                          "weights, 0 with --weights none)")
+    fit.add_argument("--head-lr", type=float, help="phase 1 learning rate (default 1e-3)")
+    fit.add_argument("--finetune-epochs", type=int,
+                     help="phase 2, top stage(s) unfrozen; 0 skips it (default: 5 with "
+                          "pretrained weights, 15 with --weights none)")
+    fit.add_argument("--finetune-lr", type=float,
+                     help="phase 2 learning rate (default: 1e-5 pretrained, 1e-3 from scratch)")
+    fit.add_argument("--unfreeze-stages", type=int,
                      help="backbone stages trained in phase 2, from the top; 4 = all "
-                          "(default %(default)s)")
+                          "(default: 1 pretrained, 4 from scratch)")
     fit.add_argument("--patience", type=int, default=d.patience,
                      help="epochs without a better validation ROC-AUC before stopping")
     fit.add_argument("--no-class-weights", action="store_true",
@@ -97,7 +100,7 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    from covidxray.train import train
+    from covidxray.training import train
     if args.resume:
         from covidxray.config import TrainConfig
         config = TrainConfig.load(Path(args.out) / "config.json")
@@ -115,7 +118,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from covidxray.evaluate import evaluate, format_report
+    from covidxray.evaluation import evaluate, format_report
     result = evaluate(args.run, args.data, n_bootstrap=args.bootstrap,
                       source_from_prefix=args.source_from_prefix, out=args.out,
                       seed=args.seed, strict=args.strict)
@@ -174,21 +177,19 @@ def _write_predictions_csv(path, results, synthetic: bool) -> None:
 
 def cmd_demo(args) -> int:
     """data (synthetic unless given) -> train -> evaluate -> predict, all under --out."""
-    from covidxray.evaluate import evaluate, format_report
+    from covidxray.evaluation import evaluate, format_report
     from covidxray.run import Predictor, collect_paths
     from covidxray.synthetic import make_synthetic_dataset
-    from covidxray.train import train
+    from covidxray.training import train
     out = Path(args.out)
     if (out / "run" / "config.json").exists():
         raise UsageError(f"{out} already holds a demo; remove it or pass another --out")
     data = Path(args.data) if args.data else make_synthetic_dataset(
         out / "data", n_per_class=args.n_per_class, size=2 * args.image_size, seed=args.seed)
     print(f"== 1/4 data: {data}" + ("" if args.data else " (SYNTHETIC radiograph-like images)"))
-    # from random weights a frozen backbone gives random features: train every stage
     config = _train_config(build_parser().parse_args([
         "train", str(data), "--out", str(out / "run"), "--image-size", str(args.image_size),
-        "--weights", "none", "--head-epochs", "0", "--finetune-epochs", str(args.epochs),
-        "--unfreeze-stages", "4", "--finetune-lr", "1e-3", "--batch-size", "16",
+        "--weights", "none", "--finetune-epochs", str(args.epochs), "--batch-size", "16",
         "--patience", str(args.epochs), "--seed", str(args.seed)]))
     print("== 2/4 train: ResNet50 from random weights (no download needed)")
     run = train(config, verbose=_verbosity(args.quiet))
@@ -270,7 +271,7 @@ def main(argv=None) -> int:
     from covidxray.imageio import ImageReadError
     from covidxray.model import WeightsUnavailableError
     from covidxray.run import RunError
-    from covidxray.train import RunExistsError
+    from covidxray.training import RunExistsError
     try:
         return args.func(args)
     except UsageError as exc:

@@ -26,6 +26,14 @@ class AugmentConfig:
                     self.contrast, self.horizontal_flip])
 
 
+RECIPES = {
+    "pretrained": {"head_epochs": 10, "head_learning_rate": 1e-3, "finetune_epochs": 5,
+                   "finetune_learning_rate": 1e-5, "unfreeze_stages": 1},
+    "random": {"head_epochs": 0, "head_learning_rate": 1e-3, "finetune_epochs": 15,
+               "finetune_learning_rate": 1e-3, "unfreeze_stages": 4},
+}
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides what ``covidxray train`` does."""
@@ -37,11 +45,13 @@ class TrainConfig:
     weights: str = "imagenet"  # "imagenet", "none" or a path to a weights file
     dropout: float = 0.3
     batch_size: int = 32
-    head_epochs: int = 10  # phase 1: frozen backbone; 0 skips it
-    head_learning_rate: float = 1e-3
-    finetune_epochs: int = 5  # phase 2: top stage(s) unfrozen; 0 skips it
-    finetune_learning_rate: float = 1e-5
-    unfreeze_stages: int = 1
+    # None: the recipe for the weights (see RECIPES): pretrained weights train the head on a
+    # frozen backbone, then fine-tune the top stage; random weights must train every stage
+    head_epochs: int | None = None  # phase 1: frozen backbone; 0 skips it
+    head_learning_rate: float | None = None
+    finetune_epochs: int | None = None  # phase 2: top stage(s) unfrozen; 0 skips it
+    finetune_learning_rate: float | None = None
+    unfreeze_stages: int | None = None
     patience: int = 3  # early stopping on validation ROC-AUC
     steps_per_epoch: int | None = None  # None: the whole training split per epoch
     class_weights: bool = True
@@ -59,6 +69,10 @@ class TrainConfig:
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
         self.split_fractions = tuple(float(f) for f in self.split_fractions)
+        recipe = RECIPES["random" if self.weights.lower() == "none" else "pretrained"]
+        for name, value in recipe.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.validate()
 
     def validate(self) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import shutil
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -85,7 +86,9 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
                  "best_val_auc": best if best is not None else state.get("best_val_auc")}
         write_json_atomic(state_file, state)
     if best_weights.exists():
-        model.load_weights(best_weights)
+        with warnings.catch_warnings():  # the saved optimizer state is of no use from here on
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model.load_weights(best_weights)
 
     val_scores = predict_scores(model, val_images.images, config.batch_size)
     threshold = choose_threshold(val_images.targets, val_scores, config.threshold_method,

@@ -1,0 +1,142 @@
+"""End-to-end: the command line as a user runs it."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from covidxray.cli import main
+from conftest import CXR_DEV
+
+TRAIN_ARGS = ["--image-size", "64", "--weights", "none", "--head-epochs", "1",
+              "--finetune-epochs", "1", "--batch-size", "8", "--quiet"]
+
+
+def add_bad_files(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "notes.png").write_text("not an image")
+    (folder / "empty.jpg").write_bytes(b"")
+    return folder
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_train_evaluate_predict(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, _ = run_cli(["train", tiny_data, "--out", run, *TRAIN_ARGS], capsys)
+    assert code == 0 and "threshold" in out
+    assert (run / "model.keras").is_file()
+
+    code, out, _ = run_cli(["evaluate", run, "--bootstrap", "100"], capsys)
+    assert code == 0 and "roc_auc" in out and "SYNTHETIC" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    n_test = sum(1 for row in csv.DictReader(open(run / "split.csv")) if row["split"] == "test")
+    assert metrics["overall"]["n"] == n_test and metrics["synthetic_data"] is True
+    c = metrics["overall"]["confusion"]
+    assert c["tp"] + c["fp"] + c["tn"] + c["fn"] == n_test
+    low, high = metrics["overall"]["metrics"]["accuracy"]["ci95"]
+    assert low <= metrics["overall"]["metrics"]["accuracy"]["value"] <= high
+
+    inputs = add_bad_files(tmp_path / "incoming")
+    Image.fromarray(np.full((50, 40), 90, np.uint8)).save(inputs / "good.png")
+    code, out, err = run_cli(["predict", run, inputs, tiny_data / "COVID",
+                              "--csv", tmp_path / "p.csv"], capsys)
+    assert code == 1  # some files failed, the rest were predicted
+    assert "notes.png" in err and "empty file" in err
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    good = [r for r in rows if not r["error"]]
+    assert len(good) == 1 + len(list((tiny_data / "COVID").glob("*.png")))
+    assert all(0 <= float(r["probability"]) <= 1 and r["label"] in ("COVID", "NON-COVID")
+               for r in good)
+    assert {r["synthetic_data"] for r in rows} == {"1"}
+
+    code, out, _ = run_cli(["predict", run, inputs / "good.png", "--json"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["predictions"][0]["label"] in ("COVID", "NON-COVID")
+    assert "Not a medical device" in result["notice"]
+
+
+def test_usage_errors_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["predict", str(tmp_path)])
+    assert info.value.code == 2
+
+
+def test_missing_run_and_data_are_clear_errors(tmp_path, capsys):
+    code, _, err = run_cli(["predict", tmp_path, tmp_path], capsys)
+    assert code == 2 or (code == 1 and "not a complete run" in err)
+    code, _, err = run_cli(["train", tmp_path / "nowhere", "--out", tmp_path / "r"], capsys)
+    assert code == 1 and "nowhere" in err and "no such" in err
+
+
+def test_offline_imagenet_error_from_cli(tiny_data, tmp_path, capsys, monkeypatch):
+    import socket
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    monkeypatch.setattr(socket, "create_connection",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    code, _, err = run_cli(["train", tiny_data, "--out", tmp_path / "r", "--image-size", "64",
+                            "--weights", "imagenet"], capsys)
+    assert code == 1 and "--weights PATH" in err and "notop.h5" in err
+
+
+@pytest.mark.slow
+def test_end_to_end_under_jax_backend(tiny_data, tmp_path):
+    pytest.importorskip("jax")
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    run = tmp_path / "run"
+    cli = [sys.executable, "-m", "covidxray"]
+    subprocess.run([*cli, "train", str(tiny_data), "--out", str(run), *TRAIN_ARGS], env=env,
+                   check=True, capture_output=True, timeout=900)
+    assert json.loads((run / "metadata.json").read_text())["backend"] == "jax"
+    evaluated = subprocess.run([*cli, "evaluate", str(run), "--bootstrap", "50"], env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    bad = add_bad_files(tmp_path / "in")
+    predicted = subprocess.run([*cli, "predict", str(run), str(bad), str(tiny_data / "COVID"),
+                                "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 1
+    results = json.loads(predicted.stdout)["predictions"]
+    assert sum(r["error"] is None for r in results) == len(list((tiny_data / "COVID").iterdir()))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CXR_DEV.exists(), reason="../shared/data/cxr-dev not present")
+def test_end_to_end_on_real_xrays(tmp_path, capsys):
+    """A small stratified sample of cxr-dev through train -> evaluate -> predict."""
+    rows = list(csv.DictReader(open(CXR_DEV / "manifest.csv")))
+    rng = np.random.default_rng(0)
+    sample = []
+    for label in ("COVID", "NORMAL", "PNEUMONIA"):
+        of_label = [r for r in rows if r["label"] == label]
+        sample += [of_label[i] for i in rng.choice(len(of_label), 12 if label != "PNEUMONIA"
+                                                   else 6, replace=False)]
+    manifest = tmp_path / "sample.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "label", "patient_id", "source"])
+        for r in sample:
+            writer.writerow([CXR_DEV / r["file"], r["label"], r["patient_id"],
+                             r["file"].split("/")[-1].split("_")[0]])
+    run = tmp_path / "run"
+    code, _, _ = run_cli(["train", manifest, "--out", run, *TRAIN_ARGS], capsys)
+    assert code == 0
+    meta = json.loads((run / "metadata.json").read_text())
+    assert meta["negative_classes"] == ["NORMAL", "PNEUMONIA"] and not meta["synthetic_data"]
+    code, out, _ = run_cli(["evaluate", run, "--bootstrap", "50"], capsys)
+    assert code == 0 and "per source" in out
+    code, out, _ = run_cli(["predict", run, CXR_DEV / sample[0]["file"]], capsys)
+    assert code == 0 and ("COVID" in out)

@@ -1,0 +1,78 @@
+import socket
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from covidxray.model import BackboneInput, WeightsUnavailableError, backbone_of, build_model, \
+    get_backbone, resolve_weights, unfreeze_top_stages
+
+
+def test_model_outputs_one_probability_per_image():
+    model = build_model(32, weights="none")
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 1)).astype("float32")
+    out = keras.ops.convert_to_numpy(model(images, training=False))
+    assert out.shape == (3, 1) and np.all((out >= 0) & (out <= 1))
+    assert not backbone_of(model).trainable
+
+
+@pytest.mark.parametrize("mode,expected", [("caffe", [100 - 103.939, 100 - 116.779, 100 - 123.68]),
+                                           ("tf", [100 / 127.5 - 1] * 3),
+                                           ("torch", list((100 / 255 - np.array([0.485, 0.456, 0.406]))
+                                                          / np.array([0.229, 0.224, 0.225])))])
+def test_backbone_input_replicates_gray_with_weights_preprocessing(mode, expected):
+    out = keras.ops.convert_to_numpy(BackboneInput(mode)(np.full((1, 2, 2, 1), 100.0, "float32")))
+    assert out.shape == (1, 2, 2, 3)
+    np.testing.assert_allclose(out[0, 0, 0], expected, rtol=1e-5)
+
+
+def test_unfreeze_top_stage_keeps_batchnorm_frozen():
+    model = build_model(32, weights="none")
+    unfreeze_top_stages(model, "resnet50", 1)
+    trainable = {layer.name for layer in backbone_of(model).layers if layer.trainable
+                 and layer.weights}
+    assert trainable and all(name.startswith("conv5_") for name in trainable)
+    assert not any(name.endswith("_bn") for name in trainable)
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    source = build_model(32, weights="none")
+    path = tmp_path / "backbone.weights.h5"
+    backbone_of(source).save_weights(path)
+    loaded = build_model(32, weights=str(path))
+    for a, b in zip(backbone_of(source).get_weights(), backbone_of(loaded).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(WeightsUnavailableError, match="not found"):
+        resolve_weights(str(tmp_path / "missing.h5"), get_backbone("resnet50"))
+
+
+def test_offline_imagenet_fails_fast_with_instructions(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # nothing cached here
+
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_model(32, weights="imagenet")
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert "--weights PATH" in message and str(tmp_path) in message
+
+
+def test_cached_imagenet_file_needs_no_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    spec = get_backbone("resnet50")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / spec.weights_file).write_bytes(b"")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("network used"))
+    assert resolve_weights("imagenet", spec) == "imagenet"
+    assert resolve_weights("none", spec) is None
+
+
+def test_unknown_backbone():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        get_backbone("vgg1")

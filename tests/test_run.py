@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+
+import covidxray
+from covidxray.run import Predictor, RunError, collect_paths
+
+
+def test_load_and_predict_path_array_and_list(tiny_run, tiny_data):
+    predictor = covidxray.load(tiny_run)
+    path = sorted((tiny_data / "COVID").glob("*.png"))[0]
+    from_path = predictor.predict(path)
+    assert 0 <= from_path.probability <= 1 and from_path.error is None
+    assert from_path.label == ("COVID" if from_path.positive else "NON-COVID")
+    from PIL import Image
+    pixels = np.asarray(Image.open(path))
+    from_array = predictor.predict(pixels)
+    assert from_array.probability == pytest.approx(from_path.probability, abs=1e-5)
+    from_float = predictor.predict(pixels / 255.0)
+    assert from_float.probability == pytest.approx(from_path.probability, abs=1e-5)
+    many = predictor.predict([path, path])
+    assert [p.probability for p in many] == pytest.approx([from_path.probability] * 2, abs=1e-5)
+
+
+def test_prediction_matches_the_evaluation_path(tiny_run, tiny_data):
+    """Prediction and training share one preprocessing: the same file gives the same score."""
+    from covidxray.data import discover, load_images
+    predictor = Predictor.load(tiny_run)
+    records = discover(tiny_data).records[:4]
+    batch = predictor.predict_prepared(load_images(records, predictor.image_size).images)
+    single = [predictor.predict(r.path).probability for r in records]
+    np.testing.assert_allclose(batch, single, atol=1e-5)
+
+
+def test_bad_files_keep_their_place(tiny_run, tiny_data, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("x")
+    good = sorted((tiny_data / "COVID").glob("*.png"))[0]
+    results = covidxray.predict(tiny_run, [bad, good, tmp_path / "missing.png"])
+    assert [r.error is None for r in results] == [False, True, False]
+    assert "not a recognised image" in results[0].error and "cannot read" in results[2].error
+
+
+def test_collect_paths_recurses_folders(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.png", "a/b/y.dcm", "a/b/z", "a/readme.txt"):
+        (tmp_path / name).write_bytes(b"1")
+    assert [p[len(str(tmp_path)) + 1:] for p in collect_paths([tmp_path / "a"])] == \
+        ["a/b/y.dcm", "a/b/z", "a/x.png"]
+
+
+def test_incomplete_run_is_refused(tmp_path):
+    (tmp_path / "metadata.json").write_text("{}")
+    with pytest.raises(RunError, match="model.keras"):
+        Predictor.load(tmp_path)

@@ -1,0 +1,78 @@
+import json
+
+import numpy as np
+import pytest
+
+import covidxray
+from covidxray.config import TrainConfig
+from covidxray.data import DataError
+from covidxray.training import RunExistsError, class_weights
+from conftest import TINY_TRAIN
+
+
+def test_run_folder_contract(tiny_run):
+    for name in ("model.keras", "metadata.json", "config.json", "split.csv", "history.csv"):
+        assert (tiny_run / name).is_file(), name
+    assert not (tiny_run / ".checkpoints").exists()
+    assert not [p for p in tiny_run.iterdir() if p.name.startswith(".")]  # no partial files
+    meta = json.loads((tiny_run / "metadata.json").read_text())
+    assert meta["positive_class"] == "COVID" and meta["class_names"] == ["COVID", "NON-COVID"]
+    assert meta["image_size"] == 64 and meta["synthetic_data"] is True
+    assert 0 <= meta["threshold"] <= 1 and meta["threshold_method"] == "youden"
+    assert meta["backend"] and "keras" in meta["versions"] and len(meta["data_fingerprint"]) == 64
+    assert "Not a medical device" in meta["notice"]
+    history = (tiny_run / "history.csv").read_text().splitlines()
+    assert history[0].split(",")[:1] == ["epoch"] and "val_auc" in history[0]
+    phases = {json.loads(line.split(",")[history[0].split(",").index("phase")])
+              for line in history[1:]}
+    assert phases == {1, 2}
+    config = TrainConfig.load(tiny_run / "config.json")
+    assert config.image_size == 64 and config.weights == "none"
+
+
+def test_split_file_has_no_patient_across_splits(tiny_run):
+    rows = [line.split(",") for line in (tiny_run / "split.csv").read_text().splitlines()[1:]]
+    split_of = {}
+    for path, split, label, patient, source in rows:
+        assert split_of.setdefault(patient, split) == split
+    assert {r[1] for r in rows} == {"train", "val", "test"}
+
+
+def test_existing_run_is_not_overwritten(tiny_data, tiny_run):
+    with pytest.raises(RunExistsError, match="--resume"):
+        covidxray.train(tiny_data, tiny_run, **TINY_TRAIN)
+    with pytest.raises(RunExistsError, match="complete"):
+        covidxray.train(tiny_data, tiny_run, resume=True)
+
+
+def test_reused_split_gives_same_assignment(tiny_data, tiny_run, tmp_path):
+    from covidxray.training import prepare_splits
+    config = TrainConfig(data=str(tiny_data), out=str(tmp_path / "r"),
+                         split_file=str(tiny_run / "split.csv"), seed=99, **TINY_TRAIN)
+    _, records = prepare_splits(config, tmp_path)
+    assert (tmp_path / "split.csv").read_text() == (tiny_run / "split.csv").read_text()
+
+
+def test_given_split_with_patient_leak_is_refused(tmp_path):
+    from PIL import Image
+    lines = ["file,label,patient_id,split"]
+    for i, (label, split) in enumerate([("COVID", "train"), ("COVID", "test"), ("N", "train"),
+                                        ("N", "val"), ("COVID", "val")]):
+        Image.fromarray(np.full((16, 16), 9 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png,{label},{'p0' if i < 2 else f'p{i}'},{split}")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="more than one split"):
+        covidxray.train(tmp_path / "m.csv", tmp_path / "run", **TINY_TRAIN)
+    assert not (tmp_path / "run" / "model.keras").exists()
+
+
+def test_class_weights_balance_the_loss():
+    weights = class_weights(np.array([1, 0, 0, 0], dtype=np.float32))
+    assert weights[1] * 1 == pytest.approx(weights[0] * 3)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="nothing to train"):
+        TrainConfig(data="d", out="o", head_epochs=0, finetune_epochs=0)
+    with pytest.raises(ValueError, match="fractions"):
+        TrainConfig(data="d", out="o", split_fractions=(0.5, 0.5, 0.5))
