@@ -76,3 +76,26 @@ def test_config_validation():
         TrainConfig(data="d", out="o", head_epochs=0, finetune_epochs=0)
     with pytest.raises(ValueError, match="fractions"):
         TrainConfig(data="d", out="o", split_fractions=(0.5, 0.5, 0.5))
+
+
+@pytest.mark.slow
+def test_resume_continues_an_interrupted_run(tiny_data, tmp_path, monkeypatch):
+    from covidxray import training
+
+    def interrupt_during_second_epoch(self, epoch, logs=None):
+        if self.phase == 1 and epoch == 1:
+            raise KeyboardInterrupt  # Keras has backed up epoch 0
+
+    monkeypatch.setattr(training._PhaseColumn, "on_epoch_begin", interrupt_during_second_epoch)
+    options = {**TINY_TRAIN, "head_epochs": 2}
+    with pytest.raises(KeyboardInterrupt):
+        covidxray.train(tiny_data, tmp_path / "run", **options)
+    assert not (tmp_path / "run" / "model.keras").exists()
+    monkeypatch.undo()
+    covidxray.train(tiny_data, tmp_path / "run", resume=True, verbose=0)
+    rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    epochs_and_phases = [(int(r.split(",")[0]), float(r.split(",")[header.index("phase")]))
+                         for r in rows[1:]]
+    assert epochs_and_phases == [(0, 1.0), (1, 1.0), (0, 2.0)]
+    assert (tmp_path / "run" / "model.keras").is_file()

@@ -179,6 +179,9 @@ def _fit_phase(model, phase, epochs, learning_rate, train_images, val_images, co
               epochs=epochs, batch_size=config.batch_size, shuffle=True,
               class_weight=class_weights(train_images.targets) if config.class_weights else None,
               callbacks=callbacks, verbose=verbose)
+    # BackupAndRestore leaves its restored epoch on the model, and fit() would start the next
+    # phase there; each phase counts its epochs from 0
+    model._initial_epoch = None
     return None if checkpoint.best in (None, float("-inf")) else float(checkpoint.best)
 
 
