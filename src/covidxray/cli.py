@@ -73,6 +73,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="take each image's source from its file name before the first '_'")
     split.add_argument("--strict", action="store_true",
                        help="stop at the first unreadable file instead of skipping it")
+    split.add_argument("--allow-leaks", action="store_true",
+                       help="train even when identical files sit in different splits")
     threshold = parser.add_argument_group("operating threshold (chosen on validation)")
     threshold.add_argument("--target-sensitivity", type=float, default=None,
                            help="highest threshold reaching this sensitivity, e.g. 0.95 "
@@ -96,7 +98,8 @@ def _train_config(args):
         split_file=args.split_file, seed=args.seed, positive_class=args.positive_class,
         threshold_method="sensitivity" if args.target_sensitivity else "youden",
         target_sensitivity=args.target_sensitivity or 0.95,
-        source_from_prefix=args.source_from_prefix, strict=args.strict)
+        source_from_prefix=args.source_from_prefix, strict=args.strict,
+        allow_leaks=args.allow_leaks)
 
 
 def cmd_train(args) -> int:
@@ -125,6 +128,22 @@ def cmd_evaluate(args) -> int:
     print(format_report(result))
     print(f"\nmetrics written to {args.out or Path(args.run) / 'metrics.json'}")
     return 0
+
+
+def cmd_audit(args) -> int:
+    from covidxray.audit import audit, format_audit
+    from covidxray.data import discover, with_splits
+    from covidxray.fileutil import write_json_atomic
+    from covidxray.split import read_split_csv
+    dataset = discover(args.data, args.positive_class, args.source_from_prefix)
+    records = dataset.records
+    if args.split_file:
+        records = with_splits(records, read_split_csv(args.split_file))
+    result = audit(records, None if args.no_near else args.near_distance)
+    write_json_atomic(args.out, {"data": str(args.data), **result.to_dict()})
+    print(format_audit(result))
+    print(f"\naudit written to {args.out}")
+    return 1 if args.fail_on_leak and result.leak else 0
 
 
 def cmd_predict(args) -> int:
@@ -241,6 +260,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
     p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("audit", help="duplicates, leaks, label conflicts, source x class")
+    p.add_argument("data", help="class folders, split folders, or a CSV manifest")
+    p.add_argument("--split", dest="split_file", metavar="SPLIT_CSV",
+                   help="audit the split of a run (its split.csv)")
+    p.add_argument("--out", default="audit.json", help="JSON file (default %(default)s)")
+    p.add_argument("--near-distance", type=int, default=12,
+                   help="near duplicate: difference-hash distance <= this, of 256 bits "
+                        "(default %(default)s)")
+    p.add_argument("--no-near", action="store_true", help="skip the near-duplicate search")
+    p.add_argument("--fail-on-leak", action="store_true",
+                   help="exit 1 when duplicates or patients cross splits")
+    p.add_argument("--positive-class")
+    p.add_argument("--source-from-prefix", action="store_true",
+                   help="source = file name before the first '_'")
+    p.set_defaults(func=cmd_audit)
 
     p = commands.add_parser("predict", help="P(COVID) and label for images and folders")
     p.add_argument("run")

@@ -64,6 +64,7 @@ class TrainConfig:
     target_sensitivity: float = 0.95
     source_from_prefix: bool = False
     strict: bool = False
+    allow_leaks: bool = False  # train even when identical files sit in different splits
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):

@@ -71,6 +71,11 @@ def default_positive_class(class_names: list[str]) -> str:
     return candidates[0]
 
 
+def source_from_filename(path: str | Path) -> str:
+    """The file-name prefix before the first '_' (``ieee_123.png`` -> ``ieee``)."""
+    return Path(path).name.split("_", 1)[0]
+
+
 def discover(data: str | Path, positive_class: str | None = None,
              source_from_prefix: bool = False) -> Dataset:
     """Find every labelled image under ``data`` (a folder or a CSV manifest)."""
@@ -102,7 +107,7 @@ def discover(data: str | Path, positive_class: str | None = None,
     for row in rows:
         source = row.get("source", "")
         if source_from_prefix and not source:
-            source = Path(row["path"]).name.split("_", 1)[0]
+            source = source_from_filename(row["path"])
         records.append(Record(path=row["path"], label=row["label"],
                               target=int(row["label"] == positive_class),
                               patient_id=row.get("patient_id", ""), source=source,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covidxray.data import DataError, Record, discover, load_images
+from covidxray.data import DataError, Record, discover, load_images, source_from_filename
 from covidxray.fileutil import write_json_atomic
 from covidxray.metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, confusion
 from covidxray.run import Predictor
@@ -29,7 +29,7 @@ def run_test_records(run_dir: Path, positive_class: str, source_from_prefix: boo
         raise DataError(f"{split_file}: the run has no test split; pass the data to evaluate")
     return [Record(path=row["path"], label=row["label"], target=int(row["label"] == positive_class),
                    patient_id=row.get("patient_id", ""),
-                   source=row.get("source", "") or (Path(row["path"]).name.split("_", 1)[0]
+                   source=row.get("source", "") or (source_from_filename(row["path"])
                                                     if source_from_prefix else ""),
                    split="test") for row in rows]
 

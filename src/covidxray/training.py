@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from covidxray import __version__
+from covidxray.audit import exact_duplicates_across_splits
 from covidxray.config import TrainConfig
 from covidxray.data import DataError, Dataset, LoadedImages, discover, fingerprint, \
     load_images, with_splits
@@ -128,6 +129,14 @@ def prepare_splits(config: TrainConfig, run: Path) -> tuple[Dataset, list]:
         example = ", ".join(f"{p} in {'/'.join(s)}" for p, s in list(leaks.items())[:3])
         raise DataError(f"{len(leaks)} patients appear in more than one split ({example}); "
                         f"fix the split so that no patient crosses splits")
+    duplicates = exact_duplicates_across_splits(records)
+    if duplicates:
+        example = "; ".join(" = ".join(d["paths"][:2]) for d in duplicates[:2])
+        message = (f"{len(duplicates)} identical files sit in more than one split ({example}); "
+                   f"'covidxray audit' lists them all")
+        if not config.allow_leaks:
+            raise DataError(message + "; remove them, or pass --allow-leaks to train anyway")
+        log.warning("%s (trained anyway: --allow-leaks)", message)
     write_split_csv(run / "split.csv", records)
     counts = Counter((r.split, r.label) for r in records)
     log.info("split: %s", ", ".join(f"{s}/{c}={n}" for (s, c), n in sorted(counts.items())))

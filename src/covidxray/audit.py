@@ -1,0 +1,268 @@
+"""Audit a data set for what makes a chest X-ray classifier look better than it is.
+
+Source x class confounding, image properties that separate the classes, exact and near
+duplicates (within and across splits and classes), label conflicts, and patients found in more
+than one split. The cheap parts (exact duplicates and patients across splits) also run inside
+``train``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from covidxray.data import Record
+from covidxray.imageio import ImageReadError, is_dicom, read_image
+from covidxray.split import patients_across_splits
+
+DHASH_SIZE = 16  # 16x16 = 256-bit difference hash
+CONFOUNDING_GAP = 0.3  # a source whose positive share differs this much from the whole set
+DEFAULT_NEAR_DISTANCE = 12  # of 256 bits: re-encodings and small re-crops stay below it
+
+
+@dataclass
+class ImageFacts:
+    """What the audit reads from one file."""
+
+    sha256: str
+    width: int = 0
+    height: int = 0
+    mode: str = ""
+    bit_depth: int = 0
+    dhash: np.ndarray | None = None  # 32 packed bytes
+    error: str | None = None
+
+
+def difference_hash(gray: np.ndarray, size: int = DHASH_SIZE) -> np.ndarray:
+    """Perceptual difference hash: is each pixel brighter than its right neighbour, on a
+    (size x size+1) thumbnail. Returned as packed bits (size*size/8 bytes)."""
+    thumb = Image.fromarray(np.asarray(gray, np.float32), mode="F").resize(
+        (size + 1, size), Image.Resampling.BOX)
+    pixels = np.asarray(thumb)
+    return np.packbits(pixels[:, 1:] > pixels[:, :-1])
+
+
+def _header_facts(data: bytes) -> tuple[int, int, str, int]:
+    """(width, height, mode, bits) from the header, without the pixel data."""
+    if is_dicom(data):
+        import pydicom
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        return (int(ds.get("Columns", 0)), int(ds.get("Rows", 0)),
+                str(ds.get("PhotometricInterpretation", "")), int(ds.get("BitsStored", 0)))
+    with Image.open(io.BytesIO(data)) as image:
+        bits = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(image.mode, 8)
+        return image.width, image.height, image.mode, bits
+
+
+def image_facts(path: str) -> ImageFacts:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return ImageFacts(sha256="", error=f"cannot read file ({exc.strerror or exc})")
+    facts = ImageFacts(sha256=hashlib.sha256(data).hexdigest())
+    try:
+        facts.dhash = difference_hash(read_image(path, data))
+        facts.width, facts.height, facts.mode, facts.bit_depth = _header_facts(data)
+    except ImageReadError as error:
+        facts.error = error.reason
+    return facts
+
+
+def near_duplicate_pairs(hashes: np.ndarray, max_distance: int,
+                         chunk: int = 256) -> list[tuple[int, int, int]]:
+    """All (i, j, distance) with i < j and Hamming distance <= ``max_distance``."""
+    pairs = []
+    for start in range(0, len(hashes), chunk):
+        block = hashes[start:start + chunk]
+        distance = np.bitwise_count(block[:, None, :] ^ hashes[None, :, :]).sum(-1)
+        for i, j in zip(*np.nonzero(distance <= max_distance)):
+            if start + i < j:
+                pairs.append((int(start + i), int(j), int(distance[i, j])))
+    return pairs
+
+
+def _groups(n: int, pairs) -> list[list[int]]:
+    """Connected components of the duplicate pairs (union-find), singletons left out."""
+    parent = list(range(n))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j, *_ in pairs:
+        parent[find(i)] = find(j)
+    members = defaultdict(list)
+    for i in range(n):
+        members[find(i)].append(i)
+    return [m for m in members.values() if len(m) > 1]
+
+
+@dataclass
+class AuditResult:
+    summary: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def leak(self) -> bool:
+        return bool(self.summary["cross_split_duplicates"] or self.summary["patient_leaks"])
+
+    def to_dict(self) -> dict:
+        return {**self.summary, "warnings": self.warnings, "leak": self.leak}
+
+
+def _table(rows: list, columns: list) -> dict:
+    """Cross-tabulation: {row value: {column value: count}}."""
+    table = defaultdict(Counter)
+    for row, column in zip(rows, columns):
+        table[row][column] += 1
+    return {a: dict(sorted(c.items())) for a, c in sorted(table.items())}
+
+
+def separating_values(values: list[str], labels: list[str], min_share: float = 0.95,
+                      min_images: int = 10) -> list[dict]:
+    """Property values (e.g. an image size) that occur almost only in one class."""
+    overall = Counter(labels)
+    found = []
+    for value, count in Counter(values).items():
+        if count < max(min_images, 0.02 * len(values)):
+            continue
+        per_class = Counter(label for v, label in zip(values, labels) if v == value)
+        label, top = per_class.most_common(1)[0]
+        if top / count >= min_share and overall[label] / len(labels) < min_share:
+            found.append({"value": value, "images": count, "class": label,
+                          "share": top / count})
+    return sorted(found, key=lambda f: -f["images"])
+
+
+def audit(records: list[Record], near_distance: int | None = DEFAULT_NEAR_DISTANCE) -> AuditResult:
+    """Audit labelled records (with splits if they have them). ``near_distance=None`` skips
+    the perceptual-hash search."""
+    facts = [image_facts(r.path) for r in records]
+    readable = [i for i, f in enumerate(facts) if f.error is None]
+    good = [records[i] for i in readable]
+    result = AuditResult()
+    s = result.summary
+    s["images"] = len(records)
+    s["unreadable"] = [{"path": records[i].path, "reason": f.error}
+                       for i, f in enumerate(facts) if f.error]
+    labels = [r.label for r in good]
+    s["counts"] = _table([r.split or "unsplit" for r in good], labels)
+    s["sources"] = _table([r.source for r in good if r.source],
+                          [r.label for r in good if r.source])
+    single = {src: next(iter(c)) for src, c in s["sources"].items() if len(c) == 1}
+    s["single_class_sources"] = single
+    for source, label in single.items():
+        result.warnings.append(
+            f"source '{source}' supplies only class {label} ({s['sources'][source][label]} "
+            f"images): a model can score by recognising the source instead of the disease; "
+            f"evaluate per source and leave one source out")
+    positive_share = np.mean([r.target for r in good]) if good else 0.0
+    s["positive_share_per_source"] = {}
+    for source in s["sources"]:
+        targets = [r.target for r in good if r.source == source]
+        share = float(np.mean(targets))
+        s["positive_share_per_source"][source] = share
+        if source not in single and abs(share - positive_share) >= CONFOUNDING_GAP:
+            result.warnings.append(
+                f"source '{source}' is {share:.0%} positive against {positive_share:.0%} "
+                f"overall: the source predicts the class")
+    properties = {
+        "size": [f"{facts[i].width}x{facts[i].height}" for i in readable],
+        "aspect": ["square" if facts[i].width == facts[i].height else "not square"
+                   for i in readable],
+        "mode": [facts[i].mode for i in readable],
+        "bit_depth": [str(facts[i].bit_depth) for i in readable],
+    }
+    s["properties"] = {name: _table(values, labels) for name, values in properties.items()}
+    s["separating_properties"] = {}
+    for name, values in properties.items():
+        found = separating_values(values, labels)
+        if found:
+            s["separating_properties"][name] = found
+        for f in found:
+            result.warnings.append(
+                f"image {name} {f['value']}: {f['images']} images, {f['share']:.0%} of them "
+                f"{f['class']}; the {name} alone tells the class apart for these images")
+
+    by_hash = defaultdict(list)
+    for i in readable:
+        by_hash[facts[i].sha256].append(i)
+    exact_pairs = [(g[0], j, 0) for g in by_hash.values() if len(g) > 1 for j in g[1:]]
+    near_pairs = []
+    if near_distance is not None and readable:
+        hashes = np.stack([facts[i].dhash for i in readable])
+        near_pairs = [(readable[a], readable[b], d)
+                      for a, b, d in near_duplicate_pairs(hashes, near_distance)
+                      if facts[readable[a]].sha256 != facts[readable[b]].sha256]
+    s["near_distance"] = near_distance
+
+    def describe(group):
+        return {"paths": [records[i].path for i in group],
+                "labels": sorted({records[i].label for i in group}),
+                "splits": sorted({records[i].split for i in group if records[i].split})}
+
+    s["exact_duplicates"] = [describe(g) for g in _groups(len(records), exact_pairs)]
+    s["near_duplicates"] = [{**describe([i, j]), "distance": d} for i, j, d in near_pairs]
+    all_groups = [describe(g) for g in _groups(len(records), exact_pairs + near_pairs)]
+    s["label_conflicts"] = [g for g in all_groups if len(g["labels"]) > 1]
+    s["cross_split_duplicates"] = [g for g in all_groups if len(g["splits"]) > 1]
+    s["patient_leaks"] = patients_across_splits(good)
+
+    if s["unreadable"]:
+        result.warnings.append(f"{len(s['unreadable'])} files cannot be read and are skipped")
+    if s["exact_duplicates"]:
+        result.warnings.append(f"{len(s['exact_duplicates'])} groups of identical files")
+    if s["near_duplicates"]:
+        result.warnings.append(f"{len(s['near_duplicates'])} pairs of near-duplicate images "
+                               f"(difference-hash distance <= {near_distance} of 256 bits)")
+    if s["label_conflicts"]:
+        result.warnings.append(f"{len(s['label_conflicts'])} duplicate groups carry different "
+                               f"labels (label conflicts)")
+    if s["cross_split_duplicates"]:
+        result.warnings.append(f"LEAK: {len(s['cross_split_duplicates'])} duplicate groups span "
+                               f"more than one split: test images the model has seen")
+    if s["patient_leaks"]:
+        result.warnings.append(f"LEAK: {len(s['patient_leaks'])} patients appear in more than "
+                               f"one split")
+    return result
+
+
+def exact_duplicates_across_splits(records: list[Record]) -> list[dict]:
+    """The cheap check ``train`` runs: identical files in more than one split."""
+    by_hash = defaultdict(list)
+    for r in records:
+        by_hash[hashlib.sha256(Path(r.path).read_bytes()).hexdigest()].append(r)
+    return [{"paths": [r.path for r in group], "splits": sorted({r.split for r in group})}
+            for group in by_hash.values() if len({r.split for r in group}) > 1]
+
+
+def format_audit(result: AuditResult) -> str:
+    s = result.summary
+    lines = [f"images: {s['images']}  unreadable: {len(s['unreadable'])}", "",
+             "counts per split and class:"]
+    for split, counts in s["counts"].items():
+        lines.append(f"  {split:<8} " + "  ".join(f"{c}={n}" for c, n in counts.items()))
+    if s["sources"]:
+        classes = sorted({c for counts in s["sources"].values() for c in counts})
+        lines += ["", "source x class:", "  " + f"{'source':<14}" +
+                  "".join(f"{c:>12}" for c in classes)]
+        for source, counts in s["sources"].items():
+            flag = "  <- one class only" if source in s["single_class_sources"] else ""
+            lines.append(f"  {source:<14}" + "".join(f"{counts.get(c, 0):>12}" for c in classes)
+                         + flag)
+    lines += ["", f"exact duplicate groups: {len(s['exact_duplicates'])}",
+              f"near-duplicate pairs: {len(s['near_duplicates'])}"
+              + ("" if s["near_distance"] is not None else " (not searched)"),
+              f"label conflicts: {len(s['label_conflicts'])}",
+              f"duplicates across splits: {len(s['cross_split_duplicates'])}",
+              f"patients in more than one split: {len(s['patient_leaks'])}", ""]
+    lines += [f"WARNING: {w}" for w in result.warnings] or ["no warnings"]
+    return "\n".join(lines)
