@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 # torch is the fastest Keras backend on CPU; set KERAS_BACKEND=jax on a GPU. Must precede keras.
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from covidxray.api import evaluate, load, predict, train  # noqa: E402
+from covidxray.api import evaluate, explain, load, predict, train  # noqa: E402
 
-__all__ = ["train", "load", "predict", "evaluate", "__version__"]
+__all__ = ["train", "load", "predict", "evaluate", "explain", "__version__"]

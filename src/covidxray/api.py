@@ -35,3 +35,11 @@ def evaluate(run: str | Path, data: str | Path | None = None, **options) -> dict
     """Metrics of a run at its frozen threshold on ``data`` (default: its own test split)."""
     from covidxray.evaluation import evaluate as evaluate_run
     return evaluate_run(run, data, **options)
+
+
+def explain(run: str | Path, path: str | Path):
+    """Grad-CAM of one image: an ``Explanation`` with ``.heatmap`` (the array, [0, 1], at the
+    image's resolution), ``.overlay`` (RGB), ``.probability`` and ``.label``."""
+    from covidxray.explanation import explain_image
+    from covidxray.run import Predictor
+    return explain_image(Predictor.load(run), str(path))

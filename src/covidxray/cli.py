@@ -146,6 +146,29 @@ def cmd_audit(args) -> int:
     return 1 if args.fail_on_leak and result.leak else 0
 
 
+def cmd_explain(args) -> int:
+    from covidxray.explanation import explain_image, save_png
+    from covidxray.imageio import ImageReadError
+    from covidxray.run import Predictor, collect_paths
+    predictor = Predictor.load(args.run)
+    paths = collect_paths(args.images)
+    if not paths:
+        raise UsageError(f"no image files found in {' '.join(args.images)}")
+    out = Path(args.out)
+    failed = 0
+    for path in paths:
+        try:
+            explanation = explain_image(predictor, path, args.alpha)
+        except ImageReadError as error:
+            print(f"error: {error.path}: {error.reason}", file=sys.stderr)
+            failed += 1
+            continue
+        target = out / f"{Path(path).stem}_gradcam.png"
+        save_png(target, explanation.overlay)
+        print(f"{target}  P(COVID)={explanation.probability:.4f}  {explanation.label}")
+    return 1 if failed else 0
+
+
 def cmd_predict(args) -> int:
     from covidxray.run import Predictor, collect_paths
     predictor = Predictor.load(args.run)
@@ -284,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="FILE", help="also write the results to a CSV file")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("explain", help="Grad-CAM heat maps blended over the images")
+    p.add_argument("run")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--out", required=True, help="folder for the <name>_gradcam.png files")
+    p.add_argument("--alpha", type=float, default=0.4, help="heat-map opacity (default 0.4)")
+    p.set_defaults(func=cmd_explain)
 
     p = commands.add_parser("demo", help="the whole pipeline in a few minutes, offline")
     p.add_argument("data", nargs="?", help="a data set (default: synthetic images made now)")
