@@ -88,3 +88,26 @@ def test_threshold_needs_both_classes_and_valid_input():
         binary_metrics([2, 0], [0.1, 0.2], 0.5)
     with pytest.raises(ValueError, match="finite"):
         binary_metrics([1, 0], [np.nan, 0.2], 0.5)
+
+
+def test_expected_calibration_error_by_hand():
+    # bin [0.1, 0.2): 2 cases at 0.15, 1 positive -> |0.5 - 0.15| = 0.35, weight 2/5
+    # bin [0.9, 1.0]: 3 cases at 0.9, 0.95, 1.0, 2 positives -> |2/3 - 0.95| = 0.2833, weight 3/5
+    y = [0, 1, 1, 1, 0]
+    s = [0.15, 0.15, 0.9, 0.95, 1.0]
+    from covidxray.metrics import calibration_bins, expected_calibration_error
+    assert expected_calibration_error(y, s) == pytest.approx(0.4 * 0.35 + 0.6 * (0.95 - 2 / 3))
+    bins = calibration_bins(y, s)
+    assert [b["count"] for b in bins] == [0, 2, 0, 0, 0, 0, 0, 0, 0, 3]
+
+
+def test_temperature_scaling_recovers_a_planted_temperature():
+    from covidxray.metrics import apply_temperature, expected_calibration_error, fit_temperature
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2, 5000)
+    y = (rng.random(5000) < 1 / (1 + np.exp(-true_logits))).astype(int)
+    overconfident = 1 / (1 + np.exp(-3 * true_logits))  # logits three times too large
+    t = fit_temperature(y, overconfident)
+    assert t == pytest.approx(3, rel=0.1)
+    assert expected_calibration_error(y, apply_temperature(overconfident, t)) < \
+        expected_calibration_error(y, overconfident)

@@ -76,6 +76,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     split.add_argument("--allow-leaks", action="store_true",
                        help="train even when identical files sit in different splits")
     threshold = parser.add_argument_group("operating threshold (chosen on validation)")
+    threshold.add_argument("--calibrate", action="store_true",
+                           help="fit temperature scaling on validation; scores are rescaled")
     threshold.add_argument("--target-sensitivity", type=float, default=None,
                            help="highest threshold reaching this sensitivity, e.g. 0.95 "
                                 "(default: maximise Youden's J)")
@@ -97,7 +99,7 @@ def _train_config(args):
                          args.test_fraction),
         split_file=args.split_file, seed=args.seed, positive_class=args.positive_class,
         threshold_method="sensitivity" if args.target_sensitivity else "youden",
-        target_sensitivity=args.target_sensitivity or 0.95,
+        target_sensitivity=args.target_sensitivity or 0.95, calibrate=args.calibrate,
         source_from_prefix=args.source_from_prefix, strict=args.strict,
         allow_leaks=args.allow_leaks)
 
@@ -124,7 +126,7 @@ def cmd_evaluate(args) -> int:
     from covidxray.evaluation import evaluate, format_report
     result = evaluate(args.run, args.data, n_bootstrap=args.bootstrap,
                       source_from_prefix=args.source_from_prefix, out=args.out,
-                      seed=args.seed, strict=args.strict)
+                      seed=args.seed, strict=args.strict, shortcut_images=args.shortcut_images)
     print(format_report(result))
     print(f"\nmetrics written to {args.out or Path(args.run) / 'metrics.json'}")
     return 0
@@ -167,6 +169,24 @@ def cmd_explain(args) -> int:
         save_png(target, explanation.overlay)
         print(f"{target}  P(COVID)={explanation.probability:.4f}  {explanation.label}")
     return 1 if failed else 0
+
+
+def cmd_report(args) -> int:
+    from covidxray.audit import audit
+    from covidxray.fileutil import write_json_atomic
+    from covidxray.report import build_report
+    from covidxray.run import Predictor
+    from covidxray.split import read_split_records
+    predictor = Predictor.load(args.run)
+    audit_result = None
+    if not args.no_audit:
+        records = read_split_records(Path(args.run) / "split.csv",
+                                     predictor.metadata["positive_class"])
+        audit_result = audit(records).to_dict()
+        write_json_atomic(Path(args.run) / "audit.json", audit_result)
+    out = build_report(args.run, args.out, predictor=predictor, audit=audit_result)
+    print(f"report written to {out}")
+    return 0
 
 
 def cmd_predict(args) -> int:
@@ -278,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="labelled data (default: the run's test split)")
     p.add_argument("--out", help="metrics file (default RUN/metrics.json)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument("--shortcut-images", type=int, default=200,
+                   help="images for the border-shortcut check (0 skips it)")
     p.add_argument("--source-from-prefix", action="store_true",
                    help="source = file name before the first '_' (per-source metrics)")
     p.add_argument("--seed", type=int, default=0)
@@ -314,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the <name>_gradcam.png files")
     p.add_argument("--alpha", type=float, default=0.4, help="heat-map opacity (default 0.4)")
     p.set_defaults(func=cmd_explain)
+
+    p = commands.add_parser("report", help="one self-contained HTML report with a model card")
+    p.add_argument("run")
+    p.add_argument("--out", default="report.html", help="HTML file (default %(default)s)")
+    p.add_argument("--no-audit", action="store_true", help="skip the data audit")
+    p.set_defaults(func=cmd_report)
 
     p = commands.add_parser("demo", help="the whole pipeline in a few minutes, offline")
     p.add_argument("data", nargs="?", help="a data set (default: synthetic images made now)")

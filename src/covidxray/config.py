@@ -62,6 +62,7 @@ class TrainConfig:
     positive_class: str | None = None  # default: the folder whose name says covid
     threshold_method: str = "youden"  # or "sensitivity"
     target_sensitivity: float = 0.95
+    calibrate: bool = False  # fit a temperature on validation and apply it to every score
     source_from_prefix: bool = False
     strict: bool = False
     allow_leaks: bool = False  # train even when identical files sit in different splits

@@ -3,17 +3,20 @@ matrix, and the same per source and per original class."""
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from covidxray.data import DataError, Record, discover, load_images, source_from_filename
 from covidxray.fileutil import write_json_atomic
-from covidxray.metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, confusion
+from covidxray.explanation import shortcut_check
+from covidxray.metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, calibration_bins, \
+    confusion, curves, expected_calibration_error
 from covidxray.run import Predictor
+from covidxray.split import read_split_records
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +26,12 @@ def run_test_records(run_dir: Path, positive_class: str, source_from_prefix: boo
     split_file = run_dir / "split.csv"
     if not split_file.is_file():
         raise DataError(f"{run_dir}: no split.csv; pass the data to evaluate explicitly")
-    with open(split_file, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["split"] == "test"]
-    if not rows:
+    records = [r for r in read_split_records(split_file, positive_class) if r.split == "test"]
+    if not records:
         raise DataError(f"{split_file}: the run has no test split; pass the data to evaluate")
-    return [Record(path=row["path"], label=row["label"], target=int(row["label"] == positive_class),
-                   patient_id=row.get("patient_id", ""),
-                   source=row.get("source", "") or (source_from_filename(row["path"])
-                                                    if source_from_prefix else ""),
-                   split="test") for row in rows]
+    if source_from_prefix:
+        records = [replace(r, source=r.source or source_from_filename(r.path)) for r in records]
+    return records
 
 
 def summarise(y_true: np.ndarray, scores: np.ndarray, threshold: float, n_bootstrap: int,
@@ -50,8 +50,13 @@ def summarise(y_true: np.ndarray, scores: np.ndarray, threshold: float, n_bootst
 
 def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: int = 1000,
              source_from_prefix: bool = False, out: str | Path | None = None, seed: int = 0,
-             strict: bool = False, predictor: Predictor | None = None) -> dict:
-    """Evaluate a run on ``data`` (default: its own test split) and write ``metrics.json``."""
+             strict: bool = False, predictor: Predictor | None = None,
+             shortcut_images: int = 200) -> dict:
+    """Evaluate a run on ``data`` (default: its own test split) and write ``metrics.json``.
+
+    Besides the metrics: calibration, curves, score histograms, per-image scores, and the
+    border-shortcut check on up to ``shortcut_images`` images (0 skips it).
+    """
     run_dir = Path(run_dir)
     predictor = predictor or Predictor.load(run_dir)
     meta = predictor.metadata
@@ -84,6 +89,26 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
         "per_source": {},
         "per_class": {},
     }
+    result["calibration"] = {"ece": expected_calibration_error(y_true, scores),
+                             "bins": calibration_bins(y_true, scores),
+                             "temperature": meta.get("temperature")}
+    if 0 < y_true.sum() < y_true.size:
+        operating = binary_metrics(y_true, scores, threshold)
+        result["curves"] = {**curves(y_true, scores),
+                            "operating_point": {"fpr": 1 - operating["specificity"],
+                                                "tpr": operating["sensitivity"],
+                                                "precision": operating["ppv"]}}
+    labels = [r.label for r in loaded.records]
+    result["histogram"] = {"edges": np.linspace(0, 1, 21).tolist(), **{
+        label: np.histogram(scores[np.array(labels) == label], bins=20, range=(0, 1))[0].tolist()
+        for label in sorted(set(labels))}}
+    result["cases"] = [{"path": r.path, "label": r.label, "target": r.target,
+                        "source": r.source, "score": float(score)}
+                       for r, score in zip(loaded.records, scores)]
+    if shortcut_images:
+        sample = np.random.default_rng(seed).permutation(len(labels))[:shortcut_images]
+        result["shortcut"] = shortcut_check(predictor.model, loaded.images[sample],
+                                            [labels[i] for i in sample]).to_dict()
     by_source, by_class = defaultdict(list), defaultdict(list)
     for index, record in enumerate(loaded.records):
         by_class[record.label].append(index)
@@ -125,6 +150,12 @@ def format_report(result: dict) -> str:
     lines += ["", "confusion matrix   predicted +   predicted -",
               f"  actual +         {c['tp']:>11}   {c['fn']:>11}",
               f"  actual -         {c['fp']:>11}   {c['tn']:>11}"]
+    lines += ["", f"calibration: expected calibration error {result['calibration']['ece']:.3f}"
+              + (f" (temperature {result['calibration']['temperature']:.3f})"
+                 if result["calibration"].get("temperature") else "")]
+    if "shortcut" in result:
+        lines += ["", "shortcut check (outer 15% border vs centre):",
+                  "  " + result["shortcut"]["verdict"]]
     if result["per_source"]:
         lines += ["", "per source (a source with one class cannot show discrimination):",
                   f"  {'source':<14}{'n':>6}{'pos':>6}  {'sensitivity':<24}{'specificity':<24}"

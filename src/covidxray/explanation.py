@@ -92,11 +92,10 @@ def shortcut_check(model: keras.Model, images: np.ndarray, labels: list[str],
     images = np.asarray(images)
     size = images.shape[1]
     border = border_mask(size)
-    cams = gradcam(model, images, batch_size)
-    cam_border = border_mask(cams.shape[1]) if cams.shape[1] > 2 else \
-        np.zeros(cams.shape[1:], bool)
+    # heat share measured on the maps upsampled to the image, as they are shown
+    cams = np.stack([upsample(cam, (size, size)) for cam in gradcam(model, images, batch_size)])
     mass = cams.sum(axis=(1, 2))
-    share = np.divide((cams * cam_border).sum(axis=(1, 2)), mass, out=np.zeros_like(mass),
+    share = np.divide((cams * border).sum(axis=(1, 2)), mass, out=np.zeros_like(mass),
                       where=mass > 0)
     fill = images.reshape(len(images), -1).mean(axis=1)[:, None, None]
     no_border = np.where(border, fill, images).astype(images.dtype)
@@ -106,7 +105,7 @@ def shortcut_check(model: keras.Model, images: np.ndarray, labels: list[str],
     delta_centre = np.abs(predict_scores(model, no_centre, batch_size) - base)
     labels = np.asarray(labels)
     per_class = lambda values: {c: float(values[labels == c].mean()) for c in sorted(set(labels))}
-    uniform = float(cam_border.mean())
+    uniform = float(border.mean())
     border_effect, centre_effect = float(delta_border.mean()), float(delta_centre.mean())
     heat_in_border = float(share.mean())
     reasons = []
@@ -145,7 +144,7 @@ def explain_image(predictor, path: str, alpha: float = 0.4) -> Explanation:
     from covidxray.imageio import prepare, read_image
     gray = read_image(path)
     prepared = prepare(gray, predictor.image_size)[None]
-    probability = float(predict_scores(predictor.model, prepared)[0])
+    probability = float(predictor.predict_prepared(prepared)[0])
     heatmap = upsample(gradcam(predictor.model, prepared)[0], gray.shape)
     return Explanation(str(path), probability, predictor.label_of(probability), heatmap,
                        overlay(gray, heatmap, alpha))

@@ -121,3 +121,58 @@ def choose_threshold(y_true, scores, method: str = "youden",
         reaching = np.flatnonzero(tpr >= target_sensitivity)
         return float(thresholds[reaching[0]])
     raise ValueError(f"unknown threshold method {method!r}")
+
+
+def calibration_bins(y_true, scores, n_bins: int = 10) -> list[dict]:
+    """Equal-width probability bins: count, mean predicted probability, observed positive rate."""
+    y_true, scores = _validate(y_true, scores)
+    index = np.minimum((scores * n_bins).astype(int), n_bins - 1)
+    bins = []
+    for b in range(n_bins):
+        members = index == b
+        count = int(members.sum())
+        bins.append({"low": b / n_bins, "high": (b + 1) / n_bins, "count": count,
+                     "mean_predicted": float(scores[members].mean()) if count else float("nan"),
+                     "observed_rate": float(y_true[members].mean()) if count else float("nan")})
+    return bins
+
+
+def expected_calibration_error(y_true, scores, n_bins: int = 10) -> float:
+    """Sum over bins of (bin share of cases) x |observed rate - mean predicted probability|."""
+    bins = calibration_bins(y_true, scores, n_bins)
+    total = sum(b["count"] for b in bins)
+    return float(sum(b["count"] / total * abs(b["observed_rate"] - b["mean_predicted"])
+                     for b in bins if b["count"]))
+
+
+def _logit(scores: np.ndarray) -> np.ndarray:
+    p = np.clip(scores, 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(scores, temperature: float) -> np.ndarray:
+    """Rescale probabilities as sigmoid(logit(p) / T); T > 1 softens over-confident scores."""
+    return 1 / (1 + np.exp(-_logit(np.asarray(scores, dtype=np.float64)) / temperature))
+
+
+def fit_temperature(y_true, scores) -> float:
+    """The temperature minimising the negative log-likelihood (fitted on validation data)."""
+    from scipy.optimize import minimize_scalar
+    y_true, scores = _validate(y_true, scores)
+    logits = _logit(scores)
+
+    def nll(log_t):
+        z = logits / np.exp(log_t)
+        return float(np.mean(np.logaddexp(0, z) - y_true * z))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-4, 4), method="bounded").x))
+
+
+def curves(y_true, scores) -> dict:
+    """ROC and precision-recall curve points (for plotting)."""
+    from sklearn.metrics import precision_recall_curve
+    y_true, scores = _validate(y_true, scores)
+    fpr, tpr, _ = roc_curve(y_true, scores)
+    precision, recall, _ = precision_recall_curve(y_true, scores)
+    return {"roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+            "pr": {"precision": precision.tolist(), "recall": recall.tolist()}}

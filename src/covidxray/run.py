@@ -91,8 +91,12 @@ class Predictor:
 
     def predict_prepared(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """P(positive) for (n, size, size) uint8 images already through ``imageio.prepare``."""
+        from covidxray.metrics import apply_temperature
         from covidxray.model import predict_scores
-        return predict_scores(self.model, images, batch_size)
+        scores = predict_scores(self.model, images, batch_size)
+        temperature = self.metadata.get("temperature")
+        return scores if not temperature else apply_temperature(scores, temperature).astype(
+            np.float32)
 
     def prepare_array(self, array: np.ndarray) -> np.ndarray:
         """A 2-D grayscale (uint8, or float in [0, 1]) or (H, W, 3) array -> model input."""

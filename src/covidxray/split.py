@@ -97,3 +97,12 @@ def read_split_csv(path: str | Path) -> dict[str, str]:
     if bad:
         raise DataError(f"{path}: unknown split names {bad} (use {', '.join(SPLITS)})")
     return splits
+
+
+def read_split_records(path: str | Path, positive_class: str) -> list[Record]:
+    """Every record of a split.csv written by ``write_split_csv``."""
+    with open(path, newline="") as handle:
+        return [Record(path=row["path"], label=row["label"],
+                       target=int(row["label"] == positive_class),
+                       patient_id=row.get("patient_id", ""), source=row.get("source", ""),
+                       split=row["split"]) for row in csv.DictReader(handle)]

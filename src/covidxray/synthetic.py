@@ -30,8 +30,11 @@ def synthetic_radiograph(rng: np.random.Generator, size: int = 256,
                          covid: bool = False) -> np.ndarray:
     """One frontal chest radiograph-like image, float32 in [0, 1], bone and tissue bright."""
     y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j].astype(np.float32)
-    scale = rng.uniform(0.9, 1.05)
-    x, y = x / scale + rng.normal(0, 0.03), y / scale + rng.normal(0, 0.03)
+    # patients differ in size, position and tilt
+    angle = np.deg2rad(rng.uniform(-6, 6))
+    x, y = x * np.cos(angle) - y * np.sin(angle), x * np.sin(angle) + y * np.cos(angle)
+    x = x / rng.uniform(0.8, 1.08) + rng.uniform(-0.1, 0.1)
+    y = y / rng.uniform(0.8, 1.08) + rng.uniform(-0.1, 0.1)
     edge = size / 90
     image = 0.06 + 0.30 * _soft(_ellipse(x, y, 0, 0.1, 0.88, 1.1), 3 * edge)  # soft tissue
     lung_rx, lung_ry = rng.uniform(0.26, 0.31), rng.uniform(0.5, 0.6)
@@ -59,6 +62,8 @@ def synthetic_radiograph(rng: np.random.Generator, size: int = 256,
                 opacity += rng.uniform(0.5, 1.0) * np.exp(
                     -((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma ** 2))
         image += rng.uniform(0.10, 0.18) * np.clip(opacity, 0, 1.2) * lung_field
+    # exposure and soft-tissue differences: a smooth random field across the film
+    image += 0.12 * (_soft(rng.random(image.shape), 12 * edge) - 0.5) * 8
     image = _soft(image, rng.uniform(0.3, 1.0) * edge / 2)
     image = image ** rng.uniform(0.85, 1.15) + rng.normal(0, 0.015, image.shape)
     return np.clip(image, 0, 1).astype(np.float32)

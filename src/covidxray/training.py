@@ -25,7 +25,8 @@ from covidxray.config import TrainConfig
 from covidxray.data import DataError, Dataset, LoadedImages, discover, fingerprint, \
     load_images, with_splits
 from covidxray.fileutil import atomic_path, write_json_atomic
-from covidxray.metrics import binary_metrics, choose_threshold
+from covidxray.metrics import apply_temperature, binary_metrics, choose_threshold, \
+    fit_temperature
 from covidxray.model import build_model, get_backbone, predict_scores, unfreeze_top_stages
 from covidxray.split import assign_splits, patients_across_splits, read_split_csv, \
     write_split_csv
@@ -92,6 +93,11 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
             model.load_weights(best_weights)
 
     val_scores = predict_scores(model, val_images.images, config.batch_size)
+    temperature = None
+    if config.calibrate:
+        temperature = fit_temperature(val_images.targets, val_scores)
+        val_scores = apply_temperature(val_scores, temperature)
+        log.info("temperature scaling: T = %.3f (fitted on validation)", temperature)
     threshold = choose_threshold(val_images.targets, val_scores, config.threshold_method,
                                  config.target_sensitivity)
     val_metrics = binary_metrics(val_images.targets, val_scores, threshold)
@@ -99,6 +105,7 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
              config.threshold_method)
     metadata = build_metadata(config, dataset, records, train_images, val_images, threshold,
                               val_metrics)
+    metadata["temperature"] = temperature
     write_json_atomic(run / "metadata.json", metadata)
     save_model_atomic(model, run / "model.keras")  # last: the run is complete once it exists
     shutil.rmtree(run / ".checkpoints", ignore_errors=True)
