@@ -189,6 +189,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_crossval(args) -> int:
+    from covidxray.crossval import crossval, format_crossval
+    config = _train_config(args)
+    result = crossval(args.data, args.out, config, by=args.by,
+                      random_split=not args.no_random_split, n_bootstrap=args.bootstrap)
+    print(format_crossval(result))
+    print(f"\nresults written to {Path(args.out) / 'crossval.json'} and crossval.csv")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from covidxray.run import Predictor, collect_paths
     predictor = Predictor.load(args.run)
@@ -321,6 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-from-prefix", action="store_true",
                    help="source = file name before the first '_'")
     p.set_defaults(func=cmd_audit)
+
+    p = commands.add_parser("crossval", help="leave-one-source-out training and testing")
+    p.add_argument("data", help="class folders, split folders, or a CSV manifest")
+    p.add_argument("--by", default="source", choices=["source"],
+                   help="what to hold out, one value at a time (default %(default)s)")
+    p.add_argument("--out", required=True, help="folder for the fold runs and results")
+    p.add_argument("--no-random-split", action="store_true",
+                   help="skip the random-split run that sits beside the folds")
+    p.add_argument("--bootstrap", type=int, default=500)
+    _add_train_options(p)
+    p.set_defaults(func=cmd_crossval)
 
     p = commands.add_parser("predict", help="P(COVID) and label for images and folders")
     p.add_argument("run")

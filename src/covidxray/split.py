@@ -27,7 +27,8 @@ def assign_splits(records: list[Record], fractions=(0.70, 0.15, 0.15),
     """
     given = {r.split for r in records}
     if given == {""}:
-        return _grouped_stratified(records, dict(zip(SPLITS, fractions)), seed)
+        shares = {name: share for name, share in zip(SPLITS, fractions) if share > 0}
+        return _grouped_stratified(records, shares, seed)
     if "" in given:
         missing = sum(1 for r in records if not r.split)
         raise DataError(f"{missing} of {len(records)} images have no split while others do: "
@@ -54,6 +55,7 @@ def _grouped_stratified(records: list[Record], fractions: dict[str, float],
         strata[(label, members[0].source)].append(name)
     rng = np.random.default_rng(seed)
     split_of_group = {}
+    assigned = dict.fromkeys(fractions, 0)  # over all strata, to break ties in small strata
     for key in sorted(strata):
         names = strata[key]
         order = rng.permutation(len(names))
@@ -61,10 +63,15 @@ def _grouped_stratified(records: list[Record], fractions: dict[str, float],
         counts = dict.fromkeys(fractions, 0)
         for index in order:
             name = names[index]
-            # give the group to the split furthest below its share of this stratum
-            split = max(fractions, key=lambda s: fractions[s] * total - counts[s])
+            size = len(groups[name])
+            overall = sum(assigned.values()) + size
+            # the split furthest below its share of this stratum; ties go to the split
+            # furthest below its share overall
+            split = max(fractions, key=lambda s: (round(fractions[s] * total - counts[s], 9),
+                                                  fractions[s] * overall - assigned[s]))
             split_of_group[name] = split
-            counts[split] += len(groups[name])
+            counts[split] += size
+            assigned[split] += size
     return [replace(r, split=split_of_group[r.group]) for r in records]
 
 

@@ -1,0 +1,50 @@
+import csv
+import json
+
+import pytest
+
+from covidxray.cli import main
+from covidxray.crossval import fold_score
+
+
+def test_fold_score_uses_what_the_held_out_set_supports():
+    def metrics(n, n_positive):
+        values = {name: {"value": 0.5, "ci95": [0.4, 0.6]}
+                  for name in ("roc_auc", "sensitivity", "specificity")}
+        return {"overall": {"n": n, "n_positive": n_positive, "metrics": values}}
+    assert fold_score(metrics(10, 4))["metric"] == "roc_auc"
+    assert fold_score(metrics(10, 10))["metric"] == "sensitivity"
+    assert fold_score(metrics(10, 0))["metric"] == "specificity"
+
+
+@pytest.mark.slow
+def test_leave_one_source_out(tiny_data, tmp_path, capsys):
+    # three sources: one with both classes, one COVID only, one NON-COVID only
+    rows = list(csv.DictReader(open(tiny_data / "manifest.csv")))
+    for row in rows:  # by patient, so that no patient spans two sources
+        row["file"] = str(tiny_data / row["file"])
+        mixed = int(row["patient_id"].rsplit("-", 1)[1]) % 2
+        row["source"] = "mixed" if mixed else ("web" if row["label"] == "COVID" else "clinic")
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "cv"
+    code = main(["crossval", str(manifest), "--by", "source", "--out", str(out),
+                 "--image-size", "64", "--weights", "none", "--finetune-epochs", "1",
+                 "--batch-size", "8", "--bootstrap", "50", "--no-augment"])
+    assert code == 0
+    result = json.loads((out / "crossval.json").read_text())
+    by_fold = {f["fold"]: f for f in result["folds"]}
+    assert by_fold["holdout-mixed"]["metric"] == "roc_auc"
+    assert by_fold["holdout-web"]["metric"] == "sensitivity"
+    assert by_fold["holdout-clinic"]["metric"] == "specificity"
+    assert by_fold["holdout-web"]["test_images"] == by_fold["holdout-web"]["test_positive"] > 0
+    for fold in result["folds"]:  # the held-out source never reaches training
+        split = list(csv.DictReader(open(tmp_path / "cv" / fold["fold"] / "run" / "split.csv")))
+        held = fold["fold"].removeprefix("holdout-")
+        assert {r["split"] for r in split if r["source"] == held} == {"test"}
+        assert {r["source"] for r in split if r["split"] == "test"} == {held}
+    assert result["random_split"]["metric"] == "roc_auc"
+    assert "holdout-web" in capsys.readouterr().out
