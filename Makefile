@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean chromium
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,14 @@ demo: $(BIN)/.installed
 	rm -rf demo-run
 	$(BIN)/covidxray demo --out demo-run
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed chromium
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Debian's Chromium for the browser tests (they skip where it cannot be installed)
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+		echo "chromium not installed: browser tests will be skipped"
 
 clean:
 	rm -rf $(VENV) demo-run

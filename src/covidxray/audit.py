@@ -216,22 +216,17 @@ def audit(records: list[Record], near_distance: int | None = DEFAULT_NEAR_DISTAN
     s["cross_split_duplicates"] = [g for g in all_groups if len(g["splits"]) > 1]
     s["patient_leaks"] = patients_across_splits(good)
 
-    if s["unreadable"]:
-        result.warnings.append(f"{len(s['unreadable'])} files cannot be read and are skipped")
-    if s["exact_duplicates"]:
-        result.warnings.append(f"{len(s['exact_duplicates'])} groups of identical files")
-    if s["near_duplicates"]:
-        result.warnings.append(f"{len(s['near_duplicates'])} pairs of near-duplicate images "
-                               f"(difference-hash distance <= {near_distance} of 256 bits)")
-    if s["label_conflicts"]:
-        result.warnings.append(f"{len(s['label_conflicts'])} duplicate groups carry different "
-                               f"labels (label conflicts)")
-    if s["cross_split_duplicates"]:
-        result.warnings.append(f"LEAK: {len(s['cross_split_duplicates'])} duplicate groups span "
-                               f"more than one split: test images the model has seen")
-    if s["patient_leaks"]:
-        result.warnings.append(f"LEAK: {len(s['patient_leaks'])} patients appear in more than "
-                               f"one split")
+    findings = [
+        ("unreadable", "{n} files cannot be read and are skipped"),
+        ("exact_duplicates", "{n} groups of identical files"),
+        ("near_duplicates", f"{{n}} pairs of near-duplicate images (difference-hash distance "
+                            f"<= {near_distance} of 256 bits)"),
+        ("label_conflicts", "{n} duplicate groups carry different labels (label conflicts)"),
+        ("cross_split_duplicates", "LEAK: {n} duplicate groups span more than one split: test "
+                                   "images the model has seen"),
+        ("patient_leaks", "LEAK: {n} patients appear in more than one split"),
+    ]
+    result.warnings += [text.format(n=len(s[key])) for key, text in findings if s[key]]
     return result
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from covidxray import __version__
+from covidxray.audit import DEFAULT_NEAR_DISTANCE
 
 NOTICE = "covidxray is for research only. It is not a medical device and gives no diagnosis."
 log = logging.getLogger("covidxray")
@@ -321,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", dest="split_file", metavar="SPLIT_CSV",
                    help="audit the split of a run (its split.csv)")
     p.add_argument("--out", default="audit.json", help="JSON file (default %(default)s)")
-    p.add_argument("--near-distance", type=int, default=12,
+    p.add_argument("--near-distance", type=int, default=DEFAULT_NEAR_DISTANCE,
                    help="near duplicate: difference-hash distance <= this, of 256 bits "
                         "(default %(default)s)")
     p.add_argument("--no-near", action="store_true", help="skip the near-duplicate search")
