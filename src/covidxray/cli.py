@@ -149,27 +149,32 @@ def cmd_audit(args) -> int:
     return 1 if args.fail_on_leak and result.leak else 0
 
 
-def cmd_explain(args) -> int:
+def _write_heatmaps(predictor, paths, out, alpha: float = 0.4, stream=sys.stdout) -> int:
+    """Grad-CAM overlays of ``paths`` into ``out``; returns how many files failed."""
     from covidxray.explanation import explain_image, save_png
     from covidxray.imageio import ImageReadError
+    failed = 0
+    for path in paths:
+        try:
+            explanation = explain_image(predictor, path, alpha)
+        except ImageReadError as error:
+            print(f"error: {error.path}: {error.reason}", file=sys.stderr)
+            failed += 1
+            continue
+        target = Path(out) / f"{Path(path).stem}_gradcam.png"
+        save_png(target, explanation.overlay)
+        print(f"{target}  P(COVID)={explanation.probability:.4f}  {explanation.label}",
+              file=stream)
+    return failed
+
+
+def cmd_explain(args) -> int:
     from covidxray.run import Predictor, collect_paths
     predictor = Predictor.load(args.run)
     paths = collect_paths(args.images)
     if not paths:
         raise UsageError(f"no image files found in {' '.join(args.images)}")
-    out = Path(args.out)
-    failed = 0
-    for path in paths:
-        try:
-            explanation = explain_image(predictor, path, args.alpha)
-        except ImageReadError as error:
-            print(f"error: {error.path}: {error.reason}", file=sys.stderr)
-            failed += 1
-            continue
-        target = out / f"{Path(path).stem}_gradcam.png"
-        save_png(target, explanation.overlay)
-        print(f"{target}  P(COVID)={explanation.probability:.4f}  {explanation.label}")
-    return 1 if failed else 0
+    return 1 if _write_heatmaps(predictor, paths, args.out, args.alpha) else 0
 
 
 def cmd_report(args) -> int:
@@ -200,6 +205,18 @@ def cmd_crossval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from covidxray.serve.app import create_app
+    app = create_app(args.run, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                     max_pixels=args.max_pixels)
+    print(f"{NOTICE}\nserving {args.run} on http://{args.host}:{args.port}/ "
+          f"(API docs at /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from covidxray.run import Predictor, collect_paths
     predictor = Predictor.load(args.run)
@@ -216,6 +233,10 @@ def cmd_predict(args) -> int:
                           "predictions": [r.to_dict() for r in results]}, indent=2))
     else:
         print(_predictions_table(results, predictor.threshold, synthetic))
+    if args.explain:
+        # stdout may carry --json: the list of heat maps goes to stderr
+        _write_heatmaps(predictor, [r.path for r in results if not r.error], args.explain,
+                        stream=sys.stderr)
     failed = [r for r in results if r.error]
     for r in failed:
         print(f"error: {r.path}: {r.error}", file=sys.stderr)
@@ -232,7 +253,10 @@ def _predictions_table(results, threshold: float, synthetic: bool) -> str:
         if r.error:
             lines.append(f"{r.path:<{width}}  {'-':>8}  ERROR: {r.error}")
         else:
-            lines.append(f"{r.path:<{width}}  {r.probability:8.4f}  {r.label}")
+            warning = f"  OUT OF DISTRIBUTION: {r.ood_reason}" if r.ood else ""
+            lines.append(f"{r.path:<{width}}  {r.probability:8.4f}  {r.label}{warning}")
+    if any(r.ood for r in results):
+        lines.append("Out-of-distribution images: their probability is shown but means nothing.")
     return "\n".join(lines)
 
 
@@ -240,10 +264,12 @@ def _write_predictions_csv(path, results, synthetic: bool) -> None:
     from covidxray.fileutil import write_text_atomic
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "probability", "label", "positive", "error", "synthetic_data"])
+    writer.writerow(["path", "probability", "label", "positive", "ood", "ood_reason", "error",
+                     "synthetic_data"])
     for r in results:
         writer.writerow([r.path, "" if r.probability is None else f"{r.probability:.6f}",
                          r.label or "", "" if r.positive is None else int(r.positive),
+                         "" if r.ood is None else int(r.ood), r.ood_reason or "",
                          r.error or "", int(synthetic)])
     write_text_atomic(path, buffer.getvalue())
 
@@ -350,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--csv", metavar="FILE", help="also write the results to a CSV file")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--explain", metavar="DIR", help="also write Grad-CAM overlays to DIR")
     p.set_defaults(func=cmd_predict)
 
     p = commands.add_parser("explain", help="Grad-CAM heat maps blended over the images")
@@ -364,6 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report.html", help="HTML file (default %(default)s)")
     p.add_argument("--no-audit", action="store_true", help="skip the data audit")
     p.set_defaults(func=cmd_report)
+
+    p = commands.add_parser("serve", help="web page and REST API for a run")
+    p.add_argument("run")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=20.0,
+                   help="request size limit, answered 413 (default %(default)s)")
+    p.add_argument("--max-pixels", type=int, default=60_000_000,
+                   help="refuse images with more pixels (decompression bombs)")
+    p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("demo", help="the whole pipeline in a few minutes, offline")
     p.add_argument("data", nargs="?", help="a data set (default: synthetic images made now)")

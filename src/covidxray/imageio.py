@@ -31,11 +31,13 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def read_image(path: str | Path, data: bytes | None = None) -> np.ndarray:
+def read_image(path: str | Path, data: bytes | None = None,
+               max_pixels: int | None = None) -> np.ndarray:
     """Decode ``path`` (or ``data``, its bytes) into a 2-D float32 array in [0, 1], bone bright.
 
     The format is decided by the content, not the name. Raises ``ImageReadError`` naming the path
-    and the reason for empty, truncated, unsupported or non-image files.
+    and the reason for empty, truncated, unsupported or non-image files, and for images of more
+    than ``max_pixels`` pixels (checked from the header, before decoding).
     """
     if data is None:
         try:
@@ -45,9 +47,9 @@ def read_image(path: str | Path, data: bytes | None = None) -> np.ndarray:
     if not data:
         raise ImageReadError(path, "empty file")
     if is_dicom(data) or Path(str(path)).suffix.lower() in DICOM_SUFFIXES:
-        gray = _read_dicom(path, data)
+        gray = _read_dicom(path, data, max_pixels)
     else:
-        gray = _read_pillow(path, data)
+        gray = _read_pillow(path, data, max_pixels)
     if gray.ndim != 2 or min(gray.shape) < 8:
         raise ImageReadError(path, f"image too small or not 2-D (shape {gray.shape})")
     if not np.all(np.isfinite(gray)):
@@ -71,9 +73,16 @@ def load_for_model(path: str | Path, image_size: int, data: bytes | None = None)
     return prepare(read_image(path, data), image_size)
 
 
-def _read_pillow(path, data: bytes) -> np.ndarray:
+def _check_pixels(path, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageReadError(path, f"image of {width}x{height} pixels is over the limit of "
+                                   f"{max_pixels} pixels")
+
+
+def _read_pillow(path, data: bytes, max_pixels: int | None = None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
+            _check_pixels(path, image.width, image.height, max_pixels)
             image.load()  # decodes now, so truncated files fail here
             return _pillow_to_gray(image)
     except UnidentifiedImageError as exc:
@@ -115,13 +124,17 @@ def _scale_high_bit_depth(array: np.ndarray) -> np.ndarray:
     return (array / top).astype(np.float32)
 
 
-def _read_dicom(path, data: bytes) -> np.ndarray:
+def _read_dicom(path, data: bytes, max_pixels: int | None = None) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+        _check_pixels(path, int(dataset.get("Columns", 0) or 0), int(dataset.get("Rows", 0) or 0),
+                      max_pixels)
         pixels = dataset.pixel_array
+    except ImageReadError:
+        raise
     except Exception as exc:  # pydicom raises many types for bad or undecodable data
         raise ImageReadError(path, f"cannot decode DICOM pixel data ({exc})") from exc
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()

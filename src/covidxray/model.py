@@ -213,3 +213,15 @@ def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int = 32)
         return np.zeros(0, dtype=np.float32)
     scores = model.predict(np.asarray(images)[..., None], batch_size=batch_size, verbose=0)
     return np.asarray(scores, dtype=np.float32).ravel()
+
+
+def embed_and_score(model: keras.Model, images: np.ndarray,
+                    batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled backbone features (n, channels) and P(positive) from one forward pass."""
+    if len(images) == 0:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+    pooled = keras.Model(model.inputs, model.get_layer("pool").output)
+    embeddings = np.asarray(pooled.predict(np.asarray(images)[..., None], batch_size=batch_size,
+                                           verbose=0), dtype=np.float32)
+    scores = keras.ops.convert_to_numpy(model.get_layer(OUTPUT_NAME)(embeddings))
+    return embeddings, np.asarray(scores, dtype=np.float32).ravel()

@@ -26,6 +26,8 @@ class Prediction:
     probability: float | None = None
     label: str | None = None
     positive: bool | None = None
+    ood: bool | None = None  # None: the run has no out-of-distribution gate
+    ood_reason: str | None = None
     error: str | None = None
 
     def to_dict(self) -> dict:
@@ -50,10 +52,11 @@ def collect_paths(inputs) -> list[str]:
 class Predictor:
     """A trained model with everything needed to use it: threshold, image size, class names."""
 
-    def __init__(self, model, metadata: dict, run_dir: str | Path | None = None):
+    def __init__(self, model, metadata: dict, run_dir: str | Path | None = None, gate=None):
         self.model = model
         self.metadata = metadata
         self.run_dir = Path(run_dir) if run_dir else None
+        self.gate = gate
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Predictor":
@@ -65,9 +68,11 @@ class Predictor:
         import keras
 
         import covidxray.model  # noqa: F401  registers the custom layers before loading
+        from covidxray.ood import OOD_FILE, OODGate
         model = keras.saving.load_model(run_dir / "model.keras")
         metadata = json.loads((run_dir / "metadata.json").read_text())
-        return cls(model, metadata, run_dir)
+        gate = OODGate.load(run_dir / OOD_FILE) if (run_dir / OOD_FILE).is_file() else None
+        return cls(model, metadata, run_dir, gate)
 
     @property
     def threshold(self) -> float:
@@ -91,12 +96,26 @@ class Predictor:
 
     def predict_prepared(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """P(positive) for (n, size, size) uint8 images already through ``imageio.prepare``."""
-        from covidxray.metrics import apply_temperature
         from covidxray.model import predict_scores
-        scores = predict_scores(self.model, images, batch_size)
+        return self._calibrated(predict_scores(self.model, images, batch_size))
+
+    def _calibrated(self, scores: np.ndarray) -> np.ndarray:
+        from covidxray.metrics import apply_temperature
         temperature = self.metadata.get("temperature")
         return scores if not temperature else apply_temperature(scores, temperature).astype(
             np.float32)
+
+    def predict_batch(self, images: np.ndarray, names: list[str],
+                      batch_size: int = 32) -> list[Prediction]:
+        """Predictions with the out-of-distribution verdict for prepared images."""
+        if self.gate is None:
+            scores = self.predict_prepared(images, batch_size)
+            return [self._prediction(n, float(s)) for n, s in zip(names, scores)]
+        from covidxray.model import embed_and_score
+        embeddings, scores = embed_and_score(self.model, images, batch_size)
+        verdicts = self.gate.check(embeddings, images)
+        return [self._prediction(n, float(s), v.ood, v.reason)
+                for n, s, v in zip(names, self._calibrated(scores), verdicts)]
 
     def prepare_array(self, array: np.ndarray) -> np.ndarray:
         """A 2-D grayscale (uint8, or float in [0, 1]) or (H, W, 3) array -> model input."""
@@ -122,10 +141,9 @@ class Predictor:
                     good.append(path)
                 except ImageReadError as error:
                     results.append(Prediction(path=str(path), error=error.reason))
-            scores = self.predict_prepared(np.stack(images) if images else
-                                           np.zeros((0, 1, 1), np.uint8), batch_size)
-            for path, score in zip(good, scores):
-                results.append(self._prediction(str(path), float(score)))
+            if images:
+                results += self.predict_batch(np.stack(images), [str(p) for p in good],
+                                              batch_size)
         order = {str(p): i for i, p in enumerate(paths)}
         return sorted(results, key=lambda r: order[r.path])
 
@@ -137,9 +155,10 @@ class Predictor:
             return [self.predict(i) for i in item]
         if isinstance(item, (str, Path)):
             return self.predict_paths([str(item)])[0]
-        score = float(self.predict_prepared(self.prepare_array(item)[None])[0])
-        return self._prediction("<array>", score)
+        return self.predict_batch(self.prepare_array(item)[None], ["<array>"])[0]
 
-    def _prediction(self, path: str, probability: float) -> Prediction:
+    def _prediction(self, path: str, probability: float, ood: bool | None = None,
+                    ood_reason: str | None = None) -> Prediction:
         return Prediction(path=path, probability=probability, label=self.label_of(probability),
-                          positive=probability >= self.threshold)
+                          positive=probability >= self.threshold, ood=ood,
+                          ood_reason=ood_reason or None)

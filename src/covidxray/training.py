@@ -27,7 +27,9 @@ from covidxray.data import DataError, Dataset, LoadedImages, discover, fingerpri
 from covidxray.fileutil import atomic_path, write_json_atomic
 from covidxray.metrics import apply_temperature, binary_metrics, choose_threshold, \
     fit_temperature
-from covidxray.model import build_model, get_backbone, predict_scores, unfreeze_top_stages
+from covidxray.model import build_model, embed_and_score, get_backbone, predict_scores, \
+    unfreeze_top_stages
+from covidxray.ood import OOD_FILE, OODGate
 from covidxray.split import assign_splits, patients_across_splits, read_split_csv, \
     write_split_csv
 
@@ -106,10 +108,19 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     metadata = build_metadata(config, dataset, records, train_images, val_images, threshold,
                               val_metrics)
     metadata["temperature"] = temperature
+    fit_ood_gate(model, train_images, val_images, config.batch_size).save(run / OOD_FILE)
     write_json_atomic(run / "metadata.json", metadata)
     save_model_atomic(model, run / "model.keras")  # last: the run is complete once it exists
     shutil.rmtree(run / ".checkpoints", ignore_errors=True)
     return run
+
+
+def fit_ood_gate(model, train_images: LoadedImages, val_images: LoadedImages,
+                 batch_size: int) -> OODGate:
+    """The out-of-distribution gate of this model, fitted on its own training images."""
+    train_embeddings, _ = embed_and_score(model, train_images.images, batch_size)
+    val_embeddings, _ = embed_and_score(model, val_images.images, batch_size)
+    return OODGate.fit(train_embeddings, train_images.images, val_embeddings, val_images.images)
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:

@@ -1,0 +1,202 @@
+"""The web app: a REST API and a page for one trained run.
+
+Uploads are read in memory (never written under a name the client chose), their type is taken
+from their content, their pixel count is checked before decoding, and every failure is a 4xx
+answer naming the reason; nothing a client sends can stop the server serving the next request.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image
+from pydantic import BaseModel
+
+from covidxray.explanation import gradcam, overlay, upsample
+from covidxray.imageio import ImageReadError, prepare, read_image
+from covidxray.run import Predictor
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 60_000_000  # a 7000x8000 film; far beyond any real radiograph
+PREVIEW_SIZE = 512
+INTENDED_USE = ("Research on chest X-ray classification. Not a medical device: not for "
+                "diagnosis, triage, screening or any decision about a patient.")
+
+
+class OODVerdict(BaseModel):
+    flag: bool | None
+    reason: str | None
+
+
+class ImageResult(BaseModel):
+    filename: str
+    probability: float | None = None
+    label: str | None = None
+    positive: bool | None = None
+    threshold: float
+    model_id: str
+    ood: OODVerdict | None = None
+    image_png: str | None = None
+    heatmap_png: str | None = None
+    overlay_png: str | None = None
+    error: str | None = None
+
+
+class PredictResponse(BaseModel):
+    notice: str
+    synthetic_data: bool
+    results: list[ImageResult]
+
+
+class RequestSizeLimit:
+    """ASGI middleware: answer 413 to a request body over ``max_bytes``, declared or streamed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(send)
+        received = 0
+        state = {"started": False, "rejected": False}
+
+        async def limited_receive():
+            nonlocal received
+            if state["rejected"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes and not state["started"]:
+                    # answer now; the app sees the client gone and its answer is dropped
+                    state["rejected"] = True
+                    await self._too_large(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if state["rejected"]:
+                return
+            state["started"] = state["started"] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not state["rejected"]:
+                raise
+
+    async def _too_large(self, send):
+        body = (b'{"detail":"request body over the limit of %d bytes"}' % self.max_bytes)
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _png(rgb_or_rgba: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb_or_rgba).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _preview(gray: np.ndarray) -> np.ndarray:
+    image = Image.fromarray(np.asarray(gray, np.float32), mode="F")
+    scale = PREVIEW_SIZE / max(image.size)
+    if scale < 1:
+        image = image.resize((max(1, round(image.width * scale)),
+                              max(1, round(image.height * scale))), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def _heatmap_rgba(heat: np.ndarray) -> np.ndarray:
+    from matplotlib import colormaps
+    rgba = colormaps["jet"](np.clip(heat, 0, 1))
+    rgba[..., 3] = np.clip(heat, 0, 1)  # transparent where there is no heat
+    return np.rint(rgba * 255).astype(np.uint8)
+
+
+def model_id(metadata: dict) -> str:
+    return f"{metadata['backbone']}-{metadata['image_size']}px-{metadata['data_fingerprint'][:12]}"
+
+
+def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = None,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> FastAPI:
+    """The app for one run; the model is loaded once, here."""
+    predictor = predictor or Predictor.load(run_dir)
+    meta = predictor.metadata
+    identifier = model_id(meta)
+    inference_lock = threading.Lock()  # one forward pass at a time; each request is a batch
+    app = FastAPI(title="covidxray", version=meta["covidxray_version"],
+                  description=f"COVID-19 vs non-COVID chest X-ray classifier. {meta['notice']}")
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "model_id": identifier}
+
+    @app.get("/api/model")
+    def model_card() -> dict:
+        return {"model_id": identifier, "metadata": meta,
+                "model_card": {"intended_use": INTENDED_USE, "notice": meta["notice"],
+                               "synthetic_data": bool(meta.get("synthetic_data")),
+                               "threshold": meta["threshold"],
+                               "threshold_method": meta["threshold_method"],
+                               "validation_metrics": meta["validation_metrics"],
+                               "training_data": meta["split_counts"],
+                               "ood_gate": predictor.gate is not None}}
+
+    @app.post("/api/predict", response_model=PredictResponse,
+              responses={413: {"description": "request too large"},
+                         422: {"description": "no uploaded file could be used as an image"}})
+    def predict(files: list[UploadFile] = File(..., description="PNG, JPEG or DICOM images")):
+        decoded, results = [], []
+        for upload in files:
+            name = Path(upload.filename or "upload").name[:200]
+            try:
+                gray = read_image(name, upload.file.read(), max_pixels=max_pixels)
+                decoded.append((len(results), name, gray))
+                results.append(None)
+            except ImageReadError as error:
+                results.append(ImageResult(filename=name, threshold=predictor.threshold,
+                                           model_id=identifier, error=error.reason))
+        if not decoded:
+            raise HTTPException(422, detail="; ".join(f"{r.filename}: {r.error}"
+                                                      for r in results) or "no file")
+        images = np.stack([prepare(gray, predictor.image_size) for _, _, gray in decoded])
+        with inference_lock:
+            predictions = predictor.predict_batch(images, [n for _, n, _ in decoded])
+            cams = gradcam(predictor.model, images)
+        for (index, name, gray), prediction, cam in zip(decoded, predictions, cams):
+            preview = _preview(gray)
+            heat = upsample(cam, preview.shape)
+            results[index] = ImageResult(
+                filename=name, probability=prediction.probability, label=prediction.label,
+                positive=prediction.positive, threshold=predictor.threshold, model_id=identifier,
+                ood=OODVerdict(flag=prediction.ood, reason=prediction.ood_reason),
+                image_png=_png(np.rint(preview * 255).astype(np.uint8)),
+                heatmap_png=_png(_heatmap_rgba(heat)), overlay_png=_png(overlay(preview, heat)))
+        return PredictResponse(notice=meta["notice"],
+                               synthetic_data=bool(meta.get("synthetic_data")), results=results)
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.exception_handler(Exception)
+    def unexpected(request, exc):  # never a traceback to the client; the server keeps serving
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    app.add_middleware(RequestSizeLimit, max_bytes=max_upload_bytes)
+    return app
