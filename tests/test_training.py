@@ -92,7 +92,12 @@ def test_resume_continues_an_interrupted_run(tiny_data, tmp_path, monkeypatch):
         covidxray.train(tiny_data, tmp_path / "run", **options)
     assert not (tmp_path / "run" / "model.keras").exists()
     monkeypatch.undo()
+    split_before = (tmp_path / "run" / "split.csv").read_text()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["seed"] = 12345  # a resumed run must keep the split it trained on, whatever this says
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     covidxray.train(tiny_data, tmp_path / "run", resume=True, verbose=0)
+    assert (tmp_path / "run" / "split.csv").read_text() == split_before
     rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
     header = rows[0].split(",")
     epochs_and_phases = [(int(r.split(",")[0]), float(r.split(",")[header.index("phase")]))

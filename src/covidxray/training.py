@@ -57,6 +57,8 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
         if (run / "model.keras").is_file():
             raise RunExistsError(f"{run}: this run is already complete")
         config = TrainConfig.load(run / "config.json")
+        if (run / "split.csv").is_file():  # the split the interrupted run trained on
+            config.split_file = str(run / "split.csv")
     elif (run / "config.json").exists():
         raise RunExistsError(f"{run} already holds a run: use --resume to continue it, or "
                              f"another --out")
@@ -94,6 +96,14 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model.load_weights(best_weights)
 
+    finalize_run(model, config, dataset, records, train_images, val_images, run)
+    shutil.rmtree(run / ".checkpoints", ignore_errors=True)
+    return run
+
+
+def finalize_run(model, config: TrainConfig, dataset: Dataset, records,
+                 train_images: LoadedImages, val_images: LoadedImages, run: Path) -> None:
+    """Freeze the threshold on validation, fit the OOD gate, write metadata and the model."""
     val_scores = predict_scores(model, val_images.images, config.batch_size)
     temperature = None
     if config.calibrate:
@@ -111,8 +121,6 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     fit_ood_gate(model, train_images, val_images, config.batch_size).save(run / OOD_FILE)
     write_json_atomic(run / "metadata.json", metadata)
     save_model_atomic(model, run / "model.keras")  # last: the run is complete once it exists
-    shutil.rmtree(run / ".checkpoints", ignore_errors=True)
-    return run
 
 
 def fit_ood_gate(model, train_images: LoadedImages, val_images: LoadedImages,
