@@ -2,7 +2,7 @@
 
 Two Mahalanobis distances, each against the training images: one in the backbone's embedding
 (reduced by PCA, covariance shrunk by Ledoit-Wolf), one over cheap image statistics (brightness,
-contrast, clipping, edges, left-right symmetry, border darkness). Each threshold is a high
+contrast, clipping, edges, left-right symmetry, border darkness, and the layout on an 8x8 grid). Each threshold is a high
 quantile of the distances of held-out validation X-rays, so about 1% of real in-distribution
 images are flagged by design. Pure numpy / scikit-learn; the caller supplies embeddings.
 """
@@ -18,13 +18,16 @@ from covidxray.fileutil import atomic_path
 
 STATISTICS = ("mean", "std", "dark_fraction", "bright_fraction", "edge_density",
               "left_right_symmetry", "top_bottom_balance", "border_mean")
+LAYOUT_GRID = 8  # plus the mean brightness of each cell of an 8x8 grid: where things are
 EMBEDDING_COMPONENTS = 32
 QUANTILE = 0.99
 OOD_FILE = "ood.npz"  # in the run folder
 
 
 def image_statistics(images: np.ndarray) -> np.ndarray:
-    """Per image (n, size, size) uint8 -> (n, len(STATISTICS)) float statistics."""
+    """Per image (n, size, size) uint8 -> (n, len(STATISTICS) + 64) float statistics: the named
+    ones, then the layout (a frontal film has dark lungs left and right of a bright
+    mediastinum; a lateral view, a CT slice or a photograph does not)."""
     x = np.asarray(images, dtype=np.float32) / 255.0
     n, size = x.shape[0], x.shape[1]
     flat = x.reshape(n, -1)
@@ -39,10 +42,14 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
     edge = max(1, size // 10)
     border = np.concatenate([x[:, :edge].reshape(n, -1), x[:, -edge:].reshape(n, -1),
                              x[:, :, :edge].reshape(n, -1), x[:, :, -edge:].reshape(n, -1)], 1)
-    return np.stack([flat.mean(1), flat.std(1), (flat < 0.05).mean(1), (flat > 0.95).mean(1),
-                     gradient, symmetry,
-                     x[:, :half].mean(axis=(1, 2)) - x[:, half:].mean(axis=(1, 2)),
-                     border.mean(1)], axis=1)
+    cell = size // LAYOUT_GRID
+    layout = x[:, :cell * LAYOUT_GRID, :cell * LAYOUT_GRID].reshape(
+        n, LAYOUT_GRID, cell, LAYOUT_GRID, cell).mean(axis=(2, 4)).reshape(n, -1)
+    named = np.stack([flat.mean(1), flat.std(1), (flat < 0.05).mean(1), (flat > 0.95).mean(1),
+                      gradient, symmetry,
+                      x[:, :half].mean(axis=(1, 2)) - x[:, half:].mean(axis=(1, 2)),
+                      border.mean(1)], axis=1)
+    return np.concatenate([named, layout], axis=1)
 
 
 @dataclass
