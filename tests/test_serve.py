@@ -46,8 +46,11 @@ def client(app):
 
 
 @pytest.fixture(scope="module")
-def xray(tiny_data) -> bytes:
-    return sorted((tiny_data / "COVID").glob("*.png"))[0].read_bytes()
+def xray(tiny_run) -> bytes:
+    """A training image of the run: inside the gate's distribution by construction."""
+    import csv
+    rows = csv.DictReader(open(tiny_run / "split.csv"))
+    return open(next(r["path"] for r in rows if r["split"] == "train"), "rb").read()
 
 
 def test_health_and_model_card(client):
