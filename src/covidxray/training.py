@@ -132,9 +132,12 @@ def fit_ood_gate(model, train_images: LoadedImages, val_images: LoadedImages,
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
-    """Save weights and architecture without the optimizer state (a third of the size)."""
-    inference_model = keras.models.clone_model(model)
-    inference_model.set_weights(model.get_weights())
+    """Save weights and architecture without the optimizer state (a third of the size).
+
+    A new, uncompiled functional model over the same layers carries no optimizer (a clone
+    would be compiled again, and its optimizer variables saved).
+    """
+    inference_model = keras.Model(model.inputs, model.outputs, name=model.name)
     with atomic_path(path, suffix=".keras") as tmp:
         inference_model.save(tmp)
 
