@@ -15,6 +15,13 @@ def test_run_folder_contract(tiny_run):
         assert (tiny_run / name).is_file(), name
     assert not (tiny_run / ".checkpoints").exists()
     assert not [p for p in tiny_run.iterdir() if p.name.startswith(".")]  # no partial files
+    import io
+    import zipfile
+
+    import h5py
+    with zipfile.ZipFile(tiny_run / "model.keras") as archive:
+        with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as weights:
+            assert "optimizer" not in weights  # inference only: a third of the size
     meta = json.loads((tiny_run / "metadata.json").read_text())
     assert meta["positive_class"] == "COVID" and meta["class_names"] == ["COVID", "NON-COVID"]
     assert meta["image_size"] == 64 and meta["synthetic_data"] is True
