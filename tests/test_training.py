@@ -56,7 +56,7 @@ def test_reused_split_gives_same_assignment(tiny_data, tiny_run, tmp_path):
     from covidxray.training import prepare_splits
     config = TrainConfig(data=str(tiny_data), out=str(tmp_path / "r"),
                          split_file=str(tiny_run / "split.csv"), seed=99, **TINY_TRAIN)
-    _, records = prepare_splits(config, tmp_path)
+    prepare_splits(config, tmp_path)
     assert (tmp_path / "split.csv").read_text() == (tiny_run / "split.csv").read_text()
 
 

@@ -230,11 +230,13 @@ def audit(records: list[Record], near_distance: int | None = DEFAULT_NEAR_DISTAN
     return result
 
 
-def exact_duplicates_across_splits(records: list[Record]) -> list[dict]:
-    """The cheap check ``train`` runs: identical files in more than one split."""
+def exact_duplicates_across_splits(records: list[Record],
+                                   hashes: dict[str, str]) -> list[dict]:
+    """The cheap check ``train`` runs: identical files (by ``hashes``, path -> sha256) in more
+    than one split."""
     by_hash = defaultdict(list)
     for r in records:
-        by_hash[hashlib.sha256(Path(r.path).read_bytes()).hexdigest()].append(r)
+        by_hash[hashes[r.path]].append(r)
     return [{"paths": [r.path for r in group], "splits": sorted({r.split for r in group})}
             for group in by_hash.values() if len({r.split for r in group}) > 1]
 

@@ -232,11 +232,17 @@ def load_images(records: list[Record], image_size: int, strict: bool = False) ->
     return LoadedImages(images=array, records=kept, failures=failures)
 
 
-def fingerprint(records: list[Record]) -> str:
+def file_hashes(records: list[Record]) -> dict[str, str]:
+    """path -> sha256 of the file's bytes, read once for every check that needs them."""
+    return {r.path: file_sha256(r.path) for r in records}
+
+
+def fingerprint(records: list[Record], hashes: dict[str, str] | None = None) -> str:
     """A hash of the training data: every file's content, label and split."""
+    hashes = hashes if hashes is not None else file_hashes(records)
     digest = hashlib.sha256()
     for record in sorted(records, key=lambda r: r.path):
-        digest.update(f"{file_sha256(record.path)}\t{record.label}\t{record.split}\n".encode())
+        digest.update(f"{hashes[record.path]}\t{record.label}\t{record.split}\n".encode())
     return digest.hexdigest()
 
 

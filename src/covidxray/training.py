@@ -22,7 +22,7 @@ import numpy as np
 from covidxray import __version__
 from covidxray.audit import exact_duplicates_across_splits
 from covidxray.config import TrainConfig
-from covidxray.data import DataError, Dataset, LoadedImages, discover, fingerprint, \
+from covidxray.data import DataError, Dataset, LoadedImages, discover, file_hashes, fingerprint, \
     load_images, with_splits
 from covidxray.fileutil import atomic_path, write_json_atomic
 from covidxray.metrics import apply_temperature, binary_metrics, choose_threshold, \
@@ -65,7 +65,7 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     run.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
 
-    dataset, records = prepare_splits(config, run)
+    dataset, records, hashes = prepare_splits(config, run)
     config.save(run / "config.json")
     train_images = _load_split(records, "train", config)
     val_images = _load_split(records, "val", config)
@@ -96,12 +96,12 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model.load_weights(best_weights)
 
-    finalize_run(model, config, dataset, records, train_images, val_images, run)
+    finalize_run(model, config, dataset, records, hashes, train_images, val_images, run)
     shutil.rmtree(run / ".checkpoints", ignore_errors=True)
     return run
 
 
-def finalize_run(model, config: TrainConfig, dataset: Dataset, records,
+def finalize_run(model, config: TrainConfig, dataset: Dataset, records, hashes: dict[str, str],
                  train_images: LoadedImages, val_images: LoadedImages, run: Path) -> None:
     """Freeze the threshold on validation, fit the OOD gate, write metadata and the model."""
     val_scores = predict_scores(model, val_images.images, config.batch_size)
@@ -115,8 +115,8 @@ def finalize_run(model, config: TrainConfig, dataset: Dataset, records,
     val_metrics = binary_metrics(val_images.targets, val_scores, threshold)
     log.info("validation ROC-AUC %.3f; threshold %.4f (%s)", val_metrics["roc_auc"], threshold,
              config.threshold_method)
-    metadata = build_metadata(config, dataset, records, train_images, val_images, threshold,
-                              val_metrics)
+    metadata = build_metadata(config, dataset, records, hashes, train_images, val_images,
+                              threshold, val_metrics)
     metadata["temperature"] = temperature
     fit_ood_gate(model, train_images, val_images, config.batch_size).save(run / OOD_FILE)
     write_json_atomic(run / "metadata.json", metadata)
@@ -142,8 +142,9 @@ def save_model_atomic(model: keras.Model, path: Path) -> None:
         inference_model.save(tmp)
 
 
-def prepare_splits(config: TrainConfig, run: Path) -> tuple[Dataset, list]:
-    """Discover the data, give every image a split and write ``RUN/split.csv``."""
+def prepare_splits(config: TrainConfig, run: Path) -> tuple[Dataset, list, dict[str, str]]:
+    """Discover the data, give every image a split and write ``RUN/split.csv``; also returns
+    every file's sha256 (read once, for the duplicate check and the data fingerprint)."""
     dataset = discover(config.data, config.positive_class, config.source_from_prefix)
     for path, reason in dataset.skipped:
         log.warning("skipped %s: %s", path, reason)
@@ -158,7 +159,8 @@ def prepare_splits(config: TrainConfig, run: Path) -> tuple[Dataset, list]:
         example = ", ".join(f"{p} in {'/'.join(s)}" for p, s in list(leaks.items())[:3])
         raise DataError(f"{len(leaks)} patients appear in more than one split ({example}); "
                         f"fix the split so that no patient crosses splits")
-    duplicates = exact_duplicates_across_splits(records)
+    hashes = file_hashes(records)
+    duplicates = exact_duplicates_across_splits(records, hashes)
     if duplicates:
         example = "; ".join(" = ".join(d["paths"][:2]) for d in duplicates[:2])
         message = (f"{len(duplicates)} identical files sit in more than one split ({example}); "
@@ -169,7 +171,7 @@ def prepare_splits(config: TrainConfig, run: Path) -> tuple[Dataset, list]:
     write_split_csv(run / "split.csv", records)
     counts = Counter((r.split, r.label) for r in records)
     log.info("split: %s", ", ".join(f"{s}/{c}={n}" for (s, c), n in sorted(counts.items())))
-    return dataset, records
+    return dataset, records, hashes
 
 
 def _load_split(records, split: str, config: TrainConfig) -> LoadedImages:
@@ -243,7 +245,8 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def build_metadata(config: TrainConfig, dataset: Dataset, records, train_images: LoadedImages,
+def build_metadata(config: TrainConfig, dataset: Dataset, records, hashes: dict[str, str],
+                   train_images: LoadedImages,
                    val_images: LoadedImages, threshold: float, val_metrics: dict) -> dict:
     spec = get_backbone(config.backbone)
     split_counts = {split: dict(Counter(r.label for r in records if r.split == split))
@@ -274,7 +277,8 @@ def build_metadata(config: TrainConfig, dataset: Dataset, records, train_images:
         "validation_metrics": val_metrics,
         "split_counts": split_counts,
         "unreadable_training_files": len(train_images.failures) + len(val_images.failures),
-        "data_fingerprint": fingerprint([r for r in records if r.split in ("train", "val")]),
+        "data_fingerprint": fingerprint([r for r in records if r.split in ("train", "val")],
+                                        hashes),
         "data_root": str(Path(dataset.root).resolve()),
         "backend": keras.backend.backend(),
         "versions": library_versions(),
