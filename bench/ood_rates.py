@@ -1,11 +1,13 @@
 """Flag rates of a run's out-of-distribution gate per kind of input.
 
-    python bench/ood_rates.py RUN [--n 40]
+    python bench/ood_rates.py RUN [--n 40] [--refit] [--sheet drawn.png]
 
 Kinds: held-out X-rays (the run's test split: should stay low), natural photographs
-(scikit-image's sample images), synthetic non-X-ray pictures (noise, gradients, shapes,
-documents and screenshots with text), CT-like axial slices and lateral-like chest views drawn
-here. Prints one table; a run without a gate gets one fitted from its own split first.
+(scikit-image's sample images, in colour), synthetic non-X-ray pictures (noise, gradients,
+shapes, documents and screenshots with text), CT-like axial slices and lateral-like chest views
+drawn here with random pose, exposure, blur and noise. Every image is written to a PNG file and
+goes through ``Predictor.predict_paths``, the path of ``covidxray predict``. Prints one table;
+``--refit`` first fits the run's gate again from its own split (runs of older versions).
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def natural_images() -> dict[str, np.ndarray]:
             continue
         image = image[0] if isinstance(image, tuple) else image
         image = np.asarray(image, dtype=np.float64)
-        if image.ndim == 3:
-            image = image[..., :3].mean(-1) if image.shape[-1] in (3, 4) else image[0]
+        if image.ndim == 3 and image.shape[-1] not in (3, 4):
+            image = image[0]  # a stack of planes: the first
+        image = image[..., :3] if image.ndim == 3 else image  # colour is kept: it is a cue
         image = (image - image.min()) / max(np.ptp(image), 1e-9)
         images[name] = image.astype(np.float32)
     return images
@@ -69,84 +72,122 @@ def synthetic_non_xray(rng, n: int, size: int = 256) -> list[np.ndarray]:
     return out
 
 
+def _jitter(rng, image: np.ndarray) -> np.ndarray:
+    """Pose, exposure, blur and noise, so each drawn image differs like real acquisitions do."""
+    from scipy.ndimage import affine_transform
+    angle = np.deg2rad(rng.uniform(-12, 12))
+    scale = rng.uniform(0.85, 1.15)
+    matrix = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) / scale
+    centre = np.array(image.shape) / 2
+    offset = centre - matrix @ centre + rng.uniform(-0.08, 0.08, 2) * image.shape[0]
+    image = affine_transform(image, matrix, offset=offset, order=1, cval=float(image.min()))
+    image = gaussian_filter(image, rng.uniform(0.5, 2.0))
+    image = np.clip(image + rng.normal(0, rng.uniform(0.005, 0.04), image.shape), 0, 1)
+    return (image ** rng.uniform(0.6, 1.6)).astype(np.float32)
+
+
 def ct_like(rng, n: int, size: int = 256) -> list[np.ndarray]:
-    """Axial chest CT-like slices: an oval body on black, two dark lungs, spine, heart."""
+    """Axial chest CT-like slices: an oval body on black, two dark lungs with vessels, spine,
+    heart and the scanner table, in lung or soft-tissue windows."""
     y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
     out = []
     for _ in range(n):
-        body = ((x / rng.uniform(0.8, 0.95)) ** 2 + (y / rng.uniform(0.55, 0.7)) ** 2) <= 1
-        image = np.where(body, 0.55, 0.0)
+        body = ((x / rng.uniform(0.75, 0.95)) ** 2 + (y / rng.uniform(0.5, 0.72)) ** 2) <= 1
+        tissue = rng.uniform(0.4, 0.7)
+        image = np.where(body, tissue, 0.0)
+        lung_value = rng.uniform(0.03, 0.25)
         for side in (-1, 1):
-            lung = ((x - side * 0.38) / 0.3) ** 2 + ((y + 0.05) / 0.45) ** 2 <= 1
-            image = np.where(lung & body, 0.08 + 0.05 * _smooth(rng, size, 3), image)
-        image = np.where((x / 0.12) ** 2 + ((y - 0.45) / 0.1) ** 2 <= 1, 0.95, image)  # vertebra
-        image = np.where(((x - 0.05) / 0.22) ** 2 + ((y - 0.05) / 0.2) ** 2 <= 1, 0.62, image)
-        image = np.where(np.abs(y - 0.8) < 0.02, 0.4, image)  # scanner table
-        out.append(np.clip(gaussian_filter(image, 1.5) + rng.normal(0, 0.02, image.shape),
-                           0, 1).astype(np.float32))
+            lung = (((x - side * rng.uniform(0.32, 0.42)) / rng.uniform(0.24, 0.33)) ** 2
+                    + ((y + 0.05) / rng.uniform(0.35, 0.5)) ** 2) <= 1
+            vessels = (_smooth(rng, size, 1.5) > rng.uniform(0.7, 0.8)) * 0.3
+            image = np.where(lung & body, lung_value + vessels, image)
+        image = np.where((x / 0.11) ** 2 + ((y - 0.45) / 0.1) ** 2 <= 1, 0.95, image)  # vertebra
+        image = np.where(((x - 0.05) / 0.2) ** 2 + ((y - 0.05) / 0.2) ** 2 <= 1,
+                         tissue + 0.08, image)  # heart
+        if rng.random() < 0.7:
+            image = np.where(np.abs(y - rng.uniform(0.75, 0.9)) < 0.02, 0.4, image)  # table
+        out.append(_jitter(rng, image))
     return out
 
 
 def lateral_like(rng, n: int, size: int = 256) -> list[np.ndarray]:
-    """Lateral chest views: one wide lung field, spine along the back, sternum in front."""
+    """Lateral chest views: one wide lung field, spine along the back, sternum and heart in front,
+    arms raised over the top, facing either way."""
     y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
     out = []
     for _ in range(n):
-        body = ((x / 0.75) ** 2 + (y / 1.05) ** 2) <= 1
-        image = 0.05 + 0.35 * body
-        lung = ((x + 0.05) / 0.55) ** 2 + ((y + 0.05) / 0.7) ** 2 <= 1
-        image = image - 0.2 * gaussian_filter(lung.astype(float), 4)
-        spine = np.abs(x - (0.55 + 0.05 * y)) < 0.08
+        width = rng.uniform(0.6, 0.85)
+        body = ((x / width) ** 2 + (y / 1.05) ** 2) <= 1
+        image = rng.uniform(0.0, 0.15) + rng.uniform(0.25, 0.45) * body
+        lung = ((x + 0.05) / (width * 0.7)) ** 2 + ((y + 0.05) / rng.uniform(0.6, 0.8)) ** 2 <= 1
+        image = image - rng.uniform(0.1, 0.25) * gaussian_filter(lung.astype(float), 4)
+        spine = np.abs(x - (width * 0.72 + 0.05 * y)) < 0.07
         image += 0.35 * gaussian_filter(spine.astype(float), 2)
         image += 0.3 * gaussian_filter((((x + 0.3) / 0.3) ** 2 + ((y - 0.35) / 0.3) ** 2
                                         <= 1).astype(float), 6)  # heart, anterior
-        image += 0.25 * ((y > 0.55 - 0.2 * x) & body)  # diaphragm, sloping
-        out.append(np.clip(gaussian_filter(image, rng.uniform(1, 2)), 0, 1).astype(np.float32))
+        image += 0.25 * ((y > rng.uniform(0.45, 0.65) - 0.2 * x) & body)  # diaphragm, sloping
+        if rng.random() < 0.6:  # arms raised over the head: bright bands at the top
+            image += 0.3 * gaussian_filter(((y < -0.6) & (np.abs(x) < 0.5)).astype(float), 8)
+        image = np.clip(image, 0, 1)
+        out.append(_jitter(rng, image[:, ::-1] if rng.random() < 0.5 else image))
     return out
+
+
+def write_pngs(folder: Path, images) -> list[str]:
+    """Save drawn images as files, so the measurement goes through the product's own path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"{i:03d}.png"
+        Image.fromarray(np.clip(np.rint(np.asarray(image) * 255), 0, 255).astype(np.uint8)).save(
+            path)
+        paths.append(str(path))
+    return paths
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run")
     parser.add_argument("--n", type=int, default=40, help="images per drawn kind")
+    parser.add_argument("--refit", action="store_true",
+                        help="fit the run's gate again from its split first (older runs)")
+    parser.add_argument("--sheet", help="write a contact sheet of the drawn images here")
     args = parser.parse_args(argv)
 
-    from covidxray.imageio import load_for_model, prepare
-    from covidxray.model import embed_and_score
+    import tempfile
+
     from covidxray.run import Predictor
     from covidxray.split import read_split_records
+    from covidxray.training import refit_ood_gate
 
+    if args.refit:
+        refit_ood_gate(args.run)
+        print(f"fitted the gate of {args.run} again from its split")
     predictor = Predictor.load(args.run)
-    records = read_split_records(Path(args.run) / "split.csv",
-                                 predictor.metadata["positive_class"])
     if predictor.gate is None:
-        from covidxray.data import load_images
-        from covidxray.ood import OOD_FILE
-        from covidxray.training import fit_ood_gate
-        split = {s: load_images([r for r in records if r.split == s], predictor.image_size)
-                 for s in ("train", "val")}
-        predictor.gate = fit_ood_gate(predictor.model, split["train"], split["val"], 32)
-        predictor.gate.save(Path(args.run) / OOD_FILE)
-        print(f"fitted a gate for this run from its training split: {OOD_FILE}")
+        raise SystemExit(f"{args.run} has no out-of-distribution gate: use --refit")
+    records = read_split_records(Path(args.run) / "split.csv", predictor.positive_class)
     rng = np.random.default_rng(0)
-    size = predictor.image_size
-    kinds = {
-        "held-out X-rays (test split)": np.stack([load_for_model(r.path, size) for r in records
-                                                  if r.split == "test"]),
-        "natural photographs (scikit-image)": np.stack([prepare(i, size) for i in
-                                                        natural_images().values()]),
-        "synthetic non-X-ray (noise, shapes, text)": np.stack(
-            [prepare(i, size) for i in synthetic_non_xray(rng, args.n)]),
-        "CT-like axial slices": np.stack([prepare(i, size) for i in ct_like(rng, args.n)]),
-        "lateral-like chest views": np.stack([prepare(i, size)
-                                              for i in lateral_like(rng, args.n)]),
-    }
-    print(f"run {args.run} ({predictor.metadata['backbone']}, {size} px)")
-    print(f"{'input':<44}{'images':>7}{'flagged':>9}{'rate':>8}")
-    for kind, images in kinds.items():
-        embeddings, _ = embed_and_score(predictor.model, images)
-        flags = [v.ood for v in predictor.gate.check(embeddings, images)]
-        print(f"{kind:<44}{len(flags):>7}{sum(flags):>9}{np.mean(flags):>8.1%}")
+    with tempfile.TemporaryDirectory() as scratch:
+        drawn = {
+            "natural photographs (scikit-image)": list(natural_images().values()),
+            "synthetic non-X-ray (noise, shapes, text)": synthetic_non_xray(rng, args.n),
+            "CT-like axial slices": ct_like(rng, args.n),
+            "lateral-like chest views": lateral_like(rng, args.n),
+        }
+        kinds = {"held-out X-rays (test split)": [r.path for r in records if r.split == "test"]}
+        for i, (kind, images) in enumerate(drawn.items()):
+            kinds[kind] = write_pngs(Path(scratch) / str(i), images)
+        if args.sheet:
+            from covidxray.imageio import load_for_model
+            rows = [np.concatenate([load_for_model(p, 96) for p in paths[:10]], axis=1)
+                    for paths in list(kinds.values())[1:]]
+            Image.fromarray(np.concatenate(rows)).save(args.sheet)
+        print(f"run {args.run} ({predictor.metadata['backbone']}, {predictor.image_size} px)")
+        print(f"{'input':<44}{'images':>7}{'flagged':>9}{'rate':>8}")
+        for kind, paths in kinds.items():
+            flags = [p.ood for p in predictor.predict_paths(paths)]
+            print(f"{kind:<44}{len(flags):>7}{sum(flags):>9}{np.mean(flags):>8.1%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidxray.imageio import ImageReadError, load_for_model, prepare, read_image
+from covidxray.imageio import ImageReadError, decode, load_for_model, prepare, read_image
 from conftest import DICOM_DIR
 
 
@@ -76,6 +76,17 @@ def test_palette_and_rgb_and_bmp_and_jpeg(tmp_path):
     rgb.save(tmp_path / "a.jpg", quality=95)
     for name in ("p.png", "a.bmp", "a.jpg"):
         np.testing.assert_allclose(read_image(tmp_path / name), gray / 255.0, atol=0.06)
+        assert decode(tmp_path / name).colourfulness < 0.01  # gray stored as RGB: no colour
+
+
+def test_colourfulness_survives_the_conversion_to_gray(tmp_path):
+    rgb = np.zeros((30, 30, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 220, 40, 60  # red everywhere: chroma 180 / 255
+    Image.fromarray(rgb).save(tmp_path / "red.png")
+    decoded = decode(tmp_path / "red.png")
+    assert decoded.colourfulness == pytest.approx(180 / 255, abs=1e-3)
+    assert decoded.gray.ndim == 2
+    np.testing.assert_array_equal(decoded.gray, read_image(tmp_path / "red.png"))
 
 
 def test_truncated_jpeg_is_reported(tmp_path):

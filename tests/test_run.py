@@ -31,6 +31,28 @@ def test_prediction_matches_the_evaluation_path(tiny_run, tiny_data):
     np.testing.assert_allclose(batch, single, atol=1e-5)
 
 
+def test_one_forward_pass_gives_the_models_scores(tiny_run, tiny_data):
+    """``analyse`` derives scores, gate features and heat maps from one pass to the last
+    convolutional stage; its scores must be those of the whole model."""
+    from covidxray.data import discover, load_images
+    from covidxray.model import predict_scores
+    predictor = Predictor.load(tiny_run)
+    images = load_images(discover(tiny_data).records[:5], predictor.image_size).images
+    predictions, cams = predictor.analyse(images, [str(i) for i in range(5)])
+    np.testing.assert_allclose([p.probability for p in predictions],
+                               predict_scores(predictor.model, images), atol=1e-5)
+    assert cams.shape[0] == 5 and cams.min() >= 0 and cams.max() <= 1
+
+
+def test_a_colour_photo_is_flagged_out_of_distribution(tiny_run):
+    predictor = Predictor.load(tiny_run)
+    photo = np.zeros((120, 120, 3), np.uint8)
+    photo[..., 0], photo[..., 1] = 200, 90  # an orange picture
+    result = predictor.predict(photo)
+    assert result.probability is not None  # still given, but marked
+    assert result.ood is True and "colour image" in result.ood_reason
+
+
 def test_bad_files_keep_their_place(tiny_run, tiny_data, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("x")

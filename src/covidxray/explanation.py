@@ -17,26 +17,21 @@ import keras
 import numpy as np
 from PIL import Image
 
-from covidxray.model import OUTPUT_NAME, predict_scores
+from covidxray.model import forward, predict_scores
 
 BORDER_FRACTION = 0.15  # outer 15% on each side: where text, markers and labels sit
-
-
-def _feature_model(model: keras.Model) -> keras.Model:
-    return keras.Model(model.inputs, model.get_layer("pool").input)
 
 
 def gradcam(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Grad-CAM maps (n, h, w) of the last convolutional stage for P(positive), each scaled to
     [0, 1] (all zero where nothing speaks for the positive class)."""
-    images = np.asarray(images)
-    features = _feature_model(model).predict(images[..., None], batch_size=batch_size,
-                                             verbose=0)
-    features = np.asarray(features, dtype=np.float32)  # (n, h, w, c)
-    kernel = keras.ops.convert_to_numpy(model.get_layer(OUTPUT_NAME).kernel)
-    alpha = np.broadcast_to(kernel[:, 0].astype(np.float32) / np.prod(features.shape[1:3]),
-                            (len(features), features.shape[-1]))
-    cams = np.maximum(np.einsum("nhwc,nc->nhw", features, alpha), 0)
+    return cams_from_logit_maps(forward(model, np.asarray(images), batch_size, maps=True)
+                                .logit_maps)
+
+
+def cams_from_logit_maps(logit_maps: np.ndarray) -> np.ndarray:
+    """ReLU of each location's logit term, scaled to [0, 1] per image: Grad-CAM in closed form."""
+    cams = np.maximum(logit_maps, 0)
     peak = cams.max(axis=(1, 2), keepdims=True)
     return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0)
 
@@ -137,17 +132,20 @@ class Explanation:
     label: str
     heatmap: np.ndarray
     overlay: np.ndarray  # RGB uint8, same size as the image
+    ood: bool | None = None  # the gate's verdict: a heat map of an unfamiliar image means little
+    ood_reason: str | None = None
 
 
 def explain_image(predictor, path: str, alpha: float = 0.4) -> Explanation:
     """Grad-CAM of one file with a loaded ``Predictor``; raises ``ImageReadError``."""
-    from covidxray.imageio import prepare, read_image
-    gray = read_image(path)
-    prepared = prepare(gray, predictor.image_size)[None]
-    probability = float(predictor.predict_prepared(prepared)[0])
-    heatmap = upsample(gradcam(predictor.model, prepared)[0], gray.shape)
-    return Explanation(str(path), probability, predictor.label_of(probability), heatmap,
-                       overlay(gray, heatmap, alpha))
+    from covidxray.imageio import decode, prepare
+    decoded = decode(path)
+    prepared = prepare(decoded.gray, predictor.image_size)[None]
+    (prediction,), cams = predictor.analyse(prepared, [str(path)], [decoded.colourfulness])
+    heatmap = upsample(cams[0], decoded.gray.shape)
+    return Explanation(str(path), prediction.probability, prediction.label, heatmap,
+                       overlay(decoded.gray, heatmap, alpha), prediction.ood,
+                       prediction.ood_reason)
 
 
 def save_png(path, rgb: np.ndarray) -> None:

@@ -8,6 +8,7 @@ prepared pixels.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,20 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
+@dataclass
+class Decoded:
+    """A decoded file: grayscale pixels, and how colourful the file was before conversion."""
+
+    gray: np.ndarray  # 2-D float32 in [0, 1], bone bright
+    colourfulness: float  # mean over pixels of max(R, G, B) - min(R, G, B), in [0, 1]; 0 if gray
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Mean chroma of an (H, W, 3) array in [0, 1]: 0 for any gray image, X-rays included."""
+    rgb = np.asarray(rgb, dtype=np.float32)
+    return float((rgb.max(axis=-1) - rgb.min(axis=-1)).mean())
+
+
 def read_image(path: str | Path, data: bytes | None = None,
                max_pixels: int | None = None) -> np.ndarray:
     """Decode ``path`` (or ``data``, its bytes) into a 2-D float32 array in [0, 1], bone bright.
@@ -39,6 +54,12 @@ def read_image(path: str | Path, data: bytes | None = None,
     and the reason for empty, truncated, unsupported or non-image files, and for images of more
     than ``max_pixels`` pixels (checked from the header, before decoding).
     """
+    return decode(path, data, max_pixels).gray
+
+
+def decode(path: str | Path, data: bytes | None = None,
+           max_pixels: int | None = None) -> Decoded:
+    """``read_image`` that also keeps the file's colourfulness (an X-ray has none)."""
     if data is None:
         try:
             data = Path(path).read_bytes()
@@ -47,14 +68,14 @@ def read_image(path: str | Path, data: bytes | None = None,
     if not data:
         raise ImageReadError(path, "empty file")
     if is_dicom(data) or Path(str(path)).suffix.lower() in DICOM_SUFFIXES:
-        gray = _read_dicom(path, data, max_pixels)
+        gray, colour = _read_dicom(path, data, max_pixels)
     else:
-        gray = _read_pillow(path, data, max_pixels)
+        gray, colour = _read_pillow(path, data, max_pixels)
     if gray.ndim != 2 or min(gray.shape) < 8:
         raise ImageReadError(path, f"image too small or not 2-D (shape {gray.shape})")
     if not np.all(np.isfinite(gray)):
         raise ImageReadError(path, "image contains NaN or infinite values")
-    return gray
+    return Decoded(gray, colour)
 
 
 def prepare(gray: np.ndarray, image_size: int) -> np.ndarray:
@@ -79,7 +100,7 @@ def _check_pixels(path, width: int, height: int, max_pixels: int | None) -> None
                                    f"{max_pixels} pixels")
 
 
-def _read_pillow(path, data: bytes, max_pixels: int | None = None) -> np.ndarray:
+def _read_pillow(path, data: bytes, max_pixels: int | None = None) -> tuple[np.ndarray, float]:
     try:
         with Image.open(io.BytesIO(data)) as image:
             _check_pixels(path, image.width, image.height, max_pixels)
@@ -93,16 +114,19 @@ def _read_pillow(path, data: bytes, max_pixels: int | None = None) -> np.ndarray
         raise ImageReadError(path, f"corrupt or truncated image ({exc})") from exc
 
 
-def _pillow_to_gray(image: Image.Image) -> np.ndarray:
+def _pillow_to_gray(image: Image.Image) -> tuple[np.ndarray, float]:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return _scale_high_bit_depth(np.asarray(image))
+        return _scale_high_bit_depth(np.asarray(image)), 0.0
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA"):
         # composite on black: transparent margins become the dark film border
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    colour = 0.0
+    if image.mode not in ("L", "1", "I;16"):
+        colour = colourfulness(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0, colour
 
 
 def _scale_high_bit_depth(array: np.ndarray) -> np.ndarray:
@@ -124,7 +148,7 @@ def _scale_high_bit_depth(array: np.ndarray) -> np.ndarray:
     return (array / top).astype(np.float32)
 
 
-def _read_dicom(path, data: bytes, max_pixels: int | None = None) -> np.ndarray:
+def _read_dicom(path, data: bytes, max_pixels: int | None = None) -> tuple[np.ndarray, float]:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -145,9 +169,8 @@ def _read_dicom(path, data: bytes, max_pixels: int | None = None) -> np.ndarray:
             if photometric.startswith("YBR"):
                 from pydicom.pixels import convert_color_space
                 pixels = convert_color_space(pixels, photometric, "RGB")
-            rgb = pixels.astype(np.float32)
-            pixels = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-            return _min_max(pixels)
+            rgb = _min_max(pixels.astype(np.float32))
+            return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32), colourfulness(rgb)
         raise ImageReadError(path, f"unsupported DICOM photometric interpretation {photometric}")
     values = apply_modality_lut(pixels, dataset).astype(np.float64)
     if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
@@ -155,7 +178,7 @@ def _read_dicom(path, data: bytes, max_pixels: int | None = None) -> np.ndarray:
     gray = _min_max(values)
     if photometric == "MONOCHROME1":  # low values are bright in MONOCHROME1
         gray = 1.0 - gray
-    return gray
+    return gray, 0.0
 
 
 def _min_max(values: np.ndarray) -> np.ndarray:

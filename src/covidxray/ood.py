@@ -1,10 +1,20 @@
 """Out-of-distribution gate: is this image like the frontal chest X-rays the model trained on?
 
-Two Mahalanobis distances, each against the training images: one in the backbone's embedding
-(reduced by PCA, covariance shrunk by Ledoit-Wolf), one over cheap image statistics (brightness,
-contrast, clipping, edges, left-right symmetry, border darkness, and the layout on an 8x8 grid). Each threshold is a high
-quantile of the distances of held-out validation X-rays, so about 1% of real in-distribution
-images are flagged by design. Pure numpy / scikit-learn; the caller supplies embeddings.
+Three tests, any one of which flags an image:
+
+- colour: an X-ray has none, so a file whose mean chroma is over ``COLOUR_LIMIT`` (a photograph,
+  a screenshot of a coloured page) is flagged before anything else is looked at;
+- layout: the image shrunk to a 16x16 thumbnail and standardised (zero mean, unit variance, so
+  exposure and contrast do not matter), and its mean distance to the ``NEIGHBOURS`` nearest
+  training thumbnails. A frontal film has dark lungs left and right of a bright mediastinum; a
+  lateral view, a CT slice, a document or a photograph has no training image near it;
+- features: the Mahalanobis distance of the backbone's pooled embedding to the training
+  embeddings (reduced by PCA, covariance shrunk by Ledoit-Wolf).
+
+Each fitted threshold is a high quantile of the distances of held-out validation X-rays (training
+distances are optimistically small), so about 1% of real in-distribution images are flagged by
+design. Pure numpy / scikit-learn; the caller supplies embeddings. The run keeps the training
+thumbnails (16x16, not enough to show a patient) in ``ood.npz``.
 """
 
 from __future__ import annotations
@@ -13,68 +23,55 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from covidxray.fileutil import atomic_path
 
-STATISTICS = ("mean", "std", "dark_fraction", "bright_fraction", "edge_density",
-              "left_right_symmetry", "top_bottom_balance", "border_mean")
-LAYOUT_GRID = 8  # plus the mean brightness of each cell of an 8x8 grid: where things are
+THUMBNAIL = 16
+NEIGHBOURS = 5
 EMBEDDING_COMPONENTS = 32
-QUANTILE = 0.99
+QUANTILE = 0.995  # per fitted test: two of them together flag about 1% of validation X-rays
+COLOUR_LIMIT = 0.04  # mean chroma; a gray film with a coloured arrow or label stays far below
 OOD_FILE = "ood.npz"  # in the run folder
 
 
-def image_statistics(images: np.ndarray) -> np.ndarray:
-    """Per image (n, size, size) uint8 -> (n, len(STATISTICS) + 64) float statistics: the named
-    ones, then the layout (a frontal film has dark lungs left and right of a bright
-    mediastinum; a lateral view, a CT slice or a photograph does not)."""
-    x = np.asarray(images, dtype=np.float32) / 255.0
-    n, size = x.shape[0], x.shape[1]
-    flat = x.reshape(n, -1)
-    gradient = np.abs(np.diff(x, axis=2)).mean(axis=(1, 2)) + np.abs(np.diff(x, axis=1)).mean(
-        axis=(1, 2))
-    mirrored = x[:, :, ::-1]
-    centred = x - x.mean(axis=(1, 2), keepdims=True)
-    centred_mirror = mirrored - mirrored.mean(axis=(1, 2), keepdims=True)
-    symmetry = (centred * centred_mirror).sum(axis=(1, 2)) / np.maximum(
-        np.sqrt((centred ** 2).sum(axis=(1, 2)) * (centred_mirror ** 2).sum(axis=(1, 2))), 1e-8)
-    half = size // 2
-    edge = max(1, size // 10)
-    border = np.concatenate([x[:, :edge].reshape(n, -1), x[:, -edge:].reshape(n, -1),
-                             x[:, :, :edge].reshape(n, -1), x[:, :, -edge:].reshape(n, -1)], 1)
-    cell = size // LAYOUT_GRID
-    layout = x[:, :cell * LAYOUT_GRID, :cell * LAYOUT_GRID].reshape(
-        n, LAYOUT_GRID, cell, LAYOUT_GRID, cell).mean(axis=(2, 4)).reshape(n, -1)
-    named = np.stack([flat.mean(1), flat.std(1), (flat < 0.05).mean(1), (flat > 0.95).mean(1),
-                      gradient, symmetry,
-                      x[:, :half].mean(axis=(1, 2)) - x[:, half:].mean(axis=(1, 2)),
-                      border.mean(1)], axis=1)
-    return np.concatenate([named, layout], axis=1)
+def thumbnails(images: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
+    """(n, s, s) uint8 images -> (n, size * size) standardised thumbnails (box-filtered)."""
+    small = np.stack([np.asarray(Image.fromarray(np.asarray(i, np.uint8)).resize(
+        (size, size), Image.Resampling.BOX), dtype=np.float32) for i in images]) \
+        if len(images) else np.zeros((0, size, size), np.float32)
+    flat = small.reshape(len(small), -1)
+    centred = flat - flat.mean(axis=1, keepdims=True)
+    return centred / np.maximum(centred.std(axis=1, keepdims=True), 1.0)  # flat images stay 0
+
+
+def nearest_distance(reference: np.ndarray, queries: np.ndarray,
+                     neighbours: int = NEIGHBOURS) -> np.ndarray:
+    """Mean Euclidean distance of each query row to its ``neighbours`` nearest reference rows."""
+    squared = ((queries ** 2).sum(1)[:, None] + (reference ** 2).sum(1)[None]
+               - 2.0 * queries @ reference.T)
+    k = min(neighbours, len(reference))
+    nearest = np.partition(np.maximum(squared, 0), k - 1, axis=1)[:, :k]
+    return np.sqrt(nearest).mean(axis=1)
 
 
 @dataclass
 class _Mahalanobis:
     mean: np.ndarray
     precision: np.ndarray
-    projection: np.ndarray | None  # PCA components (k, d), or None
-    threshold: float = np.inf
+    projection: np.ndarray  # PCA components (k, d)
 
     @classmethod
-    def fit(cls, x: np.ndarray, components: int | None = None) -> "_Mahalanobis":
+    def fit(cls, x: np.ndarray, components: int) -> "_Mahalanobis":
         from sklearn.covariance import LedoitWolf
         mean = x.mean(axis=0)
-        projection = None
-        if components is not None and x.shape[1] > components:
-            k = min(components, x.shape[0] - 1)
-            _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-            projection = vt[:k]
-        reduced = (x - mean) @ projection.T if projection is not None else x - mean
-        return cls(mean, LedoitWolf().fit(reduced).precision_, projection)
+        k = min(components, x.shape[0] - 1, x.shape[1])
+        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+        projection = vt[:k]
+        return cls(mean, LedoitWolf().fit((x - mean) @ projection.T).precision_, projection)
 
     def distance(self, x: np.ndarray) -> np.ndarray:
-        centred = np.asarray(x, dtype=np.float64) - self.mean
-        if self.projection is not None:
-            centred = centred @ self.projection.T
+        centred = (np.asarray(x, dtype=np.float64) - self.mean) @ self.projection.T
         return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", centred, self.precision, centred), 0))
 
 
@@ -82,67 +79,75 @@ class _Mahalanobis:
 class Verdict:
     ood: bool
     reason: str
+    layout_distance: float
     embedding_distance: float
-    statistics_distance: float
+    colourfulness: float
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
 
 
+@dataclass
 class OODGate:
     """Flags images unlike the training X-rays; fitted at training time, saved in the run."""
 
-    def __init__(self, embedding: _Mahalanobis, statistics: _Mahalanobis):
-        self.embedding = embedding
-        self.statistics = statistics
+    train_thumbnails: np.ndarray
+    layout_threshold: float
+    embedding: _Mahalanobis
+    embedding_threshold: float
 
     @classmethod
     def fit(cls, train_embeddings, train_images, val_embeddings, val_images,
             quantile: float = QUANTILE) -> "OODGate":
-        """Fit on training images; set each threshold at ``quantile`` of the validation
-        images' distances (training distances are optimistically small)."""
+        """Fit on training images; each threshold is ``quantile`` of the validation images'
+        distances."""
+        reference = thumbnails(train_images)
         embedding = _Mahalanobis.fit(np.asarray(train_embeddings, np.float64),
                                      EMBEDDING_COMPONENTS)
-        statistics = _Mahalanobis.fit(image_statistics(train_images).astype(np.float64))
-        embedding.threshold = float(np.quantile(embedding.distance(val_embeddings), quantile))
-        statistics.threshold = float(np.quantile(
-            statistics.distance(image_statistics(val_images)), quantile))
-        return cls(embedding, statistics)
+        return cls(reference,
+                   float(np.quantile(nearest_distance(reference, thumbnails(val_images)),
+                                     quantile)),
+                   embedding, float(np.quantile(embedding.distance(val_embeddings), quantile)))
 
-    def check(self, embeddings, images) -> list[Verdict]:
-        e = self.embedding.distance(embeddings)
-        s = self.statistics.distance(image_statistics(images))
+    def check(self, embeddings, images, colour=None) -> list[Verdict]:
+        """One verdict per image; ``colour`` holds each file's colourfulness (None: unknown)."""
+        layout = nearest_distance(self.train_thumbnails, thumbnails(images))
+        features = self.embedding.distance(embeddings)
+        colour = np.zeros(len(layout)) if colour is None else np.asarray(colour, float)
         verdicts = []
-        for de, ds in zip(e, s):
+        for dl, de, chroma in zip(layout, features, colour):
             reasons = []
-            if de > self.embedding.threshold:
+            if chroma > COLOUR_LIMIT:
+                reasons.append(f"it is a colour image (mean chroma {chroma:.2f} > "
+                               f"{COLOUR_LIMIT}); X-rays are gray")
+            if dl > self.layout_threshold:
+                reasons.append(f"its layout is unlike every training X-ray (thumbnail distance "
+                               f"{dl:.1f} > {self.layout_threshold:.1f})")
+            if de > self.embedding_threshold:
                 reasons.append(f"its features are unlike the training X-rays (distance "
-                               f"{de:.1f} > {self.embedding.threshold:.1f})")
-            if ds > self.statistics.threshold:
-                reasons.append(f"its brightness, contrast, edges or symmetry are unlike the "
-                               f"training X-rays (distance {ds:.1f} > "
-                               f"{self.statistics.threshold:.1f})")
+                               f"{de:.1f} > {self.embedding_threshold:.1f})")
             reason = ("not like a frontal chest X-ray of the training data: " + "; ".join(reasons)
                       if reasons else "")
-            verdicts.append(Verdict(bool(reasons), reason, float(de), float(ds)))
+            verdicts.append(Verdict(bool(reasons), reason, float(dl), float(de), float(chroma)))
         return verdicts
 
     def save(self, path: str | Path) -> None:
-        arrays = {}
-        for name, part in (("embedding", self.embedding), ("statistics", self.statistics)):
-            arrays[f"{name}_mean"] = part.mean
-            arrays[f"{name}_precision"] = part.precision
-            arrays[f"{name}_threshold"] = np.array(part.threshold)
-            if part.projection is not None:
-                arrays[f"{name}_projection"] = part.projection
         with atomic_path(path, suffix=".npz") as tmp:
-            np.savez(tmp, **arrays)
+            np.savez(tmp, train_thumbnails=self.train_thumbnails.astype(np.float16),
+                     layout_threshold=self.layout_threshold,
+                     embedding_mean=self.embedding.mean,
+                     embedding_precision=self.embedding.precision,
+                     embedding_projection=self.embedding.projection,
+                     embedding_threshold=self.embedding_threshold)
 
     @classmethod
     def load(cls, path: str | Path) -> "OODGate":
         with np.load(path) as data:
-            parts = [_Mahalanobis(data[f"{n}_mean"], data[f"{n}_precision"],
-                                  data[f"{n}_projection"] if f"{n}_projection" in data else None,
-                                  float(data[f"{n}_threshold"]))
-                     for n in ("embedding", "statistics")]
-        return cls(*parts)
+            if "train_thumbnails" not in data:
+                raise ValueError(f"{path}: a gate from an older covidxray; fit a new one with "
+                                 f"'python bench/ood_rates.py RUN --refit'")
+            return cls(data["train_thumbnails"].astype(np.float32),
+                       float(data["layout_threshold"]),
+                       _Mahalanobis(data["embedding_mean"], data["embedding_precision"],
+                                    data["embedding_projection"]),
+                       float(data["embedding_threshold"]))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from covidxray.data import is_image_candidate
-from covidxray.imageio import ImageReadError, load_for_model, prepare
+from covidxray.imageio import ImageReadError, colourfulness, decode, prepare
+
+log = logging.getLogger(__name__)
 
 RUN_FILES = ("model.keras", "metadata.json")
 
@@ -53,10 +56,12 @@ class Predictor:
     """A trained model with everything needed to use it: threshold, image size, class names."""
 
     def __init__(self, model, metadata: dict, run_dir: str | Path | None = None, gate=None):
+        from covidxray.model import feature_extractor
         self.model = model
         self.metadata = metadata
         self.run_dir = Path(run_dir) if run_dir else None
         self.gate = gate
+        self.extractor = feature_extractor(model)  # built once: every prediction uses it
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Predictor":
@@ -71,7 +76,12 @@ class Predictor:
         from covidxray.ood import OOD_FILE, OODGate
         model = keras.saving.load_model(run_dir / "model.keras")
         metadata = json.loads((run_dir / "metadata.json").read_text())
-        gate = OODGate.load(run_dir / OOD_FILE) if (run_dir / OOD_FILE).is_file() else None
+        gate = None
+        if (run_dir / OOD_FILE).is_file():
+            try:
+                gate = OODGate.load(run_dir / OOD_FILE)
+            except (ValueError, KeyError) as error:
+                log.warning("no out-of-distribution gate, verdicts are unknown: %s", error)
         return cls(model, metadata, run_dir, gate)
 
     @property
@@ -96,8 +106,8 @@ class Predictor:
 
     def predict_prepared(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """P(positive) for (n, size, size) uint8 images already through ``imageio.prepare``."""
-        from covidxray.model import predict_scores
-        return self._calibrated(predict_scores(self.model, images, batch_size))
+        from covidxray.model import forward
+        return self._calibrated(forward(self.model, images, batch_size, self.extractor).scores)
 
     def _calibrated(self, scores: np.ndarray) -> np.ndarray:
         from covidxray.metrics import apply_temperature
@@ -105,45 +115,61 @@ class Predictor:
         return scores if not temperature else apply_temperature(scores, temperature).astype(
             np.float32)
 
-    def predict_batch(self, images: np.ndarray, names: list[str],
+    def analyse(self, images: np.ndarray, names: list[str], colour=None,
+                batch_size: int = 32) -> tuple[list[Prediction], np.ndarray]:
+        """Predictions with the out-of-distribution verdict, and Grad-CAM maps (n, h, w), from
+        one forward pass over prepared images; ``colour``: each file's colourfulness."""
+        from covidxray.explanation import cams_from_logit_maps
+        from covidxray.model import forward
+        result = forward(self.model, images, batch_size, self.extractor, maps=True)
+        scores = self._calibrated(result.scores)
+        cams = cams_from_logit_maps(result.logit_maps)
+        if self.gate is None:
+            return [self._prediction(n, float(s)) for n, s in zip(names, scores)], cams
+        verdicts = self.gate.check(result.embeddings, images, colour)
+        return [self._prediction(n, float(s), v.ood, v.reason)
+                for n, s, v in zip(names, scores, verdicts)], cams
+
+    def predict_batch(self, images: np.ndarray, names: list[str], colour=None,
                       batch_size: int = 32) -> list[Prediction]:
         """Predictions with the out-of-distribution verdict for prepared images."""
-        if self.gate is None:
-            scores = self.predict_prepared(images, batch_size)
-            return [self._prediction(n, float(s)) for n, s in zip(names, scores)]
-        from covidxray.model import embed_and_score
-        embeddings, scores = embed_and_score(self.model, images, batch_size)
-        verdicts = self.gate.check(embeddings, images)
-        return [self._prediction(n, float(s), v.ood, v.reason)
-                for n, s, v in zip(names, self._calibrated(scores), verdicts)]
+        return self.analyse(images, names, colour, batch_size)[0]
 
-    def prepare_array(self, array: np.ndarray) -> np.ndarray:
-        """A 2-D grayscale (uint8, or float in [0, 1]) or (H, W, 3) array -> model input."""
+    def prepare_array(self, array: np.ndarray) -> tuple[np.ndarray, float]:
+        """A 2-D grayscale (uint8, or float in [0, 1]) or (H, W, 3) array -> model input, and its
+        colourfulness."""
         array = np.asarray(array)
+        colour = 0.0
         if array.ndim == 3 and array.shape[-1] in (3, 4):
+            rgb = array[..., :3]
+            if np.issubdtype(rgb.dtype, np.integer):
+                rgb = rgb / float(np.iinfo(rgb.dtype).max)
+            colour = colourfulness(rgb)
             array = array[..., :3].mean(axis=-1)
         if array.ndim != 2:
             raise ValueError(f"expected a 2-D grayscale or (H, W, 3) image, got shape "
                              f"{array.shape}")
         if np.issubdtype(array.dtype, np.integer):
             array = array / float(np.iinfo(array.dtype).max)
-        return prepare(np.clip(array, 0.0, 1.0), self.image_size)
+        return prepare(np.clip(array, 0.0, 1.0), self.image_size), colour
 
     def predict_paths(self, paths, batch_size: int = 32) -> list[Prediction]:
         """Predict every file; unreadable ones come back with ``error`` set, in input order."""
         results: list[Prediction] = []
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            images, good = [], []
+            images, colour, good = [], [], []
             for path in chunk:
                 try:
-                    images.append(load_for_model(path, self.image_size))
-                    good.append(path)
+                    decoded = decode(path)
                 except ImageReadError as error:
                     results.append(Prediction(path=str(path), error=error.reason))
+                    continue
+                images.append(prepare(decoded.gray, self.image_size))
+                colour.append(decoded.colourfulness)
+                good.append(str(path))
             if images:
-                results += self.predict_batch(np.stack(images), [str(p) for p in good],
-                                              batch_size)
+                results += self.predict_batch(np.stack(images), good, colour, batch_size)
         order = {str(p): i for i, p in enumerate(paths)}
         return sorted(results, key=lambda r: order[r.path])
 
@@ -155,7 +181,8 @@ class Predictor:
             return [self.predict(i) for i in item]
         if isinstance(item, (str, Path)):
             return self.predict_paths([str(item)])[0]
-        return self.predict_batch(self.prepare_array(item)[None], ["<array>"])[0]
+        image, colour = self.prepare_array(item)
+        return self.predict_batch(image[None], ["<array>"], [colour])[0]
 
     def _prediction(self, path: str, probability: float, ood: bool | None = None,
                     ood_reason: str | None = None) -> Prediction:

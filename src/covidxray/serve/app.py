@@ -18,8 +18,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 from pydantic import BaseModel
 
-from covidxray.explanation import gradcam, overlay, upsample
-from covidxray.imageio import ImageReadError, prepare, read_image
+from covidxray.explanation import overlay, upsample
+from covidxray.imageio import ImageReadError, decode, prepare
 from covidxray.run import Predictor
 
 STATIC = Path(__file__).parent / "static"
@@ -165,8 +165,8 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
         for upload in files:
             name = Path(upload.filename or "upload").name[:200]
             try:
-                gray = read_image(name, upload.file.read(), max_pixels=max_pixels)
-                decoded.append((len(results), name, gray))
+                image = decode(name, upload.file.read(), max_pixels=max_pixels)
+                decoded.append((len(results), name, image))
                 results.append(None)
             except ImageReadError as error:
                 results.append(ImageResult(filename=name, threshold=predictor.threshold,
@@ -174,12 +174,12 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
         if not decoded:
             raise HTTPException(422, detail="; ".join(f"{r.filename}: {r.error}"
                                                       for r in results) or "no file")
-        images = np.stack([prepare(gray, predictor.image_size) for _, _, gray in decoded])
+        images = np.stack([prepare(d.gray, predictor.image_size) for _, _, d in decoded])
         with inference_lock:
-            predictions = predictor.predict_batch(images, [n for _, n, _ in decoded])
-            cams = gradcam(predictor.model, images)
-        for (index, name, gray), prediction, cam in zip(decoded, predictions, cams):
-            preview = _preview(gray)
+            predictions, cams = predictor.analyse(images, [n for _, n, _ in decoded],
+                                                  [d.colourfulness for _, _, d in decoded])
+        for (index, name, image), prediction, cam in zip(decoded, predictions, cams):
+            preview = _preview(image.gray)
             heat = upsample(cam, preview.shape)
             results[index] = ImageResult(
                 filename=name, probability=prediction.probability, label=prediction.label,

@@ -1,0 +1,87 @@
+"""The out-of-distribution gate on drawn radiograph-like images: what it lets through, what it
+flags and why, and that a saved gate gives the same verdicts."""
+
+import numpy as np
+import pytest
+
+from covidxray.imageio import prepare
+from covidxray.ood import COLOUR_LIMIT, OODGate, nearest_distance, thumbnails
+from covidxray.synthetic import synthetic_radiograph
+
+SIZE = 64
+
+
+def radiographs(seed: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([prepare(synthetic_radiograph(rng, 96, covid=bool(i % 2)), SIZE)
+                     for i in range(n)])
+
+
+def embeddings_like(images: np.ndarray) -> np.ndarray:
+    """A stand-in for backbone features: a fixed random projection of the pixels."""
+    projection = np.random.default_rng(99).normal(size=(SIZE * SIZE, 48))
+    return images.reshape(len(images), -1).astype(np.float64) / 255.0 @ projection
+
+
+@pytest.fixture(scope="module")
+def gate():
+    train, val = radiographs(0, 200), radiographs(1, 80)
+    return OODGate.fit(embeddings_like(train), train, embeddings_like(val), val)
+
+
+def test_thumbnails_ignore_exposure_and_contrast():
+    image = radiographs(2, 1)
+    brighter = np.clip(image.astype(float) * 0.5 + 60, 0, 255).astype(np.uint8)
+    np.testing.assert_allclose(thumbnails(brighter), thumbnails(image), atol=0.05)
+    assert thumbnails(np.full((1, SIZE, SIZE), 77, np.uint8)).any() == False  # noqa: E712
+
+
+def test_nearest_distance_matches_brute_force():
+    rng = np.random.default_rng(0)
+    reference, queries = rng.normal(size=(30, 5)), rng.normal(size=(4, 5))
+    brute = np.sort(np.linalg.norm(queries[:, None] - reference[None], axis=2), axis=1)[:, :3]
+    np.testing.assert_allclose(nearest_distance(reference, queries, 3), brute.mean(1))
+
+
+def test_held_out_radiographs_pass(gate):
+    held_out = radiographs(3, 100)
+    flags = [v.ood for v in gate.check(embeddings_like(held_out), held_out)]
+    assert np.mean(flags) <= 0.05
+
+
+def test_unlike_images_are_flagged_with_a_reason(gate):
+    rng = np.random.default_rng(4)
+    y, x = np.mgrid[-1:1:SIZE * 1j, -1:1:SIZE * 1j]
+    ct_slice = np.where((x / 0.9) ** 2 + (y / 0.6) ** 2 <= 1, 0.6, 0.0)  # body on black
+    ct_slice[((np.abs(x) - 0.4) / 0.28) ** 2 + (y / 0.4) ** 2 <= 1] = 0.1  # two lungs
+    document = np.ones((SIZE, SIZE))
+    document[4:-4:6, 6:-6] = 0.0  # lines of text
+    others = np.stack([prepare(i, SIZE) for i in (ct_slice, document, rng.random((SIZE, SIZE)))])
+    verdicts = gate.check(embeddings_like(others), others)
+    assert all(v.ood for v in verdicts)
+    assert all("layout is unlike every training X-ray" in v.reason for v in verdicts)
+
+
+def test_colour_alone_flags_an_image(gate):
+    image = radiographs(5, 1)
+    (gray,) = gate.check(embeddings_like(image), image, colour=[0.0])
+    (coloured,) = gate.check(embeddings_like(image), image, colour=[COLOUR_LIMIT + 0.1])
+    assert not gray.ood
+    assert coloured.ood and "colour image" in coloured.reason
+
+
+def test_saved_gate_gives_the_same_verdicts(gate, tmp_path):
+    gate.save(tmp_path / "ood.npz")
+    loaded = OODGate.load(tmp_path / "ood.npz")
+    images = np.concatenate([radiographs(6, 20), np.zeros((2, SIZE, SIZE), np.uint8)])
+    before = [v.to_dict() for v in gate.check(embeddings_like(images), images)]
+    after = [v.to_dict() for v in loaded.check(embeddings_like(images), images)]
+    assert [b["ood"] for b in before] == [a["ood"] for a in after]
+    np.testing.assert_allclose([b["layout_distance"] for b in before],
+                               [a["layout_distance"] for a in after], rtol=1e-2)
+
+
+def test_gate_of_an_older_version_is_refused_with_what_to_do(tmp_path):
+    np.savez(tmp_path / "ood.npz", statistics_mean=np.zeros(3))
+    with pytest.raises(ValueError, match="older covidxray"):
+        OODGate.load(tmp_path / "ood.npz")
