@@ -36,6 +36,24 @@ def test_unfreeze_top_stage_keeps_batchnorm_frozen():
     assert not any(name.endswith("_bn") for name in trainable)
 
 
+@pytest.mark.parametrize("name", ["densenet121", "efficientnetb0", "mobilenetv3small",
+                                  "mobilenetv3large"])
+def test_smaller_backbones_build_and_unfreeze_by_stage(name):
+    model = build_model(32, backbone=name, weights="none")
+    assert model.output_shape == (None, 1)
+    scores = model.predict(np.full((2, 32, 32, 1), 128, np.uint8), verbose=0)
+    assert np.all((scores >= 0) & (scores <= 1))
+    base = backbone_of(model)
+    with_weights = [layer for layer in base.layers if layer.weights]
+    unfreeze_top_stages(model, name, 1, freeze_batchnorm=False)
+    top = {layer.name for layer in with_weights if layer.trainable}
+    assert top and len(top) < len(with_weights) / 2  # the top stage: some layers, not most
+    unfreeze_top_stages(model, name, 2, freeze_batchnorm=False)
+    assert {layer.name for layer in with_weights if layer.trainable} > top
+    unfreeze_top_stages(model, name, "all", freeze_batchnorm=False)
+    assert all(layer.trainable for layer in with_weights)  # the stem too
+
+
 def test_local_weights_file_is_loaded(tmp_path):
     source = build_model(32, weights="none")
     path = tmp_path / "backbone.weights.h5"

@@ -21,20 +21,34 @@ NOTICE = "covidxray is for research only. It is not a medical device and gives n
 log = logging.getLogger("covidxray")
 
 
+def _stages(value: str) -> int | str:
+    """--unfreeze-stages: a positive number, or 'all'."""
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {value!r}") from None
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     from covidxray.config import AugmentConfig, TrainConfig
+    from covidxray.model import BACKBONES
     d = TrainConfig(data="", out="")
     a = AugmentConfig()
     model = parser.add_argument_group("model")
     model.add_argument("--image-size", type=int, default=d.image_size,
                        help="square input size in pixels (default %(default)s)")
     model.add_argument("--backbone", default=d.backbone,
-                       help="keras.applications backbone: resnet50, resnet101, resnet152 "
-                            "(default %(default)s)")
+                       help="keras.applications backbone: " + ", ".join(BACKBONES)
+                            + " (default %(default)s; docs/benchmarks.md compares them)")
     model.add_argument("--weights", default=d.weights,
                        help="'imagenet' (downloaded by Keras, or taken from its cache), 'none' "
                             "(random), or the path of a weights file (default %(default)s)")
     model.add_argument("--dropout", type=float, default=d.dropout)
+    model.add_argument("--mixed-precision", choices=("auto", "on", "off"),
+                       default=d.mixed_precision,
+                       help="bfloat16 compute: auto = on a GPU only (default %(default)s)")
     fit = parser.add_argument_group("training")
     fit.add_argument("--batch-size", type=int, default=d.batch_size)
     fit.add_argument("--head-epochs", type=int,
@@ -46,9 +60,24 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                           "pretrained weights, 15 with --weights none)")
     fit.add_argument("--finetune-lr", type=float,
                      help="phase 2 learning rate (default: 1e-5 pretrained, 1e-3 from scratch)")
-    fit.add_argument("--unfreeze-stages", type=int,
-                     help="backbone stages trained in phase 2, from the top; 4 = all "
-                          "(default: 1 pretrained, 4 from scratch)")
+    fit.add_argument("--unfreeze-stages", type=_stages,
+                     help="backbone stages trained in phase 2, from the top, or 'all' "
+                          "(default: 1 pretrained, all from scratch)")
+    fit.add_argument("--no-cached-head", action="store_true",
+                     help="phase 1 runs the frozen backbone every epoch instead of training "
+                          "the head on features computed once")
+    fit.add_argument("--head-views", type=int, default=d.head_views,
+                     help="augmented views per image whose features phase 1 also trains on "
+                          "(default %(default)s)")
+    fit.add_argument("--feature-cache", metavar="DIR",
+                     help="keep backbone features here for later runs on the same data")
+    fit.add_argument("--stream", action="store_true",
+                     help="read training batches from the files in worker threads while "
+                          "training, instead of from images held in memory")
+    fit.add_argument("--image-cache", metavar="DIR",
+                     help="with --stream: keep decoded, resized images here for later epochs")
+    fit.add_argument("--workers", type=int, default=d.workers,
+                     help="with --stream: decoding threads (default %(default)s)")
     fit.add_argument("--patience", type=int, default=d.patience,
                      help="epochs without a better validation ROC-AUC before stopping")
     fit.add_argument("--no-class-weights", action="store_true",
@@ -95,7 +124,11 @@ def _train_config(args):
         batch_size=args.batch_size, head_epochs=args.head_epochs,
         head_learning_rate=args.head_lr, finetune_epochs=args.finetune_epochs,
         finetune_learning_rate=args.finetune_lr, unfreeze_stages=args.unfreeze_stages,
-        patience=args.patience, class_weights=not args.no_class_weights, augment=augment,
+        patience=args.patience, cached_head=not args.no_cached_head,
+        head_views=args.head_views, feature_cache=args.feature_cache, stream=args.stream,
+        image_cache=args.image_cache, workers=args.workers,
+        mixed_precision=args.mixed_precision,
+        class_weights=not args.no_class_weights, augment=augment,
         split_fractions=(1 - args.val_fraction - args.test_fraction, args.val_fraction,
                          args.test_fraction),
         split_file=args.split_file, seed=args.seed, positive_class=args.positive_class,

@@ -30,7 +30,7 @@ RECIPES = {
     "pretrained": {"head_epochs": 10, "head_learning_rate": 1e-3, "finetune_epochs": 5,
                    "finetune_learning_rate": 1e-5, "unfreeze_stages": 1},
     "random": {"head_epochs": 0, "head_learning_rate": 1e-3, "finetune_epochs": 15,
-               "finetune_learning_rate": 1e-3, "unfreeze_stages": 4},
+               "finetune_learning_rate": 1e-3, "unfreeze_stages": "all"},
 }
 
 
@@ -51,8 +51,18 @@ class TrainConfig:
     head_learning_rate: float | None = None
     finetune_epochs: int | None = None  # phase 2: top stage(s) unfrozen; 0 skips it
     finetune_learning_rate: float | None = None
-    unfreeze_stages: int | None = None
+    unfreeze_stages: int | str | None = None  # a number from the top, or "all" (stem included)
     patience: int = 3  # early stopping on validation ROC-AUC
+    # phase 1 trains the head on backbone features computed once per image (and per augmented
+    # view) instead of running the frozen backbone every epoch; see covidxray.features
+    cached_head: bool = True
+    head_views: int = 0  # augmented views per training image for the cached head, besides itself
+    feature_cache: str | None = None  # a folder keeps the features for later runs too
+    # phase 2 (and an uncached phase 1) read training batches from the files in worker threads
+    stream: bool = False
+    image_cache: str | None = None  # with stream: keep decoded, resized images here
+    workers: int = 2
+    mixed_precision: str = "auto"  # bfloat16 on a GPU; "on" or "off" to choose
     steps_per_epoch: int | None = None  # None: the whole training split per epoch
     class_weights: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -93,6 +103,15 @@ class TrainConfig:
                              f"got {self.threshold_method!r}")
         if not 0 < self.target_sensitivity <= 1:
             raise ValueError("target_sensitivity must be in (0, 1]")
+        if self.unfreeze_stages != "all" and not (isinstance(self.unfreeze_stages, int)
+                                                  and self.unfreeze_stages >= 1):
+            raise ValueError(f"unfreeze_stages must be a positive number or 'all', "
+                             f"got {self.unfreeze_stages!r}")
+        if self.mixed_precision not in ("auto", "on", "off"):
+            raise ValueError(f"mixed_precision must be auto, on or off, got "
+                             f"{self.mixed_precision!r}")
+        if self.head_views < 0:
+            raise ValueError("head_views cannot be negative")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
 

@@ -29,20 +29,49 @@ class Backbone:
 
     name: str
     constructor: str  # attribute of keras.applications
-    preprocessing: str  # what the ImageNet weights expect: caffe | torch | tf | none
+    preprocessing: str  # what the ImageNet weights expect: caffe | torch | tf | none (in-model)
     weights_file: str  # the no-top file Keras caches under ~/.keras/models
     weights_url: str  # where Keras downloads it from
-    stage_prefixes: tuple[str, ...]  # layer-name prefixes of the stages, top stage first
+    # layer-name prefixes of each stage, top stage first; unfreezing every stage trains all
+    stages: tuple[tuple[str, ...], ...]
+    options: tuple[tuple[str, object], ...] = ()  # extra constructor arguments
 
 
-_RESNET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
+_KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+_RESNET_STAGES = (("conv5_",), ("conv4_",), ("conv3_",), ("conv2_",))
+
+
+def _mobilenet_v3(name: str, size: str, blocks: tuple[tuple[int, ...], ...]) -> Backbone:
+    file = f"weights_mobilenet_v3_{size}_224_1.0_float_no_top_v2.h5"
+    stages = tuple(tuple(f"expanded_conv_{b}_" for b in group) + (("conv_1",) if i == 0 else ())
+                   for i, group in enumerate(blocks))
+    # the Keras model rescales 0..255 itself (include_preprocessing)
+    return Backbone(name, f"MobileNetV3{size.title()}", "none", file,
+                    f"{_KERAS_APPS}mobilenet_v3/{file}", stages,
+                    (("include_preprocessing", True),))
+
+
 BACKBONES = {
-    name: Backbone(name, constructor, "caffe",
-                   f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                   f"{_RESNET_URL}{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                   ("conv5_", "conv4_", "conv3_", "conv2_"))
-    for name, constructor in (("resnet50", "ResNet50"), ("resnet101", "ResNet101"),
-                              ("resnet152", "ResNet152"))
+    **{name: Backbone(name, constructor, "caffe",
+                      f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                      f"{_KERAS_APPS}resnet/{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                      _RESNET_STAGES)
+       for name, constructor in (("resnet50", "ResNet50"), ("resnet101", "ResNet101"),
+                                 ("resnet152", "ResNet152"))},
+    "densenet121": Backbone(
+        "densenet121", "DenseNet121", "torch",
+        "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        f"{_KERAS_APPS}densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        (("conv5_", "bn"), ("conv4_",), ("conv3_",), ("conv2_",))),
+    # EfficientNet rescales and normalises 0..255 inside the Keras model
+    "efficientnetb0": Backbone(
+        "efficientnetb0", "EfficientNetB0", "none", "efficientnetb0_notop.h5",
+        "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
+        (("block7", "top_"), ("block6",), ("block5",), ("block4",), ("block3",))),
+    "mobilenetv3small": _mobilenet_v3("mobilenetv3small", "small",
+                                      ((8, 9, 10), (6, 7), (3, 4, 5), (1, 2))),
+    "mobilenetv3large": _mobilenet_v3("mobilenetv3large", "large",
+                                      ((12, 13, 14), (6, 7, 8, 9, 10, 11), (3, 4, 5), (1, 2))),
 }
 
 
@@ -154,10 +183,11 @@ def build_model(image_size: int, backbone: str = "resnet50", weights: str = "ima
     x = inputs
     if augment is not None and augment.enabled():
         x = keras.Sequential(augmentation_layers(augment, seed), name="augmentation")(x)
-    x = BackboneInput(spec.preprocessing, name="backbone_input")(x)
+    x = BackboneInput(spec.preprocessing, name="backbone_input", dtype="float32")(x)
     try:
         base = getattr(keras.applications, spec.constructor)(
-            include_top=False, weights=resolved, input_shape=(image_size, image_size, 3))
+            include_top=False, weights=resolved, input_shape=(image_size, image_size, 3),
+            **dict(spec.options))
     except Exception as exc:
         if resolved == "imagenet" and "fetch failure" in str(exc).lower():
             raise WeightsUnavailableError(_offline_message(spec, str(exc))) from exc
@@ -175,7 +205,8 @@ def build_model(image_size: int, backbone: str = "resnet50", weights: str = "ima
         x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
-    outputs = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME)(x)
+    # float32 whatever the dtype policy: a bfloat16 sigmoid cannot tell 0.999 from 1
+    outputs = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME, dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"covidxray_{spec.name}")
 
 
@@ -187,24 +218,25 @@ def backbone_of(model: keras.Model) -> keras.Model:
     raise ValueError(f"model {model.name} has no backbone sub-model")
 
 
-def unfreeze_top_stages(model: keras.Model, backbone: str, stages: int,
+def unfreeze_top_stages(model: keras.Model, backbone: str, stages: int | str,
                         freeze_batchnorm: bool = True) -> None:
-    """Phase 2: make the top ``stages`` stages trainable.
+    """Phase 2: make the top ``stages`` stages trainable; "all": the whole backbone, stem
+    included.
 
     BatchNorm layers of pretrained weights stay frozen (their ImageNet statistics are kept);
     from random weights they must train.
     """
     spec = get_backbone(backbone)
-    if not 1 <= stages <= len(spec.stage_prefixes):
-        raise ValueError(f"{spec.name} has {len(spec.stage_prefixes)} stages; "
-                         f"cannot unfreeze {stages}")
-    prefixes = spec.stage_prefixes[:stages]
+    everything = stages == "all"
+    if not everything and not 1 <= stages <= len(spec.stages):
+        raise ValueError(f"{spec.name} has {len(spec.stages)} stages; cannot unfreeze {stages}")
+    prefixes = () if everything else tuple(p for stage in spec.stages[:stages] for p in stage)
     base = backbone_of(model)
     base.trainable = True
     for layer in base.layers:
         is_batchnorm = isinstance(layer, keras.layers.BatchNormalization)
-        layer.trainable = layer.name.startswith(prefixes) and not (is_batchnorm
-                                                                   and freeze_batchnorm)
+        in_stages = everything or layer.name.startswith(prefixes)
+        layer.trainable = in_stages and not (is_batchnorm and freeze_batchnorm)
 
 
 def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -215,13 +247,42 @@ def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int = 32)
     return np.asarray(scores, dtype=np.float32).ravel()
 
 
-def embed_and_score(model: keras.Model, images: np.ndarray,
-                    batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """The pooled backbone features (n, channels) and P(positive) from one forward pass."""
-    if len(images) == 0:
-        return np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
-    pooled = keras.Model(model.inputs, model.get_layer("pool").output)
-    embeddings = np.asarray(pooled.predict(np.asarray(images)[..., None], batch_size=batch_size,
-                                           verbose=0), dtype=np.float32)
-    scores = keras.ops.convert_to_numpy(model.get_layer(OUTPUT_NAME)(embeddings))
-    return embeddings, np.asarray(scores, dtype=np.float32).ravel()
+@dataclass
+class Forward:
+    """One forward pass up to the last convolutional stage, and what follows from it."""
+
+    embeddings: np.ndarray  # (n, channels): the pooled features
+    scores: np.ndarray  # (n,): P(positive), before any calibration
+    logit_maps: np.ndarray | None  # (n, h, w): each location's term of the logit, if asked
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """The classifier up to its last convolutional stage (the input of the pooling layer)."""
+    return keras.Model(model.inputs, model.get_layer("pool").input)
+
+
+def forward(model: keras.Model, images: np.ndarray, batch_size: int = 32,
+            extractor: keras.Model | None = None, maps: bool = False) -> Forward:
+    """Embeddings, scores and (with ``maps``) per-location logit terms from one pass.
+
+    The head is global average pooling -> one sigmoid unit, so the logit is the sum over
+    locations of w . F(i, j) / (h * w): the map of those terms is what Grad-CAM shows.
+    ``extractor`` is ``feature_extractor(model)``, built once by callers that predict often.
+    """
+    extractor = extractor or feature_extractor(model)
+    head = model.get_layer(OUTPUT_NAME)
+    kernel = keras.ops.convert_to_numpy(head.kernel)[:, 0].astype(np.float32)
+    embeddings, logit_maps = [], []
+    chunk = batch_size * 8  # bounds the memory of the feature maps (7x7x2048 at 224 px)
+    for start in range(0, len(images), chunk):
+        features = np.asarray(extractor.predict(np.asarray(images[start:start + chunk])[..., None],
+                                                batch_size=batch_size, verbose=0), np.float32)
+        embeddings.append(features.mean(axis=(1, 2)))
+        if maps:
+            logit_maps.append(features @ kernel / np.prod(features.shape[1:3]))
+    if not embeddings:
+        return Forward(np.zeros((0, 0), np.float32), np.zeros(0, np.float32),
+                       np.zeros((0, 0, 0), np.float32) if maps else None)
+    embeddings = np.concatenate(embeddings)
+    scores = np.asarray(keras.ops.convert_to_numpy(head(embeddings)), np.float32).ravel()
+    return Forward(embeddings, scores, np.concatenate(logit_maps) if maps else None)

@@ -20,16 +20,19 @@ import keras
 import numpy as np
 
 from covidxray import __version__
+from covidxray.accelerator import precision_for_hardware
 from covidxray.audit import exact_duplicates_across_splits
 from covidxray.config import TrainConfig
 from covidxray.data import DataError, Dataset, LoadedImages, discover, file_hashes, fingerprint, \
     load_images, with_splits
+from covidxray.features import FeatureCache, head_model, model_key
 from covidxray.fileutil import atomic_path, write_json_atomic
 from covidxray.metrics import apply_temperature, binary_metrics, choose_threshold, \
     fit_temperature
-from covidxray.model import build_model, embed_and_score, get_backbone, predict_scores, \
-    unfreeze_top_stages
+from covidxray.model import build_model, feature_extractor, forward, get_backbone, \
+    predict_scores, unfreeze_top_stages
 from covidxray.ood import OOD_FILE, OODGate
+from covidxray.pipeline import ImageSequence
 from covidxray.split import assign_splits, patients_across_splits, read_split_csv, \
     write_split_csv
 
@@ -70,11 +73,23 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     train_images = _load_split(records, "train", config)
     val_images = _load_split(records, "val", config)
 
-    model = build_model(config.image_size, config.backbone, config.weights, config.dropout,
-                        config.augment, config.seed)
+    with precision_for_hardware(config.mixed_precision) as policy:
+        model = build_model(config.image_size, config.backbone, config.weights, config.dropout,
+                            config.augment, config.seed)
+        _train_phases(model, config, run, train_images, val_images, resume, verbose)
+        finalize_run(model, config, dataset, records, hashes, train_images, val_images, run,
+                     policy)
+    shutil.rmtree(run / ".checkpoints", ignore_errors=True)
+    return run
+
+
+def _train_phases(model, config: TrainConfig, run: Path, train_images: LoadedImages,
+                  val_images: LoadedImages, resume: bool, verbose) -> None:
+    """Phase 1 (head, frozen backbone) then phase 2 (top stages); the model ends with the
+    weights of its best validation epoch. Finished phases of a resumed run are skipped."""
     state_file = run / ".checkpoints" / "state.json"
     state = json.loads(state_file.read_text()) if resume and state_file.exists() else {}
-    best_weights = run / ".checkpoints" / "best.weights.h5"
+    best_weights = _best_weights_file(run)
     for phase, epochs in ((1, config.head_epochs), (2, config.finetune_epochs)):
         if epochs == 0 or phase in state.get("phases_done", []):
             continue
@@ -86,8 +101,9 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
         learning_rate = config.head_learning_rate if phase == 1 else config.finetune_learning_rate
         log.info("phase %d (%s): %d epochs at learning rate %g", phase, PHASES[phase], epochs,
                  learning_rate)
-        best = _fit_phase(model, phase, epochs, learning_rate, train_images, val_images, config,
-                          run, state.get("best_val_auc"), verbose)
+        fit = _fit_head_on_features if phase == 1 and config.cached_head else _fit_phase
+        best = fit(model, phase, epochs, learning_rate, train_images, val_images, config, run,
+                   state.get("best_val_auc"), verbose)
         state = {"phases_done": state.get("phases_done", []) + [phase],
                  "best_val_auc": best if best is not None else state.get("best_val_auc")}
         write_json_atomic(state_file, state)
@@ -96,13 +112,10 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model.load_weights(best_weights)
 
-    finalize_run(model, config, dataset, records, hashes, train_images, val_images, run)
-    shutil.rmtree(run / ".checkpoints", ignore_errors=True)
-    return run
-
 
 def finalize_run(model, config: TrainConfig, dataset: Dataset, records, hashes: dict[str, str],
-                 train_images: LoadedImages, val_images: LoadedImages, run: Path) -> None:
+                 train_images: LoadedImages, val_images: LoadedImages, run: Path,
+                 dtype_policy: str = "float32") -> None:
     """Freeze the threshold on validation, fit the OOD gate, write metadata and the model."""
     val_scores = predict_scores(model, val_images.images, config.batch_size)
     temperature = None
@@ -118,6 +131,7 @@ def finalize_run(model, config: TrainConfig, dataset: Dataset, records, hashes: 
     metadata = build_metadata(config, dataset, records, hashes, train_images, val_images,
                               threshold, val_metrics)
     metadata["temperature"] = temperature
+    metadata["dtype_policy"] = dtype_policy
     fit_ood_gate(model, train_images, val_images, config.batch_size).save(run / OOD_FILE)
     write_json_atomic(run / "metadata.json", metadata)
     save_model_atomic(model, run / "model.keras")  # last: the run is complete once it exists
@@ -126,9 +140,24 @@ def finalize_run(model, config: TrainConfig, dataset: Dataset, records, hashes: 
 def fit_ood_gate(model, train_images: LoadedImages, val_images: LoadedImages,
                  batch_size: int) -> OODGate:
     """The out-of-distribution gate of this model, fitted on its own training images."""
-    train_embeddings, _ = embed_and_score(model, train_images.images, batch_size)
-    val_embeddings, _ = embed_and_score(model, val_images.images, batch_size)
-    return OODGate.fit(train_embeddings, train_images.images, val_embeddings, val_images.images)
+    extractor = feature_extractor(model)
+    train = forward(model, train_images.images, batch_size, extractor)
+    val = forward(model, val_images.images, batch_size, extractor)
+    return OODGate.fit(train.embeddings, train_images.images, val.embeddings, val_images.images)
+
+
+def refit_ood_gate(run_dir: str | Path, batch_size: int = 32) -> OODGate:
+    """Fit a run's gate again from its own ``split.csv`` (a run from an older version)."""
+    from covidxray.run import Predictor
+    from covidxray.split import read_split_records
+    run_dir = Path(run_dir)
+    predictor = Predictor.load(run_dir)
+    records = read_split_records(run_dir / "split.csv", predictor.positive_class)
+    split = {name: load_images([r for r in records if r.split == name], predictor.image_size)
+             for name in ("train", "val")}
+    gate = fit_ood_gate(predictor.model, split["train"], split["val"], batch_size)
+    gate.save(run_dir / OOD_FILE)
+    return gate
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
@@ -198,14 +227,54 @@ class _PhaseColumn(keras.callbacks.Callback):
             logs["phase"] = self.phase
 
 
-def _fit_phase(model, phase, epochs, learning_rate, train_images, val_images, config, run,
-               best_so_far, verbose) -> float | None:
+def _best_weights_file(run: Path) -> Path:
+    return run / ".checkpoints" / "best.weights.h5"
+
+
+def _compile(model, learning_rate: float) -> None:
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss=keras.losses.BinaryCrossentropy(),
                   metrics=[keras.metrics.AUC(name="auc"),
                            keras.metrics.BinaryAccuracy(name="accuracy")])
+
+
+def _fit_head_on_features(model, phase, epochs, learning_rate, train_images, val_images,
+                          config, run, best_so_far, verbose) -> float | None:
+    """Phase 1 on cached backbone features: one forward pass per image and view, then the
+    head alone (its layers are the model's own) trains for ``epochs`` on them."""
+    cache = FeatureCache(config.feature_cache)
+    key = model_key(model, config.augment if config.head_views else None, config.seed)
+    views = [cache.features(model, train_images.images, view, config.augment, config.seed,
+                            config.batch_size, key) for view in range(config.head_views + 1)]
+    val_features = cache.features(model, val_images.images, 0, key=key)
+    log.info("phase 1 on cached features: %d images x %d view(s); cache hits %d, misses %d",
+             len(train_images.records), len(views), cache.hits, cache.misses)
+    head = head_model(model)
+    _compile(head, learning_rate)
+    stopping = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
+                                             patience=config.patience,
+                                             restore_best_weights=True)
+    history = head.fit(
+        np.concatenate(views), np.tile(train_images.targets, len(views)),
+        validation_data=(val_features, val_images.targets), epochs=epochs,
+        batch_size=config.batch_size, shuffle=True,
+        class_weight=class_weights(train_images.targets) if config.class_weights else None,
+        callbacks=[_PhaseColumn(phase), keras.callbacks.CSVLogger(str(run / "history.csv"),
+                                                                  append=True), stopping],
+        verbose=verbose)
+    best = float(max(history.history["val_auc"]))
+    if best_so_far is None or best > best_so_far:  # the head now holds its best epoch
+        _best_weights_file(run).parent.mkdir(parents=True, exist_ok=True)
+        model.save_weights(_best_weights_file(run))
+        return best
+    return best_so_far
+
+
+def _fit_phase(model, phase, epochs, learning_rate, train_images, val_images, config, run,
+               best_so_far, verbose) -> float | None:
+    _compile(model, learning_rate)
     checkpoint = keras.callbacks.ModelCheckpoint(
-        run / ".checkpoints" / "best.weights.h5", monitor="val_auc", mode="max",
+        _best_weights_file(run), monitor="val_auc", mode="max",
         save_best_only=True, save_weights_only=True, initial_value_threshold=best_so_far)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(run / ".checkpoints" / f"backup-phase{phase}")),
@@ -214,9 +283,17 @@ def _fit_phase(model, phase, epochs, learning_rate, train_images, val_images, co
         checkpoint,
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
     ]
-    model.fit(train_images.images[..., None], train_images.targets,
+    if config.stream:  # batches decoded from the files by worker threads while training
+        train_data = dict(x=ImageSequence([r.path for r in train_images.records],
+                                          train_images.targets, config.image_size,
+                                          config.batch_size, shuffle=True, seed=config.seed,
+                                          cache_dir=config.image_cache, workers=config.workers))
+    else:
+        train_data = dict(x=train_images.images[..., None], y=train_images.targets,
+                          batch_size=config.batch_size, shuffle=True)
+    model.fit(**train_data,
               validation_data=(val_images.images[..., None], val_images.targets),
-              epochs=epochs, batch_size=config.batch_size, shuffle=True,
+              epochs=epochs,
               class_weight=class_weights(train_images.targets) if config.class_weights else None,
               callbacks=callbacks, verbose=verbose)
     # BackupAndRestore leaves its restored epoch on the model, and fit() would start the next

@@ -1,0 +1,125 @@
+"""Pooled backbone features computed once and reused: the frozen phase trains on them.
+
+With the backbone frozen, every epoch of a seed-style run computes the same backbone output for
+every image again; only the head (dropout + one unit) learns. Here each image's features are
+computed once (and, optionally, those of K augmented views of it) and the head trains on them:
+20 head epochs then cost about one forward pass over the training set.
+
+A cache entry is keyed by the prepared pixels (so by the file's content, the reader and the
+image size), the backbone's weights and input preprocessing, the Keras backend, and the
+augmentation view; any change is a miss. Entries live in memory and, with a folder, on disk
+(one ``.npy`` per model key, image and view, written atomically), so a second run on the same
+data and weights starts from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from covidxray.config import AugmentConfig
+from covidxray.fileutil import atomic_path
+from covidxray.model import OUTPUT_NAME, augmentation_layers, backbone_of, feature_extractor, \
+    forward
+
+log = logging.getLogger(__name__)
+
+
+def model_key(model: keras.Model, augment: AugmentConfig | None = None, seed: int = 0) -> str:
+    """What decides a backbone feature besides the pixels: weights, input preprocessing,
+    backend, and the augmentation of the views."""
+    digest = hashlib.sha256()
+    digest.update(keras.backend.backend().encode())
+    preprocessing = model.get_layer("backbone_input").get_config()["mode"]
+    views = None if augment is None else [dataclasses.asdict(augment), seed]
+    digest.update(json.dumps([model.input_shape, preprocessing, views], sort_keys=True).encode())
+    for weight in backbone_of(model).weights:  # trainable and BatchNorm statistics alike
+        digest.update(weight.path.encode())
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def image_key(image: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:32]
+
+
+class FeatureCache:
+    """Features by (model key, image key, view), in memory and optionally on disk."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = Path(folder) if folder else None
+        self._memory: dict[tuple[str, str, int], np.ndarray] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _file(self, key: tuple[str, str, int]) -> Path:
+        return self.folder / key[0] / f"{key[1]}-{key[2]}.npy"
+
+    def get(self, key: tuple[str, str, int]) -> np.ndarray | None:
+        if key in self._memory:
+            return self._memory[key]
+        if self.folder is not None and self._file(key).is_file():
+            try:
+                value = np.load(self._file(key))
+            except (OSError, ValueError) as error:  # a damaged entry is a miss, not a failure
+                log.warning("feature cache: ignoring %s (%s)", self._file(key), error)
+                return None
+            self._memory[key] = value
+            return value
+        return None
+
+    def put(self, key: tuple[str, str, int], value: np.ndarray) -> None:
+        self._memory[key] = value
+        if self.folder is not None:
+            with atomic_path(self._file(key), suffix=".npy") as tmp:
+                np.save(tmp, value)
+
+    def features(self, model: keras.Model, images: np.ndarray, view: int = 0,
+                 augment: AugmentConfig | None = None, seed: int = 0, batch_size: int = 32,
+                 key: str | None = None) -> np.ndarray:
+        """Pooled features (n, channels) of ``images`` (n, s, s) uint8, computing only misses.
+
+        View 0 is the image itself; view v > 0 is the image through the ``augment`` transforms
+        seeded by ``seed`` and v, so it is the same view every time. ``key``: ``model_key`` of
+        the model and augmentation, when the caller already has it.
+        """
+        if view > 0 and augment is None:
+            raise ValueError("augmented views need an AugmentConfig")
+        key = key or model_key(model, augment, seed)
+        keys = [(key, image_key(image), view) for image in images]
+        found = [self.get(k) for k in keys]
+        missing = [i for i, value in enumerate(found) if value is None]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            batch = np.asarray(images)[missing]
+            if view > 0:
+                batch = augment_view(augment, batch, seed * 1000 + view)
+            computed = forward(model, batch, batch_size, feature_extractor(model)).embeddings
+            for i, value in zip(missing, computed):
+                self.put(keys[i], value)
+                found[i] = value
+        return np.stack(found) if found else np.zeros((0, 0), np.float32)
+
+
+def augment_view(augment: AugmentConfig, images: np.ndarray, seed: int) -> np.ndarray:
+    """One augmented view of (n, s, s) uint8 images: the training transforms, fresh layers
+    seeded by ``seed``, so the same seed gives the same view."""
+    augmenter = keras.Sequential(augmentation_layers(augment, seed))
+    out = keras.ops.convert_to_numpy(augmenter(images[..., None].astype("float32"),
+                                               training=True))
+    return np.clip(np.rint(out[..., 0]), 0, 255).astype(np.uint8)
+
+
+def head_model(model: keras.Model) -> keras.Model:
+    """The classifier's head alone (dropout -> sigmoid unit), sharing its layers and weights:
+    training it on cached features trains the full model's head."""
+    features = keras.Input((model.get_layer("pool").output.shape[-1],), name="features")
+    x = model.get_layer("dropout")(features)
+    return keras.Model(features, model.get_layer(OUTPUT_NAME)(x), name="head")
