@@ -1,6 +1,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from covidxray.cli import main
@@ -48,3 +49,41 @@ def test_leave_one_source_out(tiny_data, tmp_path, capsys):
         assert {r["source"] for r in split if r["split"] == "test"} == {held}
     assert result["random_split"]["metric"] == "roc_auc"
     assert "holdout-web" in capsys.readouterr().out
+
+
+def planted_marker_data(root, n_per_source=60, size=64):
+    """Two sources of disease-free drawn films. In 'marked', every COVID image carries a bright
+    corner marker and no other difference; in 'clean', labels are independent of the pixels.
+    Whatever separates the classes here is the marker: a shortcut, not disease."""
+    from PIL import Image
+
+    from covidxray.synthetic import synthetic_radiograph
+    rng = np.random.default_rng(0)
+    lines = ["file,label,patient_id,source"]
+    for source in ("marked", "clean"):
+        for i in range(n_per_source):
+            label = "COVID" if i % 2 else "NON-COVID"
+            image = synthetic_radiograph(rng, size)
+            if source == "marked" and label == "COVID":
+                image[2:10, 2:10] = 1.0
+            name = f"{source}-{i}.png"
+            Image.fromarray((image * 255).astype(np.uint8)).save(root / name)
+            lines.append(f"{name},{label},{source}-p{i},{source}")
+    (root / "data.csv").write_text("\n".join(lines) + "\n")
+    return root / "data.csv"
+
+
+def test_protocol_exposes_a_marker_shortcut_with_the_thumbnail_baseline(tmp_path):
+    from covidxray.config import TrainConfig
+    from covidxray.crossval import crossval, format_crossval
+    data = planted_marker_data(tmp_path)
+    config = TrainConfig(data=str(data), out=str(tmp_path / "cv"), weights="none",
+                         split_fractions=(0.5, 0.25, 0.25))
+    result = crossval(data, tmp_path / "cv", config, n_bootstrap=50, train_models=False)
+    by_fold = {f["fold"]: f["thumbnail_baseline"] for f in result["folds"]}
+    in_house = result["random_split"]["thumbnail_baseline"]["per_source"]["marked"]
+    assert in_house["metric"] == "roc_auc" and in_house["value"] >= 0.95  # the marker
+    assert by_fold["holdout-clean"]["value"] <= 0.75  # nothing to find without it
+    assert "run" not in result["folds"][0]  # baseline only: no model was trained
+    assert "thumbnail LR" in format_crossval(result)
+    assert list(csv.DictReader(open(tmp_path / "cv" / "crossval.csv")))[0]["thumbnail_value"]

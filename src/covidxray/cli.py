@@ -232,7 +232,8 @@ def cmd_crossval(args) -> int:
     from covidxray.crossval import crossval, format_crossval
     config = _train_config(args)
     result = crossval(args.data, args.out, config, by=args.by,
-                      random_split=not args.no_random_split, n_bootstrap=args.bootstrap)
+                      random_split=not args.no_random_split, n_bootstrap=args.bootstrap,
+                      train_models=not args.baseline_only)
     print(format_crossval(result))
     print(f"\nresults written to {Path(args.out) / 'crossval.json'} and crossval.csv")
     return 0
@@ -400,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-random-split", action="store_true",
                    help="skip the random-split run that sits beside the folds")
     p.add_argument("--bootstrap", type=int, default=500)
+    p.add_argument("--baseline-only", action="store_true",
+                   help="only the thumbnail logistic regression on the same folds (seconds)")
     _add_train_options(p)
     p.set_defaults(func=cmd_crossval)
 

@@ -13,9 +13,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
+from covidxray.baselines import thumbnail_logistic_regression
 from covidxray.config import TrainConfig
 from covidxray.data import DataError, Record, discover
-from covidxray.evaluation import evaluate
+from covidxray.evaluation import evaluate, per_source, summarise
 from covidxray.fileutil import write_json_atomic, write_text_atomic
 from covidxray.split import assign_splits
 from covidxray.training import train
@@ -45,8 +48,29 @@ def fold_score(metrics: dict) -> dict:
             "ci95": overall["metrics"][name]["ci95"]}
 
 
+def _baseline_score(records: list[Record], config: TrainConfig, n_bootstrap: int) -> dict:
+    """The thumbnail logistic regression on the same train / validation / test records."""
+    split = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
+    baseline = thumbnail_logistic_regression(split["train"], split["val"], split["test"],
+                                             threshold_method=config.threshold_method,
+                                             target_sensitivity=config.target_sensitivity)
+    y_true = np.array([r.target for r in baseline.test_records], dtype=int)
+    overall = summarise(y_true, baseline.test_scores, baseline.threshold, n_bootstrap,
+                        config.seed)
+    return {"name": baseline.name, "threshold": baseline.threshold,
+            **fold_score({"overall": overall}),
+            "per_source": {s: fold_score({"overall": v}) for s, v in per_source(
+                baseline.test_records, baseline.test_scores, baseline.threshold, n_bootstrap,
+                config.seed).items()}}
+
+
 def _train_and_score(records: list[Record], name: str, config: TrainConfig, out: Path,
-                     n_bootstrap: int) -> dict:
+                     n_bootstrap: int, train_model: bool = True) -> dict:
+    test = [r for r in records if r.split == "test"]
+    row = {"fold": name, "test_images": len(test), "test_positive": sum(r.target for r in test),
+           "thumbnail_baseline": _baseline_score(records, config, n_bootstrap)}
+    if not train_model:
+        return row
     fold_dir = out / name
     manifest = _write_manifest(fold_dir / "data.csv", records)
     started = time.monotonic()
@@ -54,9 +78,7 @@ def _train_and_score(records: list[Record], name: str, config: TrainConfig, out:
                         split_file=None, source_from_prefix=False), verbose=0)
     seconds = time.monotonic() - started
     metrics = evaluate(run, n_bootstrap=n_bootstrap, seed=config.seed, shortcut_images=0)
-    test = [r for r in records if r.split == "test"]
-    return {"fold": name, "run": str(run), "train_seconds": round(seconds, 1),
-            "test_images": len(test), "test_positive": sum(r.target for r in test),
+    return {**row, "run": str(run), "train_seconds": round(seconds, 1),
             "threshold": metrics["threshold"], **fold_score(metrics),
             "metrics": {k: v["value"] for k, v in metrics["overall"]["metrics"].items()},
             "per_source": {s: fold_score({"overall": v})
@@ -64,9 +86,12 @@ def _train_and_score(records: list[Record], name: str, config: TrainConfig, out:
 
 
 def crossval(data: str | Path, out: str | Path, config: TrainConfig, by: str = "source",
-             random_split: bool = True, n_bootstrap: int = 500) -> dict:
+             random_split: bool = True, n_bootstrap: int = 500,
+             train_models: bool = True) -> dict:
     """Train one model per held-out ``by`` value (only "source" for now), plus one on a random
-    split; returns and writes ``out/crossval.json`` and ``out/crossval.csv``."""
+    split, and score the thumbnail baseline on the same folds; returns and writes
+    ``out/crossval.json`` and ``out/crossval.csv``. Without ``train_models``, only the baseline
+    (seconds instead of hours)."""
     if by != "source":
         raise ValueError(f"crossval --by {by!r} is not supported (use source)")
     out = Path(out)
@@ -88,24 +113,29 @@ def crossval(data: str | Path, out: str | Path, config: TrainConfig, by: str = "
                              (train_share, 1 - train_share, 0.0), config.seed)
         test = [replace(r, split="test") for r in plain if r.source == held]
         folds.append(_train_and_score(rest + test, f"holdout-{held}", config, out,
-                                      n_bootstrap))
+                                      n_bootstrap, train_models))
     result = {"data": str(data), "by": by, "synthetic_data": dataset.synthetic,
               "config": config.to_dict(), "folds": folds}
     if random_split:
         log.info("random split of all sources")
         result["random_split"] = _train_and_score(
             assign_splits(plain, config.split_fractions, config.seed), "random-split", config,
-            out, n_bootstrap)
+            out, n_bootstrap, train_models)
     write_json_atomic(out / "crossval.json", result)
     rows = folds + ([result["random_split"]] if random_split else [])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["fold", "test_images", "test_positive", "metric", "value", "ci_low",
-                     "ci_high", "threshold", "train_seconds"])
+                     "ci_high", "threshold", "train_seconds", "thumbnail_value",
+                     "thumbnail_ci_low", "thumbnail_ci_high"])
     for row in rows:
-        writer.writerow([row["fold"], row["test_images"], row["test_positive"], row["metric"],
-                         f"{row['value']:.4f}", f"{row['ci95'][0]:.4f}", f"{row['ci95'][1]:.4f}",
-                         f"{row['threshold']:.4f}", row["train_seconds"]])
+        base = row["thumbnail_baseline"]
+        model = [row["metric"], f"{row['value']:.4f}", f"{row['ci95'][0]:.4f}",
+                 f"{row['ci95'][1]:.4f}", f"{row['threshold']:.4f}", row["train_seconds"]] \
+            if "value" in row else [base["metric"], "", "", "", "", ""]
+        writer.writerow([row["fold"], row["test_images"], row["test_positive"], *model,
+                         f"{base['value']:.4f}", f"{base['ci95'][0]:.4f}",
+                         f"{base['ci95'][1]:.4f}"])
     write_text_atomic(out / "crossval.csv", buffer.getvalue())
     return result
 
@@ -114,12 +144,18 @@ def format_crossval(result: dict) -> str:
     lines = []
     if result["synthetic_data"]:
         lines.append("*** SYNTHETIC DATA ***")
-    lines.append(f"{'held out':<22}{'images':>8}{'COVID':>7}  {'metric':<12}{'value':>7}  95% CI")
+    lines.append(f"{'held out':<22}{'images':>8}{'COVID':>7}  {'metric':<12}{'model':>7}  "
+                 f"{'95% CI':<12}  {'thumbnail LR':>12}  95% CI")
     rows = result["folds"] + ([result["random_split"]] if "random_split" in result else [])
     for row in rows:
+        base = row["thumbnail_baseline"]
+        model = (f"{row['value']:>7.3f}  {row['ci95'][0]:.3f}-{row['ci95'][1]:.3f}"
+                 if "value" in row else f"{'-':>7}  {'':<11}")
         lines.append(f"{row['fold']:<22}{row['test_images']:>8}{row['test_positive']:>7}  "
-                     f"{row['metric']:<12}{row['value']:>7.3f}  "
-                     f"{row['ci95'][0]:.3f}-{row['ci95'][1]:.3f}")
+                     f"{base['metric']:<12}{model}  {base['value']:>12.3f}  "
+                     f"{base['ci95'][0]:.3f}-{base['ci95'][1]:.3f}")
     lines.append("A held-out source with one class is scored by the rate of that class at the "
-                 "threshold frozen on the training sources' validation split.")
+                 "threshold frozen on the training sources' validation split. Thumbnail LR: "
+                 "logistic regression on 16x16-pixel thumbnails, same folds: what image "
+                 "statistics alone achieve.")
     return "\n".join(lines)

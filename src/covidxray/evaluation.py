@@ -48,6 +48,18 @@ def summarise(y_true: np.ndarray, scores: np.ndarray, threshold: float, n_bootst
     }
 
 
+def per_source(records: list[Record], scores: np.ndarray, threshold: float, n_bootstrap: int,
+               seed: int) -> dict:
+    """``summarise`` of each source's images (records without a source are left out)."""
+    y_true = np.array([r.target for r in records], dtype=int)
+    by_source = defaultdict(list)
+    for index, record in enumerate(records):
+        if record.source:
+            by_source[record.source].append(index)
+    return {source: summarise(y_true[index], np.asarray(scores)[index], threshold, n_bootstrap,
+                              seed) for source, index in sorted(by_source.items())}
+
+
 def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: int = 1000,
              source_from_prefix: bool = False, out: str | Path | None = None, seed: int = 0,
              strict: bool = False, predictor: Predictor | None = None,
@@ -86,7 +98,6 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
         "positive_class": meta["positive_class"],
         "unreadable_files": [{"path": e.path, "reason": e.reason} for e in loaded.failures],
         "overall": summarise(y_true, scores, threshold, n_bootstrap, seed),
-        "per_source": {},
         "per_class": {},
     }
     result["calibration"] = {"ece": expected_calibration_error(y_true, scores),
@@ -109,14 +120,10 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
         sample = np.random.default_rng(seed).permutation(len(labels))[:shortcut_images]
         result["shortcut"] = shortcut_check(predictor.model, loaded.images[sample],
                                             [labels[i] for i in sample]).to_dict()
-    by_source, by_class = defaultdict(list), defaultdict(list)
+    result["per_source"] = per_source(loaded.records, scores, threshold, n_bootstrap, seed)
+    by_class = defaultdict(list)
     for index, record in enumerate(loaded.records):
         by_class[record.label].append(index)
-        if record.source:
-            by_source[record.source].append(index)
-    for source, index in sorted(by_source.items()):
-        result["per_source"][source] = summarise(y_true[index], scores[index], threshold,
-                                                 n_bootstrap, seed)
     for label, index in sorted(by_class.items()):
         called_positive = scores[index] >= threshold
         result["per_class"][label] = {"n": len(index),

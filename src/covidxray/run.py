@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -153,25 +154,38 @@ class Predictor:
             array = array / float(np.iinfo(array.dtype).max)
         return prepare(np.clip(array, 0.0, 1.0), self.image_size), colour
 
-    def predict_paths(self, paths, batch_size: int = 32) -> list[Prediction]:
-        """Predict every file; unreadable ones come back with ``error`` set, in input order."""
+    def predict_paths(self, paths, batch_size: int = 32, workers: int = 2) -> list[Prediction]:
+        """Predict every file; unreadable ones come back with ``error`` set, in input order.
+
+        ``workers`` threads decode the next batch while the model runs on this one.
+        """
+        paths = [str(p) for p in paths]
+        chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
         results: list[Prediction] = []
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            images, colour, good = [], [], []
-            for path in chunk:
-                try:
-                    decoded = decode(path)
-                except ImageReadError as error:
-                    results.append(Prediction(path=str(path), error=error.reason))
-                    continue
-                images.append(prepare(decoded.gray, self.image_size))
-                colour.append(decoded.colourfulness)
-                good.append(str(path))
-            if images:
-                results += self.predict_batch(np.stack(images), good, colour, batch_size)
-        order = {str(p): i for i, p in enumerate(paths)}
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            submit = lambda chunk: [pool.submit(self._load, path) for path in chunk]  # noqa: E731
+            pending = submit(chunks[0]) if chunks else []
+            for index in range(len(chunks)):
+                loaded = [future.result() for future in pending]
+                pending = submit(chunks[index + 1]) if index + 1 < len(chunks) else []
+                results += [Prediction(path=path, error=error)
+                            for path, _, _, error in loaded if error]
+                good = [item for item in loaded if not item[3]]
+                if good:
+                    results += self.predict_batch(np.stack([image for _, image, _, _ in good]),
+                                                  [path for path, _, _, _ in good],
+                                                  [colour for _, _, colour, _ in good],
+                                                  batch_size)
+        order = {path: i for i, path in enumerate(paths)}
         return sorted(results, key=lambda r: order[r.path])
+
+    def _load(self, path: str) -> tuple[str, np.ndarray | None, float, str | None]:
+        """(path, prepared image, colourfulness, None), or (path, None, 0, reason)."""
+        try:
+            decoded = decode(path)
+        except ImageReadError as error:
+            return path, None, 0.0, error.reason
+        return path, prepare(decoded.gray, self.image_size), decoded.colourfulness, None
 
     def predict(self, item):
         """P(COVID) and label for a path, an array, or a list of them."""

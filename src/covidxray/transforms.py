@@ -1,0 +1,180 @@
+"""Image transforms that remove or blur what tells the sources apart, not the disease.
+
+Two kinds, both on 2-D grayscale float images in [0, 1] (what ``imageio.read_image`` returns)
+and both returning the same shape, dtype float32 and range:
+
+- intensity normalisation, deterministic, meant for every image the model sees (training and
+  use alike): ``percentile_window`` (robust windowing), ``equalize_histogram`` and ``clahe``;
+  and ``crop_border``, which keeps the centre, away from text, markers and collimation edges;
+- source-cue augmentation, random and seeded, for training only: gamma, blur, noise, JPEG
+  re-encoding at a random quality, random black or white borders, random crop and rescale.
+
+Array form: ``f(image, ...)`` or ``f(image, rng, ...)``. Dictionary form (as MONAI has both):
+``apply_to_item(transform, item, rng)`` changes ``item["image"]`` and leaves every other key,
+the label first of all, untouched.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+INTENSITY_MODES = ("none", "percentile", "equalize", "clahe")
+
+
+def _checked(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale image, got shape {image.shape}")
+    return image
+
+
+def percentile_window(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Map the ``low`` and ``high`` percentiles to 0 and 1 and clip: the exposure and the
+    window a source chose stop mattering, and a few burnt-in labels cannot set the range."""
+    image = _checked(image)
+    lo, hi = np.percentile(image, [low, high])
+    if hi <= lo:
+        return np.zeros_like(image)
+    return np.clip((image - lo) / (hi - lo), 0, 1).astype(np.float32)
+
+
+def equalize_histogram(image: np.ndarray, bins: int = 256) -> np.ndarray:
+    """Global histogram equalisation: every image gets a flat grey-level histogram."""
+    image = _checked(image)
+    counts, edges = np.histogram(image, bins=bins, range=(0.0, 1.0))
+    cdf = np.cumsum(counts).astype(np.float64)
+    if cdf[-1] == 0 or cdf[-1] == cdf[0]:
+        return np.zeros_like(image)
+    cdf = (cdf - cdf[0]) / (cdf[-1] - cdf[0])
+    return np.interp(image, edges[1:], cdf).astype(np.float32)
+
+
+def clahe(image: np.ndarray, clip_limit: float = 0.01, tiles: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (scikit-image), ``tiles`` per side."""
+    from skimage.exposure import equalize_adapthist
+    image = _checked(image)
+    kernel = max(8, min(image.shape) // tiles)
+    return equalize_adapthist(np.clip(image, 0, 1), kernel_size=kernel,
+                              clip_limit=clip_limit).astype(np.float32)
+
+
+def normalise_intensity(image: np.ndarray, mode: str) -> np.ndarray:
+    """One of ``INTENSITY_MODES`` by name."""
+    if mode == "none":
+        return _checked(image)
+    if mode == "percentile":
+        return percentile_window(image)
+    if mode == "equalize":
+        return equalize_histogram(image)
+    if mode == "clahe":
+        return clahe(image)
+    raise ValueError(f"unknown intensity mode {mode!r}; choose from {INTENSITY_MODES}")
+
+
+def crop_border(image: np.ndarray, fraction: float) -> np.ndarray:
+    """The centre of the image with ``fraction`` of each side removed (0 keeps all)."""
+    image = _checked(image)
+    if not 0 <= fraction < 0.5:
+        raise ValueError(f"crop fraction must be in [0, 0.5), got {fraction}")
+    rows, cols = (int(round(n * fraction)) for n in image.shape)
+    return image[rows:image.shape[0] - rows, cols:image.shape[1] - cols]
+
+
+def _resized(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(image, mode="F").resize((shape[1], shape[0]),
+                                                              Image.Resampling.BILINEAR))
+
+
+def random_gamma(image, rng: np.random.Generator, spread: float = 0.4) -> np.ndarray:
+    """``image ** gamma``, gamma log-uniform in [1 / (1 + spread), 1 + spread]."""
+    gamma = np.exp(rng.uniform(-np.log1p(spread), np.log1p(spread)))
+    return np.clip(_checked(image), 0, 1) ** np.float32(gamma)
+
+
+def random_blur_or_noise(image, rng: np.random.Generator, max_sigma: float = 1.5,
+                         max_noise: float = 0.03) -> np.ndarray:
+    """A Gaussian blur of random width, then Gaussian noise of random strength."""
+    from scipy.ndimage import gaussian_filter
+    image = _checked(image)
+    blurred = gaussian_filter(image, rng.uniform(0, max_sigma))
+    noisy = blurred + rng.normal(0, rng.uniform(0, max_noise), image.shape)
+    return np.clip(noisy, 0, 1).astype(np.float32)
+
+
+def random_jpeg(image, rng: np.random.Generator, quality: tuple[int, int] = (30, 95)):
+    """Re-encoded as JPEG at a random quality: compression artefacts stop naming a source."""
+    image = _checked(image)
+    buffer = io.BytesIO()
+    Image.fromarray(np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(
+        buffer, "JPEG", quality=int(rng.integers(quality[0], quality[1] + 1)))
+    buffer.seek(0)
+    return (np.asarray(Image.open(buffer).convert("L"), dtype=np.float32) / 255.0)
+
+
+def random_border(image, rng: np.random.Generator, max_fraction: float = 0.08) -> np.ndarray:
+    """Black or white bands of random width on random sides, as scans and screenshots have."""
+    image = _checked(image).copy()
+    rows, cols = image.shape
+    for side in range(4):
+        if rng.random() < 0.5:
+            continue
+        width = int(rng.uniform(0, max_fraction) * (rows if side < 2 else cols))
+        value = np.float32(rng.integers(0, 2))
+        if width == 0:
+            continue
+        if side == 0:
+            image[:width] = value
+        elif side == 1:
+            image[rows - width:] = value
+        elif side == 2:
+            image[:, :width] = value
+        else:
+            image[:, cols - width:] = value
+    return image
+
+
+def random_crop_rescale(image, rng: np.random.Generator, min_scale: float = 0.8) -> np.ndarray:
+    """A random crop of ``min_scale``..1 of each side, resized back to the input shape."""
+    image = _checked(image)
+    rows, cols = image.shape
+    scale = rng.uniform(min_scale, 1.0)
+    height, width = max(2, int(rows * scale)), max(2, int(cols * scale))
+    top, left = rng.integers(0, rows - height + 1), rng.integers(0, cols - width + 1)
+    return np.clip(_resized(image[top:top + height, left:left + width], (rows, cols)),
+                   0, 1).astype(np.float32)
+
+
+@dataclass
+class SourceAugment:
+    """Each source-cue augmentation applied with probability ``p``, in a fixed order."""
+
+    p: float = 0.5
+    gamma: float = 0.4
+    max_sigma: float = 1.5
+    max_noise: float = 0.03
+    jpeg_quality: tuple[int, int] = (30, 95)
+    border: float = 0.08
+    min_scale: float = 0.8
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        steps = [lambda x: random_crop_rescale(x, rng, self.min_scale),
+                 lambda x: random_gamma(x, rng, self.gamma),
+                 lambda x: random_blur_or_noise(x, rng, self.max_sigma, self.max_noise),
+                 lambda x: random_jpeg(x, rng, self.jpeg_quality),
+                 lambda x: random_border(x, rng, self.border)]
+        image = _checked(image)
+        for step in steps:
+            if rng.random() < self.p:
+                image = step(image)
+        return image
+
+
+def apply_to_item(transform, item: dict, rng: np.random.Generator | None = None) -> dict:
+    """Dictionary form: a new item whose ``"image"`` went through ``transform`` (given ``rng``
+    when it is random); every other key is kept as it was."""
+    image = transform(item["image"], rng) if rng is not None else transform(item["image"])
+    return {**item, "image": image}

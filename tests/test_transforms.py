@@ -1,0 +1,75 @@
+"""Every transform: deterministic under a seed, shape / dtype / range kept, label untouched, and
+the intensity ones do what they claim on films that differ only in exposure."""
+
+import numpy as np
+import pytest
+
+from covidxray.synthetic import synthetic_radiograph
+from covidxray.transforms import INTENSITY_MODES, SourceAugment, apply_to_item, crop_border, \
+    equalize_histogram, normalise_intensity, percentile_window, random_blur_or_noise, \
+    random_border, random_crop_rescale, random_gamma, random_jpeg
+
+RANDOM = [random_gamma, random_blur_or_noise, random_jpeg, random_border, random_crop_rescale,
+          SourceAugment(p=1.0)]
+
+
+@pytest.fixture(scope="module")
+def film():
+    return synthetic_radiograph(np.random.default_rng(0), 96)
+
+
+def check_image(out, like):
+    assert out.shape == like.shape and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("transform", RANDOM, ids=lambda t: getattr(t, "__name__", "augment"))
+def test_random_transforms_are_seeded_and_keep_shape_and_range(film, transform):
+    first = transform(film, np.random.default_rng(7))
+    check_image(first, film)
+    np.testing.assert_array_equal(first, transform(film, np.random.default_rng(7)))
+    outputs = [transform(film, np.random.default_rng(seed)) for seed in range(6)]
+    assert any(not np.array_equal(outputs[0], o) for o in outputs[1:])
+
+
+@pytest.mark.parametrize("mode", INTENSITY_MODES)
+def test_intensity_modes_keep_shape_and_range(film, mode):
+    check_image(normalise_intensity(film, mode), film)
+
+
+def test_intensity_normalisation_removes_an_exposure_difference(film):
+    darker = 0.15 + 0.5 * film  # the same film, another source's exposure and window
+    for transform in (percentile_window, equalize_histogram):
+        a, b = transform(film), transform(darker)
+        assert np.abs(a - b).mean() < 0.02 < np.abs(film - darker).mean()
+
+
+def test_flat_images_do_not_divide_by_zero():
+    flat = np.full((20, 20), 0.4, np.float32)
+    for mode in INTENSITY_MODES:
+        assert np.all(np.isfinite(normalise_intensity(flat, mode)))
+
+
+def test_crop_border_keeps_the_centre(film):
+    cropped = crop_border(film, 0.1)
+    assert cropped.shape == (76, 76)  # 10 of 96 pixels off each side
+    np.testing.assert_array_equal(cropped, film[10:86, 10:86])
+    assert crop_border(film, 0).shape == film.shape
+    with pytest.raises(ValueError):
+        crop_border(film, 0.5)
+
+
+def test_dictionary_form_leaves_the_label_untouched(film):
+    item = {"image": film, "label": "COVID", "target": 1, "source": "raddb"}
+    out = apply_to_item(SourceAugment(p=1.0), item, np.random.default_rng(3))
+    assert {k: out[k] for k in ("label", "target", "source")} == \
+        {"label": "COVID", "target": 1, "source": "raddb"}
+    assert not np.array_equal(out["image"], film) and item["image"] is film
+    assert apply_to_item(percentile_window, item)["label"] == "COVID"
+
+
+def test_unknown_mode_and_bad_shape_are_refused(film):
+    with pytest.raises(ValueError, match="unknown intensity mode"):
+        normalise_intensity(film, "magic")
+    with pytest.raises(ValueError, match="2-D"):
+        percentile_window(np.zeros((4, 4, 3)))
