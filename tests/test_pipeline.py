@@ -40,7 +40,7 @@ def test_decoded_image_cache(records, tmp_path):
     paths = [r.path for r in records[:3]]
     sequence = ImageSequence(paths, np.zeros(3), 40, batch_size=3, cache_dir=tmp_path / "c")
     fresh = sequence[0][0]
-    entries = sorted((tmp_path / "c" / "40px").glob("*.npy"))
+    entries = sorted((tmp_path / "c" / "40px-none-crop0").glob("*.npy"))
     assert len(entries) == 3
     entries[0].write_bytes(b"damaged")  # decoded again, not an error
     np.testing.assert_array_equal(sequence[0][0], fresh)
@@ -50,6 +50,23 @@ def test_decoded_image_cache(records, tmp_path):
     Image.fromarray(np.full((50, 50), 20, np.uint8)).save(edited)
     again = ImageSequence([edited], np.zeros(1), 40, cache_dir=tmp_path / "c")[0][0]
     assert again.max() == 20  # an edited file is a new entry, never a stale one
+
+
+def test_in_memory_images_with_source_augmentation(records):
+    from covidxray.transforms import SourceAugment
+    loaded = load_images(records, 48)
+    plain = ImageSequence(loaded.images, loaded.targets, 48, batch_size=11)
+    np.testing.assert_array_equal(plain[0][0][..., 0], loaded.images)
+    make = lambda: ImageSequence(loaded.images, loaded.targets, 48, batch_size=11, seed=2,
+                                 augment=SourceAugment(p=1.0))
+    first, again = make(), make()
+    images, targets = first[0]
+    assert images.shape == (11, 48, 48, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(targets, loaded.targets)  # labels untouched
+    assert not np.array_equal(images[..., 0], loaded.images)
+    np.testing.assert_array_equal(images, again[0][0])  # reproducible
+    first.on_epoch_end()
+    assert not np.array_equal(first[0][0], images)  # a new view every epoch
 
 
 def test_a_model_fits_from_the_sequence(records):

@@ -83,6 +83,34 @@ def test_config_validation():
         TrainConfig(data="d", out="o", head_epochs=0, finetune_epochs=0)
     with pytest.raises(ValueError, match="fractions"):
         TrainConfig(data="d", out="o", split_fractions=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="intensity"):
+        TrainConfig(data="d", out="o", intensity="magic")
+    with pytest.raises(ValueError, match="crop"):
+        TrainConfig(data="d", out="o", crop=0.5)
+    with pytest.raises(ValueError, match="unfreeze_stages"):
+        TrainConfig(data="d", out="o", unfreeze_stages=0)
+
+
+@pytest.mark.slow
+def test_recipe_preprocessing_travels_with_the_run(tiny_data, tmp_path):
+    """A run trained with intensity normalisation, a crop, streamed batches, source
+    augmentation and an uncached head applies the same preprocessing wherever it is used."""
+    from covidxray.data import discover, load_images
+    from covidxray.run import Predictor
+    options = {**TINY_TRAIN, "intensity": "percentile", "crop": 0.05, "stream": True,
+               "source_augment": True, "cached_head": False,
+               "image_cache": str(tmp_path / "decoded")}
+    run = covidxray.train(tiny_data, tmp_path / "run", verbose=0, **options)
+    predictor = Predictor.load(run)
+    assert predictor.preprocessing.intensity == "percentile"
+    assert predictor.preprocessing.crop == 0.05
+    assert list((tmp_path / "decoded").rglob("*.npy"))  # the stream filled the cache
+    record = discover(tiny_data).records[0]
+    from_path = predictor.predict(record.path).probability
+    prepared = load_images([record], predictor.preprocessing).images
+    assert predictor.predict_prepared(prepared)[0] == pytest.approx(from_path, abs=1e-5)
+    plain = load_images([record], predictor.image_size).images
+    assert not np.array_equal(prepared, plain)  # the recipe's steps did change the pixels
 
 
 @pytest.mark.slow

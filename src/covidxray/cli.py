@@ -34,6 +34,7 @@ def _stages(value: str) -> int | str:
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     from covidxray.config import AugmentConfig, TrainConfig
     from covidxray.model import BACKBONES
+    from covidxray.transforms import INTENSITY_MODES
     d = TrainConfig(data="", out="")
     a = AugmentConfig()
     model = parser.add_argument_group("model")
@@ -45,6 +46,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--weights", default=d.weights,
                        help="'imagenet' (downloaded by Keras, or taken from its cache), 'none' "
                             "(random), or the path of a weights file (default %(default)s)")
+    model.add_argument("--intensity", choices=INTENSITY_MODES, default=d.intensity,
+                       help="grey-level normalisation of every image, in training and use "
+                            "(default %(default)s)")
+    model.add_argument("--crop", type=float, default=d.crop,
+                       help="fraction of each side cut off every image before resizing, away "
+                            "from text and markers (default %(default)s)")
     model.add_argument("--dropout", type=float, default=d.dropout)
     model.add_argument("--mixed-precision", choices=("auto", "on", "off"),
                        default=d.mixed_precision,
@@ -89,6 +96,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--translation", type=float, default=a.translation)
     fit.add_argument("--brightness", type=float, default=a.brightness)
     fit.add_argument("--contrast", type=float, default=a.contrast)
+    fit.add_argument("--source-augment", action="store_true",
+                     help="also randomise gamma, blur, noise, JPEG quality, borders and crops "
+                          "(phase 2): cues that tell sources apart")
     fit.add_argument("--horizontal-flip", action="store_true",
                      help="also flip left-right (off by default: anatomy is not symmetric)")
     split = parser.add_argument_group("data and split")
@@ -120,11 +130,13 @@ def _train_config(args):
         args.horizontal_flip)
     return TrainConfig(
         data=str(args.data), out=str(args.out), image_size=args.image_size,
+        intensity=args.intensity, crop=args.crop,
         backbone=args.backbone, weights=args.weights, dropout=args.dropout,
         batch_size=args.batch_size, head_epochs=args.head_epochs,
         head_learning_rate=args.head_lr, finetune_epochs=args.finetune_epochs,
         finetune_learning_rate=args.finetune_lr, unfreeze_stages=args.unfreeze_stages,
         patience=args.patience, cached_head=not args.no_cached_head,
+        source_augment=args.source_augment,
         head_views=args.head_views, feature_cache=args.feature_cache, stream=args.stream,
         image_cache=args.image_cache, workers=args.workers,
         mixed_precision=args.mixed_precision,

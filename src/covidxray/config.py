@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from covidxray.fileutil import write_text_atomic
+from covidxray.imageio import Preprocessing
+from covidxray.transforms import INTENSITY_MODES
 
 
 @dataclass
@@ -41,6 +43,8 @@ class TrainConfig:
     data: str
     out: str
     image_size: int = 224
+    intensity: str = "none"  # grey-level normalisation of every image: transforms.INTENSITY_MODES
+    crop: float = 0.0  # fraction of each side cut off every image before resizing
     backbone: str = "resnet50"
     weights: str = "imagenet"  # "imagenet", "none" or a path to a weights file
     dropout: float = 0.3
@@ -66,6 +70,9 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # None: the whole training split per epoch
     class_weights: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # random gamma, blur / noise, JPEG quality, borders and crops (transforms.SourceAugment)
+    # on the training images of phase 2: cues that name a source rather than the disease
+    source_augment: bool = False
     split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
     split_file: str | None = None  # reuse an earlier split.csv
     seed: int = 0
@@ -87,6 +94,10 @@ class TrainConfig:
                 setattr(self, name, value)
         self.validate()
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.image_size, self.intensity, self.crop)
+
     def validate(self) -> None:
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {self.image_size}")
@@ -107,6 +118,11 @@ class TrainConfig:
                                                   and self.unfreeze_stages >= 1):
             raise ValueError(f"unfreeze_stages must be a positive number or 'all', "
                              f"got {self.unfreeze_stages!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got "
+                             f"{self.intensity!r}")
+        if not 0 <= self.crop < 0.5:
+            raise ValueError(f"crop must be in [0, 0.5), got {self.crop}")
         if self.mixed_precision not in ("auto", "on", "off"):
             raise ValueError(f"mixed_precision must be auto, on or off, got "
                              f"{self.mixed_precision!r}")

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from covidxray.baselines import thumbnail_logistic_regression
+from covidxray.baselines import THUMBNAIL_SIZE, thumbnail_logistic_regression
 from covidxray.config import TrainConfig
 from covidxray.data import DataError, Record, discover
 from covidxray.evaluation import evaluate, per_source, summarise
 from covidxray.fileutil import write_json_atomic, write_text_atomic
+from covidxray.imageio import Preprocessing
 from covidxray.split import assign_splits
 from covidxray.training import train
 
@@ -52,6 +53,8 @@ def _baseline_score(records: list[Record], config: TrainConfig, n_bootstrap: int
     """The thumbnail logistic regression on the same train / validation / test records."""
     split = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
     baseline = thumbnail_logistic_regression(split["train"], split["val"], split["test"],
+                                             Preprocessing(THUMBNAIL_SIZE, config.intensity,
+                                                           config.crop),
                                              threshold_method=config.threshold_method,
                                              target_sensitivity=config.target_sensitivity)
     y_true = np.array([r.target for r in baseline.test_records], dtype=int)

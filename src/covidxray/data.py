@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from covidxray.imageio import IMAGE_SUFFIXES, ImageReadError, load_for_model
+from covidxray.imageio import IMAGE_SUFFIXES, ImageReadError, Preprocessing, as_preprocessing, \
+    load_for_model
 
 SYNTHETIC_MARKER = "SYNTHETIC.txt"
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -214,21 +215,24 @@ class LoadedImages:
         return np.array([r.target for r in self.records], dtype=np.float32)
 
 
-def load_images(records: list[Record], image_size: int, strict: bool = False) -> LoadedImages:
-    """Decode and prepare every record's image; unreadable files are collected, not fatal.
+def load_images(records: list[Record], spec: int | Preprocessing,
+                strict: bool = False) -> LoadedImages:
+    """Decode and prepare every record's image (``spec``: the run's ``Preprocessing``, or an
+    image size for resizing only); unreadable files are collected, not fatal.
 
     With ``strict`` the first unreadable file raises its ``ImageReadError``.
     """
     images, kept, failures = [], [], []
     for record in records:
         try:
-            images.append(load_for_model(record.path, image_size))
+            images.append(load_for_model(record.path, spec))
             kept.append(record)
         except ImageReadError as error:
             if strict:
                 raise
             failures.append(error)
-    array = np.stack(images) if images else np.zeros((0, image_size, image_size), np.uint8)
+    size = as_preprocessing(spec).image_size
+    array = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
     return LoadedImages(images=array, records=kept, failures=failures)
 
 

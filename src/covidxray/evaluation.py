@@ -82,7 +82,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
         if str(Path(dataset.root).resolve()) == meta.get("data_root"):
             log.warning("%s is the training data: its train and validation images are scored "
                         "too; omit DATA to evaluate on the run's test split only", data)
-    loaded = load_images(records, predictor.image_size, strict)
+    loaded = load_images(records, predictor.preprocessing, strict)
     for error in loaded.failures:
         log.warning("skipped %s: %s", error.path, error.reason)
     if not loaded.records:

@@ -140,7 +140,7 @@ def explain_image(predictor, path: str, alpha: float = 0.4) -> Explanation:
     """Grad-CAM of one file with a loaded ``Predictor``; raises ``ImageReadError``."""
     from covidxray.imageio import decode, prepare
     decoded = decode(path)
-    prepared = prepare(decoded.gray, predictor.image_size)[None]
+    prepared = prepare(decoded.gray, predictor.preprocessing)[None]
     (prediction,), cams = predictor.analyse(prepared, [str(path)], [decoded.colourfulness])
     heatmap = upsample(cams[0], decoded.gray.shape)
     return Explanation(str(path), prediction.probability, prediction.label, heatmap,

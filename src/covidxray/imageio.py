@@ -78,20 +78,51 @@ def decode(path: str | Path, data: bytes | None = None,
     return Decoded(gray, colour)
 
 
-def prepare(gray: np.ndarray, image_size: int) -> np.ndarray:
-    """Resize a [0, 1] grayscale image to ``image_size`` square and quantise to uint8 0..255.
+@dataclass(frozen=True)
+class Preprocessing:
+    """What every image goes through before the model; one value per run, in its metadata.
 
-    The whole image is resized (no crop, no padding), as Keras' ``flow_from_directory`` does;
-    the backbone's own preprocessing lives inside the model.
+    ``crop`` removes that fraction of each side first (text, markers, collimation edges);
+    ``intensity`` normalises the grey levels (``transforms.INTENSITY_MODES``); then the image is
+    resized to ``image_size`` square (no padding, as Keras' ``flow_from_directory`` does) and
+    quantised to uint8. The backbone's own preprocessing lives inside the model.
     """
-    image = Image.fromarray(np.asarray(gray, dtype=np.float32), mode="F")
-    image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
+
+    image_size: int
+    intensity: str = "none"
+    crop: float = 0.0
+
+    def __call__(self, gray: np.ndarray) -> np.ndarray:
+        from covidxray.transforms import crop_border, normalise_intensity
+        gray = np.asarray(gray, dtype=np.float32)
+        if self.crop:
+            gray = crop_border(gray, self.crop)
+        if self.intensity != "none":
+            gray = normalise_intensity(gray, self.intensity)
+        image = Image.fromarray(gray, mode="F")
+        image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        return np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
+
+    @property
+    def name(self) -> str:
+        """Short and unique, for cache folders."""
+        return f"{self.image_size}px-{self.intensity}-crop{self.crop:g}"
 
 
-def load_for_model(path: str | Path, image_size: int, data: bytes | None = None) -> np.ndarray:
-    """The one preprocessing path: file -> (image_size, image_size) uint8 grayscale."""
-    return prepare(read_image(path, data), image_size)
+def as_preprocessing(spec: int | Preprocessing) -> Preprocessing:
+    """An image size alone means: resize only."""
+    return spec if isinstance(spec, Preprocessing) else Preprocessing(int(spec))
+
+
+def prepare(gray: np.ndarray, spec: int | Preprocessing) -> np.ndarray:
+    """A [0, 1] grayscale image -> the (size, size) uint8 model input (see ``Preprocessing``)."""
+    return as_preprocessing(spec)(gray)
+
+
+def load_for_model(path: str | Path, spec: int | Preprocessing,
+                   data: bytes | None = None) -> np.ndarray:
+    """The one preprocessing path: file -> (size, size) uint8 grayscale model input."""
+    return prepare(read_image(path, data), spec)
 
 
 def _check_pixels(path, width: int, height: int, max_pixels: int | None) -> None:

@@ -3,7 +3,7 @@
 ``ImageSequence`` is a ``keras.utils.PyDataset``: Keras runs ``__getitem__`` in ``workers``
 threads while the model trains, on every backend. Each image goes through the one preprocessing
 path (``imageio.load_for_model``); with ``cache_dir`` the prepared image is kept as a small
-``.npy`` named by the file's sha256 and the size, so later epochs and later runs skip decoding
+``.npy`` named by the file's sha256 under a folder named by the preprocessing, so later epochs and later runs skip decoding
 and resizing, and an edited file is a new entry.
 """
 
@@ -17,44 +17,58 @@ import keras
 import numpy as np
 
 from covidxray.fileutil import atomic_path
-from covidxray.imageio import load_for_model
+from covidxray.imageio import Preprocessing, as_preprocessing, load_for_model
 
 
 class ImageSequence(keras.utils.PyDataset):
-    """Batches ``(images (b, size, size, 1) uint8, targets (b,) float32)`` from files.
+    """Batches ``(images (b, size, size, 1) uint8, targets (b,) float32)`` from files, or from
+    images already prepared and held in memory (``items`` an (n, size, size) uint8 array).
 
     With ``shuffle`` the order changes every epoch, drawn from ``seed`` and the epoch number;
-    without, batches follow ``paths``, the same as ``data.load_images`` of them.
+    without, batches follow ``items``, the same as ``data.load_images`` of them. ``augment``
+    (e.g. ``transforms.SourceAugment``) changes each image with a generator seeded by ``seed``,
+    the epoch and the image's index: reproducible, and different every epoch.
     """
 
-    def __init__(self, paths, targets, image_size: int, batch_size: int = 32,
+    def __init__(self, items, targets, spec: int | Preprocessing, batch_size: int = 32,
                  shuffle: bool = False, seed: int = 0, cache_dir: str | Path | None = None,
-                 workers: int = 2):
+                 workers: int = 2, augment=None):
         super().__init__(workers=workers, use_multiprocessing=False)
-        if len(paths) != len(targets):
-            raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
-        self.paths = [str(p) for p in paths]
+        if len(items) != len(targets):
+            raise ValueError(f"{len(items)} images but {len(targets)} targets")
+        self.images = items if isinstance(items, np.ndarray) else None
+        self.paths = None if self.images is not None else [str(p) for p in items]
+        self.augment = augment
         self.targets = np.asarray(targets, dtype=np.float32)
-        self.image_size = image_size
+        self.preprocessing = as_preprocessing(spec)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.cache_dir = Path(cache_dir) / f"{image_size}px" if cache_dir else None
+        self.cache_dir = Path(cache_dir) / self.preprocessing.name if cache_dir else None
         self.epoch = 0
         self.order = self._order()
 
     def _order(self) -> np.ndarray:
         if not self.shuffle:
-            return np.arange(len(self.paths))
-        return np.random.default_rng((self.seed, self.epoch)).permutation(len(self.paths))
+            return np.arange(len(self.targets))
+        return np.random.default_rng((self.seed, self.epoch)).permutation(len(self.targets))
 
     def __len__(self) -> int:
-        return math.ceil(len(self.paths) / self.batch_size)
+        return math.ceil(len(self.targets) / self.batch_size)
 
     def __getitem__(self, index: int):
         chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        images = np.stack([self.load(self.paths[i]) for i in chosen])
+        images = np.stack([self.image(i) for i in chosen])
         return images[..., None], self.targets[chosen]
+
+    def image(self, i: int) -> np.ndarray:
+        """Image ``i`` as the model gets it this epoch."""
+        image = self.images[i] if self.images is not None else self.load(self.paths[i])
+        if self.augment is None:
+            return image
+        rng = np.random.default_rng((self.seed, self.epoch, int(i)))
+        changed = self.augment(image.astype(np.float32) / 255.0, rng)
+        return np.clip(np.rint(changed * 255.0), 0, 255).astype(np.uint8)
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
@@ -63,7 +77,7 @@ class ImageSequence(keras.utils.PyDataset):
     def load(self, path: str) -> np.ndarray:
         """One prepared image, from the decoded-image cache when it holds it."""
         if self.cache_dir is None:
-            return load_for_model(path, self.image_size)
+            return load_for_model(path, self.preprocessing)
         data = Path(path).read_bytes()
         entry = self.cache_dir / f"{hashlib.sha256(data).hexdigest()}.npy"
         if entry.is_file():
@@ -71,7 +85,7 @@ class ImageSequence(keras.utils.PyDataset):
                 return np.load(entry)
             except (OSError, ValueError):
                 pass  # a damaged entry: decode again and replace it
-        image = load_for_model(path, self.image_size, data)
+        image = load_for_model(path, self.preprocessing, data)
         with atomic_path(entry, suffix=".npy") as tmp:
             np.save(tmp, image)
         return image

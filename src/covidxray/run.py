@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from covidxray.data import is_image_candidate
-from covidxray.imageio import ImageReadError, colourfulness, decode, prepare
+from covidxray.imageio import ImageReadError, Preprocessing, colourfulness, decode, prepare
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,13 @@ class Predictor:
         return int(self.metadata["image_size"])
 
     @property
+    def preprocessing(self) -> Preprocessing:
+        """The run's pixel preparation (runs before intensity options: resize only)."""
+        steps = self.metadata.get("preprocessing", {})
+        return Preprocessing(self.image_size, steps.get("intensity", "none"),
+                             float(steps.get("crop", 0.0)))
+
+    @property
     def positive_class(self) -> str:
         return self.metadata["positive_class"]
 
@@ -152,7 +159,7 @@ class Predictor:
                              f"{array.shape}")
         if np.issubdtype(array.dtype, np.integer):
             array = array / float(np.iinfo(array.dtype).max)
-        return prepare(np.clip(array, 0.0, 1.0), self.image_size), colour
+        return prepare(np.clip(array, 0.0, 1.0), self.preprocessing), colour
 
     def predict_paths(self, paths, batch_size: int = 32, workers: int = 2) -> list[Prediction]:
         """Predict every file; unreadable ones come back with ``error`` set, in input order.
@@ -185,7 +192,7 @@ class Predictor:
             decoded = decode(path)
         except ImageReadError as error:
             return path, None, 0.0, error.reason
-        return path, prepare(decoded.gray, self.image_size), decoded.colourfulness, None
+        return path, prepare(decoded.gray, self.preprocessing), decoded.colourfulness, None
 
     def predict(self, item):
         """P(COVID) and label for a path, an array, or a list of them."""

@@ -35,6 +35,7 @@ from covidxray.ood import OOD_FILE, OODGate
 from covidxray.pipeline import ImageSequence
 from covidxray.split import assign_splits, patients_across_splits, read_split_csv, \
     write_split_csv
+from covidxray.transforms import SourceAugment
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def refit_ood_gate(run_dir: str | Path, batch_size: int = 32) -> OODGate:
     run_dir = Path(run_dir)
     predictor = Predictor.load(run_dir)
     records = read_split_records(run_dir / "split.csv", predictor.positive_class)
-    split = {name: load_images([r for r in records if r.split == name], predictor.image_size)
+    split = {name: load_images([r for r in records if r.split == name], predictor.preprocessing)
              for name in ("train", "val")}
     gate = fit_ood_gate(predictor.model, split["train"], split["val"], batch_size)
     gate.save(run_dir / OOD_FILE)
@@ -204,7 +205,7 @@ def prepare_splits(config: TrainConfig, run: Path) -> tuple[Dataset, list, dict[
 
 
 def _load_split(records, split: str, config: TrainConfig) -> LoadedImages:
-    loaded = load_images([r for r in records if r.split == split], config.image_size,
+    loaded = load_images([r for r in records if r.split == split], config.preprocessing,
                          config.strict)
     for error in loaded.failures:
         log.warning("skipped %s: %s", error.path, error.reason)
@@ -283,11 +284,13 @@ def _fit_phase(model, phase, epochs, learning_rate, train_images, val_images, co
         checkpoint,
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
     ]
-    if config.stream:  # batches decoded from the files by worker threads while training
-        train_data = dict(x=ImageSequence([r.path for r in train_images.records],
-                                          train_images.targets, config.image_size,
+    if config.stream or config.source_augment:  # batches made by worker threads
+        augment = SourceAugment() if config.source_augment else None
+        items = [r.path for r in train_images.records] if config.stream else train_images.images
+        train_data = dict(x=ImageSequence(items, train_images.targets, config.preprocessing,
                                           config.batch_size, shuffle=True, seed=config.seed,
-                                          cache_dir=config.image_cache, workers=config.workers))
+                                          cache_dir=config.image_cache, workers=config.workers,
+                                          augment=augment))
     else:
         train_data = dict(x=train_images.images[..., None], y=train_images.targets,
                           batch_size=config.batch_size, shuffle=True)
@@ -342,9 +345,15 @@ def build_metadata(config: TrainConfig, dataset: Dataset, records, hashes: dict[
         "weights": config.weights,
         "preprocessing": {
             "reader": "covidxray.imageio.load_for_model",
+            "intensity": config.intensity,
+            "crop": config.crop,
             "steps": ["decode to grayscale in [0, 1] (DICOM: modality LUT, VOI LUT, "
-                      "MONOCHROME1 inverted)", f"bilinear resize to {config.image_size}x"
-                      f"{config.image_size}", "quantise to uint8 0..255",
+                      "MONOCHROME1 inverted)",
+                      *([f"crop {config.crop:.0%} off each side"] if config.crop else []),
+                      *([f"intensity: {config.intensity}"] if config.intensity != "none"
+                        else []),
+                      f"bilinear resize to {config.image_size}x{config.image_size}",
+                      "quantise to uint8 0..255",
                       f"in the model: gray to 3 channels, '{spec.preprocessing}' mode"],
         },
         "threshold": threshold,

@@ -174,7 +174,7 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
         if not decoded:
             raise HTTPException(422, detail="; ".join(f"{r.filename}: {r.error}"
                                                       for r in results) or "no file")
-        images = np.stack([prepare(d.gray, predictor.image_size) for _, _, d in decoded])
+        images = np.stack([prepare(d.gray, predictor.preprocessing) for _, _, d in decoded])
         with inference_lock:
             predictions, cams = predictor.analyse(images, [n for _, n, _ in decoded],
                                                   [d.colourfulness for _, _, d in decoded])
