@@ -114,7 +114,10 @@ def test_recipe_preprocessing_travels_with_the_run(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_an_interrupted_run(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cached_head", [True, False])
+def test_resume_continues_an_interrupted_run(tiny_data, tmp_path, monkeypatch, cached_head):
+    """Uncached, phase 1 continues from its last backed-up epoch; cached (seconds of work),
+    it is run again from its start. Either way history.csv shows each epoch once."""
     from covidxray import training
 
     def interrupt_during_second_epoch(self, epoch, logs=None):
@@ -122,7 +125,7 @@ def test_resume_continues_an_interrupted_run(tiny_data, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # Keras has backed up epoch 0
 
     monkeypatch.setattr(training._PhaseColumn, "on_epoch_begin", interrupt_during_second_epoch)
-    options = {**TINY_TRAIN, "head_epochs": 2}
+    options = {**TINY_TRAIN, "head_epochs": 2, "cached_head": cached_head}
     with pytest.raises(KeyboardInterrupt):
         covidxray.train(tiny_data, tmp_path / "run", **options)
     assert not (tmp_path / "run" / "model.keras").exists()

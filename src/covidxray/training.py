@@ -7,7 +7,9 @@ learning rate. Both keep the best weights by validation ROC-AUC, stop early, log
 
 from __future__ import annotations
 
+import csv
 import datetime
+import io
 import json
 import logging
 import platform
@@ -26,7 +28,7 @@ from covidxray.config import TrainConfig
 from covidxray.data import DataError, Dataset, LoadedImages, discover, file_hashes, fingerprint, \
     load_images, with_splits
 from covidxray.features import FeatureCache, head_model, model_key
-from covidxray.fileutil import atomic_path, write_json_atomic
+from covidxray.fileutil import atomic_path, write_json_atomic, write_text_atomic
 from covidxray.metrics import apply_temperature, binary_metrics, choose_threshold, \
     fit_temperature
 from covidxray.model import build_model, feature_extractor, forward, get_backbone, \
@@ -250,6 +252,7 @@ def _fit_head_on_features(model, phase, epochs, learning_rate, train_images, val
     val_features = cache.features(model, val_images.images, 0, key=key)
     log.info("phase 1 on cached features: %d images x %d view(s); cache hits %d, misses %d",
              len(train_images.records), len(views), cache.hits, cache.misses)
+    _drop_history_of_phase(run / "history.csv", phase)  # an interrupted attempt's epochs
     head = head_model(model)
     _compile(head, learning_rate)
     stopping = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
@@ -269,6 +272,23 @@ def _fit_head_on_features(model, phase, epochs, learning_rate, train_images, val
         model.save_weights(_best_weights_file(run))
         return best
     return best_so_far
+
+
+def _drop_history_of_phase(history: Path, phase: int) -> None:
+    """Remove ``phase``'s rows from ``history.csv``: a phase that is run again from its start
+    (the cached head phase of a resumed run) must not leave the epochs of its first attempt."""
+    if not history.is_file():
+        return
+    with open(history, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "phase" not in rows[0]:
+        return
+    kept = [row for row in rows if float(row["phase"]) != phase]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(kept)
+    write_text_atomic(history, buffer.getvalue())
 
 
 def _fit_phase(model, phase, epochs, learning_rate, train_images, val_images, config, run,
