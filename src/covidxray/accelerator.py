@@ -45,11 +45,12 @@ def precision_for_hardware(mixed_precision: str = "auto"):
     "on", or "auto" with a GPU present; the previous policy comes back afterwards."""
     if mixed_precision not in ("auto", "on", "off"):
         raise ValueError(f"mixed_precision must be auto, on or off, got {mixed_precision!r}")
-    use = mixed_precision == "on" or (mixed_precision == "auto" and gpu_name() is not None)
+    gpu = gpu_name() if mixed_precision != "off" else None
+    use = mixed_precision == "on" or (mixed_precision == "auto" and gpu is not None)
     previous = keras.config.dtype_policy()
     if use:
         keras.config.set_dtype_policy(MIXED_POLICY)
-        log.info("mixed precision: %s on %s", MIXED_POLICY, gpu_name() or "the CPU")
+        log.info("mixed precision: %s on %s", MIXED_POLICY, gpu or "the CPU")
     try:
         yield MIXED_POLICY if use else previous.name
     finally:

@@ -25,8 +25,7 @@ import numpy as np
 
 from covidxray.config import AugmentConfig
 from covidxray.fileutil import atomic_path
-from covidxray.model import OUTPUT_NAME, augmentation_layers, backbone_of, feature_extractor, \
-    forward
+from covidxray.model import OUTPUT_NAME, augmentation_layers, backbone_of, forward
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class FeatureCache:
             batch = np.asarray(images)[missing]
             if view > 0:
                 batch = augment_view(augment, batch, seed * 1000 + view)
-            computed = forward(model, batch, batch_size, feature_extractor(model)).embeddings
+            computed = forward(model, batch, batch_size).embeddings
             for i, value in zip(missing, computed):
                 self.put(keys[i], value)
                 found[i] = value
