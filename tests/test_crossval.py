@@ -1,5 +1,7 @@
 import csv
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,19 +20,23 @@ def test_fold_score_uses_what_the_held_out_set_supports():
     assert fold_score(metrics(10, 0))["metric"] == "specificity"
 
 
-@pytest.mark.slow
-def test_leave_one_source_out(tiny_data, tmp_path, capsys):
-    # three sources: one with both classes, one COVID only, one NON-COVID only
+def three_source_manifest(tiny_data, path):
+    """Three sources: one with both classes, one COVID only, one NON-COVID only."""
     rows = list(csv.DictReader(open(tiny_data / "manifest.csv")))
     for row in rows:  # by patient, so that no patient spans two sources
         row["file"] = str(tiny_data / row["file"])
         mixed = int(row["patient_id"].rsplit("-", 1)[1]) % 2
         row["source"] = "mixed" if mixed else ("web" if row["label"] == "COVID" else "clinic")
-    manifest = tmp_path / "m.csv"
-    with open(manifest, "w", newline="") as handle:
+    with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    return path
+
+
+@pytest.mark.slow
+def test_leave_one_source_out(tiny_data, tmp_path, capsys):
+    manifest = three_source_manifest(tiny_data, tmp_path / "m.csv")
     out = tmp_path / "cv"
     code = main(["crossval", str(manifest), "--by", "source", "--out", str(out),
                  "--image-size", "64", "--weights", "none", "--finetune-epochs", "1",
@@ -87,3 +93,46 @@ def test_protocol_exposes_a_marker_shortcut_with_the_thumbnail_baseline(tmp_path
     assert "run" not in result["folds"][0]  # baseline only: no model was trained
     assert "thumbnail LR" in format_crossval(result)
     assert list(csv.DictReader(open(tmp_path / "cv" / "crossval.csv")))[0]["thumbnail_value"]
+
+
+@pytest.mark.slow
+def test_interrupted_crossval_resumes_with_the_same_recipe(tiny_data, tmp_path, monkeypatch):
+    import covidxray.crossval as cv
+    from covidxray.config import TrainConfig
+    from covidxray.training import RunExistsError
+    manifest = three_source_manifest(tiny_data, tmp_path / "m.csv")
+    config = TrainConfig(data=str(manifest), out="", image_size=32, weights="none",
+                         finetune_epochs=1, batch_size=8)
+    real_train, trained = cv.train, []
+
+    def train_then_stop(run_config, **kwargs):
+        if len(trained) == 1:  # the second fold is cut off in the middle of training
+            real_train(run_config, **kwargs)
+            (Path(run_config.out) / "model.keras").unlink()
+            raise KeyboardInterrupt
+        trained.append(run_config.out)
+        return real_train(run_config, **kwargs)
+    monkeypatch.setattr(cv, "train", train_then_stop)
+    out = tmp_path / "cv"
+    with pytest.raises(KeyboardInterrupt):
+        cv.crossval(manifest, out, config, random_split=False, n_bootstrap=20)
+    first = json.loads((out / "holdout-clinic" / "fold.json").read_text())
+    assert not (out / "holdout-mixed" / "fold.json").exists()
+
+    with pytest.raises(RunExistsError, match="--resume"):
+        cv.crossval(manifest, out, config, random_split=False, n_bootstrap=20)
+    with pytest.raises(ValueError, match="image_size"):
+        cv.crossval(manifest, out, replace(config, image_size=40), random_split=False,
+                    n_bootstrap=20, resume=True)
+
+    resumed = []
+    monkeypatch.setattr(cv, "train", lambda c, **kw: resumed.append(kw) or real_train(c, **kw))
+    result = cv.crossval(manifest, out, config, random_split=False, n_bootstrap=20,
+                         resume=True)
+    by_fold = {f["fold"]: f for f in result["folds"]}
+    assert by_fold["holdout-clinic"] == first  # reused, not trained again
+    # the interrupted fold continued its run; the fold never started was trained afresh
+    assert [kw["resume"] for kw in resumed] == [True, False]
+    assert (out / "holdout-mixed" / "run" / "model.keras").is_file()
+    assert {f["fold"] for f in result["folds"]} == {"holdout-clinic", "holdout-mixed",
+                                                    "holdout-web"}

@@ -246,7 +246,7 @@ def cmd_crossval(args) -> int:
     config = _train_config(args)
     result = crossval(args.data, args.out, config, by=args.by,
                       random_split=not args.no_random_split, n_bootstrap=args.bootstrap,
-                      train_models=not args.baseline_only)
+                      train_models=not args.baseline_only, resume=args.resume)
     print(format_crossval(result))
     print(f"\nresults written to {Path(args.out) / 'crossval.json'} and crossval.csv")
     return 0
@@ -416,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=500)
     p.add_argument("--baseline-only", action="store_true",
                    help="only the thumbnail logistic regression on the same folds (seconds)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted cross-validation in --out: finished folds are "
+                        "reused, an interrupted fold resumes (same options required)")
     _add_train_options(p)
     p.set_defaults(func=cmd_crossval)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import time
 from dataclasses import replace
@@ -22,7 +23,7 @@ from covidxray.evaluation import evaluate, per_source, summarise
 from covidxray.fileutil import write_json_atomic, write_text_atomic
 from covidxray.imageio import Preprocessing
 from covidxray.split import assign_splits
-from covidxray.training import train
+from covidxray.training import RunExistsError, train
 
 log = logging.getLogger(__name__)
 
@@ -68,33 +69,62 @@ def _baseline_score(records: list[Record], config: TrainConfig, n_bootstrap: int
 
 
 def _train_and_score(records: list[Record], name: str, config: TrainConfig, out: Path,
-                     n_bootstrap: int, train_model: bool = True) -> dict:
+                     n_bootstrap: int, train_model: bool = True, resume: bool = False) -> dict:
+    fold_dir = out / name
+    finished = fold_dir / "fold.json"
+    if resume and finished.is_file():
+        log.info("%s: finished earlier, result reused", name)
+        return json.loads(finished.read_text())
     test = [r for r in records if r.split == "test"]
     row = {"fold": name, "test_images": len(test), "test_positive": sum(r.target for r in test),
            "thumbnail_baseline": _baseline_score(records, config, n_bootstrap)}
     if not train_model:
         return row
-    fold_dir = out / name
-    manifest = _write_manifest(fold_dir / "data.csv", records)
+    run = fold_dir / "run"
     started = time.monotonic()
-    run = train(replace(config, data=str(manifest), out=str(fold_dir / "run"),
-                        split_file=None, source_from_prefix=False), verbose=0)
+    if not (resume and (run / "model.keras").is_file()):
+        manifest = _write_manifest(fold_dir / "data.csv", records)
+        train(replace(config, data=str(manifest), out=str(run), split_file=None,
+                      source_from_prefix=False),
+              resume=resume and (run / "config.json").is_file(), verbose=0)
     seconds = time.monotonic() - started
     metrics = evaluate(run, n_bootstrap=n_bootstrap, seed=config.seed, shortcut_images=0)
-    return {**row, "run": str(run), "train_seconds": round(seconds, 1),
-            "threshold": metrics["threshold"], **fold_score(metrics),
-            "metrics": {k: v["value"] for k, v in metrics["overall"]["metrics"].items()},
-            "per_source": {s: fold_score({"overall": v})
-                           for s, v in metrics["per_source"].items()}}
+    row = {**row, "run": str(run), "train_seconds": round(seconds, 1), "resumed": resume,
+           "threshold": metrics["threshold"], **fold_score(metrics),
+           "metrics": {k: v["value"] for k, v in metrics["overall"]["metrics"].items()},
+           "per_source": {s: fold_score({"overall": v})
+                          for s, v in metrics["per_source"].items()}}
+    write_json_atomic(finished, row)
+    return row
+
+
+def _claim(out: Path, config: TrainConfig, resume: bool) -> None:
+    """Record the recipe of a cross-validation in ``out``; one that is there already may only
+    be continued (``resume``) with the same recipe, so no table mixes two recipes' folds."""
+    saved = out / "config.json"
+    wanted = json.loads(json.dumps(config.to_dict()))
+    if not saved.is_file():
+        write_json_atomic(saved, wanted)
+        return
+    if not resume:
+        raise RunExistsError(f"{out} already holds a cross-validation: use --resume to "
+                             f"continue it, or another --out")
+    earlier = json.loads(saved.read_text())
+    changed = sorted(k for k in set(earlier) | set(wanted) if earlier.get(k) != wanted.get(k))
+    if changed:
+        raise ValueError(f"{out}: the cross-validation there has other settings "
+                         f"({', '.join(changed)}); continue it with the same options, or use "
+                         f"another --out")
 
 
 def crossval(data: str | Path, out: str | Path, config: TrainConfig, by: str = "source",
              random_split: bool = True, n_bootstrap: int = 500,
-             train_models: bool = True) -> dict:
+             train_models: bool = True, resume: bool = False) -> dict:
     """Train one model per held-out ``by`` value (only "source" for now), plus one on a random
     split, and score the thumbnail baseline on the same folds; returns and writes
     ``out/crossval.json`` and ``out/crossval.csv``. Without ``train_models``, only the baseline
-    (seconds instead of hours)."""
+    (seconds instead of hours). With ``resume``, an interrupted cross-validation in ``out``
+    continues: finished folds are reused and an interrupted fold run resumes."""
     if by != "source":
         raise ValueError(f"crossval --by {by!r} is not supported (use source)")
     out = Path(out)
@@ -106,6 +136,8 @@ def crossval(data: str | Path, out: str | Path, config: TrainConfig, by: str = "
     sources = sorted({r.source for r in dataset.records})
     if len(sources) < 2:
         raise DataError(f"leave-one-source-out needs at least two sources, found {sources}")
+    if train_models:
+        _claim(out, config, resume)
     train_share = config.split_fractions[0] / (config.split_fractions[0]
                                                + config.split_fractions[1])
     plain = [replace(r, split="") for r in dataset.records]
@@ -116,14 +148,14 @@ def crossval(data: str | Path, out: str | Path, config: TrainConfig, by: str = "
                              (train_share, 1 - train_share, 0.0), config.seed)
         test = [replace(r, split="test") for r in plain if r.source == held]
         folds.append(_train_and_score(rest + test, f"holdout-{held}", config, out,
-                                      n_bootstrap, train_models))
+                                      n_bootstrap, train_models, resume))
     result = {"data": str(data), "by": by, "synthetic_data": dataset.synthetic,
               "config": config.to_dict(), "folds": folds}
     if random_split:
         log.info("random split of all sources")
         result["random_split"] = _train_and_score(
             assign_splits(plain, config.split_fractions, config.seed), "random-split", config,
-            out, n_bootstrap, train_models)
+            out, n_bootstrap, train_models, resume)
     write_json_atomic(out / "crossval.json", result)
     rows = folds + ([result["random_split"]] if random_split else [])
     buffer = io.StringIO()
