@@ -81,16 +81,6 @@ def test_target_sensitivity_threshold():
     assert binary_metrics(y, s, higher)["sensitivity"] < 0.95
 
 
-def test_weighted_threshold_counts_weighted_images():
-    # a positive at 0.3 among negatives: unweighted Youden does not move the threshold down to
-    # it; weighted twice as much as all the other positives together, it does
-    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
-    s = np.array([0.1, 0.2, 0.35, 0.4, 0.3, 0.8, 0.85, 0.9, 0.95])
-    assert choose_threshold(y, s) == pytest.approx(0.8)
-    weights = np.array([1, 1, 1, 1, 8, 1, 1, 1, 1], dtype=float)
-    assert choose_threshold(y, s, sample_weight=weights) == pytest.approx(0.3)
-
-
 def test_threshold_needs_both_classes_and_valid_input():
     with pytest.raises(ValueError, match="both classes"):
         choose_threshold([1, 1], [0.1, 0.2])

@@ -69,18 +69,6 @@ def test_in_memory_images_with_source_augmentation(records):
     assert not np.array_equal(first[0][0], images)  # a new view every epoch
 
 
-def test_weights_travel_with_their_images(records):
-    loaded = load_images(records, 32)
-    weights = np.arange(len(records), dtype=np.float32)
-    sequence = ImageSequence(loaded.images, loaded.targets, 32, batch_size=4, shuffle=True,
-                             seed=3, weights=weights)
-    for index in range(len(sequence)):
-        images, targets, batch_weights = sequence[index]
-        chosen = sequence.order[index * 4:(index + 1) * 4]
-        np.testing.assert_array_equal(batch_weights, weights[chosen])
-        np.testing.assert_array_equal(targets, loaded.targets[chosen])
-
-
 def test_a_model_fits_from_the_sequence(records):
     import keras
 

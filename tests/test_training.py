@@ -6,8 +6,7 @@ import pytest
 import covidxray
 from covidxray.config import TrainConfig
 from covidxray.data import DataError
-from covidxray.data import Record
-from covidxray.training import RunExistsError, sample_weights
+from covidxray.training import RunExistsError, class_weights
 from conftest import TINY_TRAIN
 
 
@@ -74,33 +73,9 @@ def test_given_split_with_patient_leak_is_refused(tmp_path):
     assert not (tmp_path / "run" / "model.keras").exists()
 
 
-def _records(cells):
-    return [Record(f"{source}-{target}-{i}.png", "COVID" if target else "NORMAL", target,
-                   source=source)
-            for source, target, n in cells for i in range(n)]
-
-
-def test_class_balance_weighs_each_class_the_same():
-    records = _records([("a", 1, 1), ("a", 0, 3)])
-    weights = sample_weights(records, "class")
-    assert weights[0] * 1 == pytest.approx(weights[1] * 3)
-    assert weights.mean() == pytest.approx(1.0)
-    assert sample_weights(records, "none") is None
-
-
-def test_source_balance_weighs_each_source_and_class_cell_the_same():
-    # a source that is mostly one class: its few images of the other class weigh as much as
-    # its majority, and as much as a whole single-class source
-    records = _records([("big", 0, 90), ("big", 1, 10), ("onlycovid", 1, 50)])
-    weights = sample_weights(records, "source")
-    totals = {}
-    for r, w in zip(records, weights):
-        totals[(r.source, r.target)] = totals.get((r.source, r.target), 0.0) + w
-    assert np.allclose(list(totals.values()), len(records) / 3)
-    assert weights.mean() == pytest.approx(1.0)
-    # without sources it is class balance
-    plain = [Record(r.path, r.label, r.target) for r in records]
-    assert np.allclose(sample_weights(plain, "source"), sample_weights(plain, "class"))
+def test_class_weights_balance_the_loss():
+    weights = class_weights(np.array([1, 0, 0, 0], dtype=np.float32))
+    assert weights[1] * 1 == pytest.approx(weights[0] * 3)
 
 
 def test_config_validation():
@@ -110,8 +85,6 @@ def test_config_validation():
         TrainConfig(data="d", out="o", split_fractions=(0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match="intensity"):
         TrainConfig(data="d", out="o", intensity="magic")
-    with pytest.raises(ValueError, match="balance"):
-        TrainConfig(data="d", out="o", balance="sources")
     with pytest.raises(ValueError, match="crop"):
         TrainConfig(data="d", out="o", crop=0.5)
     with pytest.raises(ValueError, match="unfreeze_stages"):
@@ -120,12 +93,12 @@ def test_config_validation():
 
 @pytest.mark.slow
 def test_recipe_preprocessing_travels_with_the_run(tiny_data, tmp_path):
-    """A run trained with intensity normalisation, a crop, streamed weighted batches, source
+    """A run trained with intensity normalisation, a crop, streamed batches, source
     augmentation and an uncached head applies the same preprocessing wherever it is used."""
     from covidxray.data import discover, load_images
     from covidxray.run import Predictor
     options = {**TINY_TRAIN, "intensity": "percentile", "crop": 0.05, "stream": True,
-               "source_augment": True, "cached_head": False, "balance": "source",
+               "source_augment": True, "cached_head": False,
                "image_cache": str(tmp_path / "decoded")}
     run = covidxray.train(tiny_data, tmp_path / "run", verbose=0, **options)
     predictor = Predictor.load(run)

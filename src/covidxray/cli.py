@@ -32,7 +32,7 @@ def _stages(value: str) -> int | str:
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    from covidxray.config import BALANCE_MODES, AugmentConfig, TrainConfig
+    from covidxray.config import AugmentConfig, TrainConfig
     from covidxray.model import BACKBONES
     from covidxray.transforms import INTENSITY_MODES
     d = TrainConfig(data="", out="")
@@ -87,9 +87,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                      help="with --stream: decoding threads (default %(default)s)")
     fit.add_argument("--patience", type=int, default=d.patience,
                      help="epochs without a better validation ROC-AUC before stopping")
-    fit.add_argument("--balance", choices=BALANCE_MODES, default=d.balance,
-                     help="weigh each class the same (default), each (source, class) cell "
-                          "the same, or every image the same")
+    fit.add_argument("--no-class-weights", action="store_true",
+                     help="do not weight the loss by inverse class frequency")
     fit.add_argument("--no-augment", action="store_true", help="no random augmentation")
     fit.add_argument("--rotation", type=float, default=a.rotation_degrees,
                      help="max rotation in degrees (default %(default)s)")
@@ -141,7 +140,7 @@ def _train_config(args):
         head_views=args.head_views, feature_cache=args.feature_cache, stream=args.stream,
         image_cache=args.image_cache, workers=args.workers,
         mixed_precision=args.mixed_precision,
-        balance=args.balance, augment=augment,
+        class_weights=not args.no_class_weights, augment=augment,
         split_fractions=(1 - args.val_fraction - args.test_fraction, args.val_fraction,
                          args.test_fraction),
         split_file=args.split_file, seed=args.seed, positive_class=args.positive_class,

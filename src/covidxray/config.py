@@ -28,11 +28,6 @@ class AugmentConfig:
                     self.contrast, self.horizontal_flip])
 
 
-# "class": each class weighs the same; "source": each (source, class) cell weighs the same, so
-# that the few images against a source's majority (the COVID films of a mostly-normal source)
-# count as much as the source's majority, and the source alone predicts little; "none"
-BALANCE_MODES = ("none", "class", "source")
-
 RECIPES = {
     "pretrained": {"head_epochs": 10, "head_learning_rate": 1e-3, "finetune_epochs": 5,
                    "finetune_learning_rate": 1e-5, "unfreeze_stages": 1},
@@ -73,9 +68,7 @@ class TrainConfig:
     workers: int = 2
     mixed_precision: str = "auto"  # bfloat16 on a GPU; "on" or "off" to choose
     steps_per_epoch: int | None = None  # None: the whole training split per epoch
-    # how each training image weighs in the loss (and in the validation AUC that picks the
-    # best epoch): BALANCE_MODES
-    balance: str = "class"
+    class_weights: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # random gamma, blur / noise, JPEG quality, borders and crops (transforms.SourceAugment)
     # on the training images of phase 2: cues that name a source rather than the disease
@@ -135,8 +128,6 @@ class TrainConfig:
                              f"{self.mixed_precision!r}")
         if self.head_views < 0:
             raise ValueError("head_views cannot be negative")
-        if self.balance not in BALANCE_MODES:
-            raise ValueError(f"balance must be one of {BALANCE_MODES}, got {self.balance!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
 
@@ -150,6 +141,4 @@ class TrainConfig:
     def load(cls, path: str | Path) -> "TrainConfig":
         values = json.loads(Path(path).read_text())
         known = {f.name for f in dataclasses.fields(cls)}
-        if values.get("class_weights") is False:  # a run from before 'balance'
-            values.setdefault("balance", "none")
         return cls(**{k: v for k, v in values.items() if k in known})

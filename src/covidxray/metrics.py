@@ -102,18 +102,17 @@ def bootstrap_ci(y_true, scores, threshold: float, n_resamples: int = 1000,
 
 
 def choose_threshold(y_true, scores, method: str = "youden",
-                     target_sensitivity: float = 0.95, sample_weight=None) -> float:
+                     target_sensitivity: float = 0.95) -> float:
     """The operating threshold, chosen on validation data only.
 
     ``youden`` maximises sensitivity + specificity - 1; ``sensitivity`` takes the highest
     threshold whose sensitivity reaches ``target_sensitivity`` (so specificity is the best
-    possible at that sensitivity). ``sample_weight`` weighs the images in both rates.
+    possible at that sensitivity).
     """
     y_true, scores = _validate(y_true, scores)
     if not 0 < y_true.sum() < y_true.size:
         raise ValueError("choosing a threshold needs both classes in the validation data")
-    fpr, tpr, thresholds = roc_curve(y_true, scores, sample_weight=sample_weight,
-                                     drop_intermediate=False)
+    fpr, tpr, thresholds = roc_curve(y_true, scores, drop_intermediate=False)
     finite = np.isfinite(thresholds)  # scikit-learn's first threshold is +inf
     fpr, tpr, thresholds = fpr[finite], tpr[finite], thresholds[finite]
     if method == "youden":

@@ -27,13 +27,12 @@ class ImageSequence(keras.utils.PyDataset):
     With ``shuffle`` the order changes every epoch, drawn from ``seed`` and the epoch number;
     without, batches follow ``items``, the same as ``data.load_images`` of them. ``augment``
     (e.g. ``transforms.SourceAugment``) changes each image with a generator seeded by ``seed``,
-    the epoch and the image's index: reproducible, and different every epoch. With
-    ``weights`` (one per image) each batch carries its images' loss weights as a third item.
+    the epoch and the image's index: reproducible, and different every epoch.
     """
 
     def __init__(self, items, targets, spec: int | Preprocessing, batch_size: int = 32,
                  shuffle: bool = False, seed: int = 0, cache_dir: str | Path | None = None,
-                 workers: int = 2, augment=None, weights=None):
+                 workers: int = 2, augment=None):
         super().__init__(workers=workers, use_multiprocessing=False)
         if len(items) != len(targets):
             raise ValueError(f"{len(items)} images but {len(targets)} targets")
@@ -41,7 +40,6 @@ class ImageSequence(keras.utils.PyDataset):
         self.paths = None if self.images is not None else [str(p) for p in items]
         self.augment = augment
         self.targets = np.asarray(targets, dtype=np.float32)
-        self.weights = None if weights is None else np.asarray(weights, dtype=np.float32)
         self.preprocessing = as_preprocessing(spec)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -61,9 +59,7 @@ class ImageSequence(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         images = np.stack([self.image(i) for i in chosen])
-        if self.weights is None:
-            return images[..., None], self.targets[chosen]
-        return images[..., None], self.targets[chosen], self.weights[chosen]
+        return images[..., None], self.targets[chosen]
 
     def image(self, i: int) -> np.ndarray:
         """Image ``i`` as the model gets it this epoch."""

@@ -127,8 +127,7 @@ def finalize_run(model, config: TrainConfig, dataset: Dataset, records, hashes: 
         val_scores = apply_temperature(val_scores, temperature)
         log.info("temperature scaling: T = %.3f (fitted on validation)", temperature)
     threshold = choose_threshold(val_images.targets, val_scores, config.threshold_method,
-                                 config.target_sensitivity,
-                                 sample_weights(val_images.records, config.balance))
+                                 config.target_sensitivity)
     val_metrics = binary_metrics(val_images.targets, val_scores, threshold)
     log.info("validation ROC-AUC %.3f; threshold %.4f (%s)", val_metrics["roc_auc"], threshold,
              config.threshold_method)
@@ -259,12 +258,11 @@ def _fit_head_on_features(model, phase, epochs, learning_rate, train_images, val
     stopping = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
                                              patience=config.patience,
                                              restore_best_weights=True)
-    weights = sample_weights(train_images.records, config.balance)
     history = head.fit(
         np.concatenate(views), np.tile(train_images.targets, len(views)),
-        sample_weight=None if weights is None else np.tile(weights, len(views)),
-        validation_data=_with_weights(val_features, val_images, config.balance), epochs=epochs,
+        validation_data=(val_features, val_images.targets), epochs=epochs,
         batch_size=config.batch_size, shuffle=True,
+        class_weight=class_weights(train_images.targets) if config.class_weights else None,
         callbacks=[_PhaseColumn(phase), keras.callbacks.CSVLogger(str(run / "history.csv"),
                                                                   append=True), stopping],
         verbose=verbose)
@@ -293,14 +291,6 @@ def _drop_history_of_phase(history: Path, phase: int) -> None:
     write_text_atomic(history, buffer.getvalue())
 
 
-def _with_weights(inputs, loaded: LoadedImages, balance: str) -> tuple:
-    """Validation data weighted as the training loss is, so that the validation ROC-AUC that
-    picks the best epoch is one where a source alone predicts as little as it does in training
-    (class weights leave an AUC unchanged)."""
-    weights = sample_weights(loaded.records, balance)
-    return (inputs, loaded.targets) if weights is None else (inputs, loaded.targets, weights)
-
-
 def _fit_phase(model, phase, epochs, learning_rate, train_images, val_images, config, run,
                best_so_far, verbose) -> float | None:
     _compile(model, learning_rate)
@@ -314,36 +304,31 @@ def _fit_phase(model, phase, epochs, learning_rate, train_images, val_images, co
         checkpoint,
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
     ]
-    weights = sample_weights(train_images.records, config.balance)
     if config.stream or config.source_augment:  # batches made by worker threads
         augment = SourceAugment() if config.source_augment else None
         items = [r.path for r in train_images.records] if config.stream else train_images.images
         train_data = dict(x=ImageSequence(items, train_images.targets, config.preprocessing,
                                           config.batch_size, shuffle=True, seed=config.seed,
                                           cache_dir=config.image_cache, workers=config.workers,
-                                          augment=augment, weights=weights))
+                                          augment=augment))
     else:
         train_data = dict(x=train_images.images[..., None], y=train_images.targets,
-                          sample_weight=weights, batch_size=config.batch_size, shuffle=True)
+                          batch_size=config.batch_size, shuffle=True)
     model.fit(**train_data,
-              validation_data=_with_weights(val_images.images[..., None], val_images,
-                                            config.balance),
-              epochs=epochs, callbacks=callbacks, verbose=verbose)
+              validation_data=(val_images.images[..., None], val_images.targets),
+              epochs=epochs,
+              class_weight=class_weights(train_images.targets) if config.class_weights else None,
+              callbacks=callbacks, verbose=verbose)
     # BackupAndRestore leaves its restored epoch on the model, and fit() would start the next
     # phase there; each phase counts its epochs from 0
     model._initial_epoch = None
     return None if checkpoint.best in (None, float("-inf")) else float(checkpoint.best)
 
 
-def sample_weights(records, balance: str) -> np.ndarray | None:
-    """Per-image loss weights (mean 1) that give every cell the same total weight: cells are
-    the classes (``balance="class"``) or the (source, class) pairs (``"source"``; images with no
-    source share one). ``"none"``: None, every image the same."""
-    if balance == "none":
-        return None
-    cells = [(r.source if balance == "source" else "", r.target) for r in records]
-    counts = Counter(cells)
-    return np.array([len(cells) / (len(counts) * counts[c]) for c in cells], dtype=np.float32)
+def class_weights(targets: np.ndarray) -> dict[int, float]:
+    """Inverse-frequency weights so each class contributes equally to the loss."""
+    counts = np.bincount(targets.astype(int), minlength=2)
+    return {c: float(targets.size / (2 * counts[c])) for c in (0, 1)}
 
 
 def library_versions() -> dict[str, str]:
