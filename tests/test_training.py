@@ -78,6 +78,19 @@ def test_class_weights_balance_the_loss():
     assert weights[1] * 1 == pytest.approx(weights[0] * 3)
 
 
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from covidxray.training import learning_rate_schedule
+    assert learning_rate_schedule(1e-3, "constant", 100) == 1e-3
+    rate = learning_rate_schedule(1e-3, "cosine", 100)
+    at = [float(rate(step)) for step in (0, 5, 10, 55, 100)]
+    assert at[0] == pytest.approx(1e-4)  # warm-up starts at a tenth
+    assert at[0] < at[1] < at[2] == pytest.approx(1e-3)  # and reaches the rate at 10%
+    assert at[2] > at[3] > at[4]
+    assert at[4] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(data="d", out="o", schedule="step")
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="nothing to train"):
         TrainConfig(data="d", out="o", head_epochs=0, finetune_epochs=0)
@@ -98,7 +111,7 @@ def test_recipe_preprocessing_travels_with_the_run(tiny_data, tmp_path):
     from covidxray.data import discover, load_images
     from covidxray.run import Predictor
     options = {**TINY_TRAIN, "intensity": "percentile", "crop": 0.05, "stream": True,
-               "source_augment": True, "cached_head": False,
+               "source_augment": True, "cached_head": False, "schedule": "cosine",
                "image_cache": str(tmp_path / "decoded")}
     run = covidxray.train(tiny_data, tmp_path / "run", verbose=0, **options)
     predictor = Predictor.load(run)

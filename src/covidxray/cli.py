@@ -32,7 +32,7 @@ def _stages(value: str) -> int | str:
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    from covidxray.config import AugmentConfig, TrainConfig
+    from covidxray.config import SCHEDULES, AugmentConfig, TrainConfig
     from covidxray.model import BACKBONES
     from covidxray.transforms import INTENSITY_MODES
     d = TrainConfig(data="", out="")
@@ -85,6 +85,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                      help="with --stream: keep decoded, resized images here for later epochs")
     fit.add_argument("--workers", type=int, default=d.workers,
                      help="with --stream: decoding threads (default %(default)s)")
+    fit.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                     help="learning rate within each phase: constant (default), or a warm-up "
+                          "over the first tenth of the steps and a cosine decay to zero")
     fit.add_argument("--patience", type=int, default=d.patience,
                      help="epochs without a better validation ROC-AUC before stopping")
     fit.add_argument("--no-class-weights", action="store_true",
@@ -135,7 +138,7 @@ def _train_config(args):
         batch_size=args.batch_size, head_epochs=args.head_epochs,
         head_learning_rate=args.head_lr, finetune_epochs=args.finetune_epochs,
         finetune_learning_rate=args.finetune_lr, unfreeze_stages=args.unfreeze_stages,
-        patience=args.patience, cached_head=not args.no_cached_head,
+        patience=args.patience, schedule=args.schedule, cached_head=not args.no_cached_head,
         source_augment=args.source_augment,
         head_views=args.head_views, feature_cache=args.feature_cache, stream=args.stream,
         image_cache=args.image_cache, workers=args.workers,

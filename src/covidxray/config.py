@@ -28,6 +28,9 @@ class AugmentConfig:
                     self.contrast, self.horizontal_flip])
 
 
+# "cosine": warm-up over the first tenth of a phase's steps, then cosine decay to zero
+SCHEDULES = ("constant", "cosine")
+
 RECIPES = {
     "pretrained": {"head_epochs": 10, "head_learning_rate": 1e-3, "finetune_epochs": 5,
                    "finetune_learning_rate": 1e-5, "unfreeze_stages": 1},
@@ -57,6 +60,7 @@ class TrainConfig:
     finetune_learning_rate: float | None = None
     unfreeze_stages: int | str | None = None  # a number from the top, or "all" (stem included)
     patience: int = 3  # early stopping on validation ROC-AUC
+    schedule: str = "constant"  # learning rate of each phase: SCHEDULES
     # phase 1 trains the head on backbone features computed once per image (and per augmented
     # view) instead of running the frozen backbone every epoch; see covidxray.features
     cached_head: bool = True
@@ -67,7 +71,6 @@ class TrainConfig:
     image_cache: str | None = None  # with stream: keep decoded, resized images here
     workers: int = 2
     mixed_precision: str = "auto"  # bfloat16 on a GPU; "on" or "off" to choose
-    steps_per_epoch: int | None = None  # None: the whole training split per epoch
     class_weights: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # random gamma, blur / noise, JPEG quality, borders and crops (transforms.SourceAugment)
@@ -128,6 +131,8 @@ class TrainConfig:
                              f"{self.mixed_precision!r}")
         if self.head_views < 0:
             raise ValueError("head_views cannot be negative")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
 

@@ -12,6 +12,7 @@ import datetime
 import io
 import json
 import logging
+import math
 import platform
 import shutil
 import warnings
@@ -234,8 +235,24 @@ def _best_weights_file(run: Path) -> Path:
     return run / ".checkpoints" / "best.weights.h5"
 
 
-def _compile(model, learning_rate: float) -> None:
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+def learning_rate_schedule(learning_rate: float, schedule: str, total_steps: int):
+    """``constant``: ``learning_rate`` throughout. ``cosine``: a linear warm-up from a tenth of
+    it over the first tenth of the steps (Adam's first steps on a random network are the
+    unstable ones), then a cosine decay to zero at ``total_steps``."""
+    if schedule == "constant":
+        return learning_rate
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    warmup = max(1, total_steps // 10)
+    return keras.optimizers.schedules.CosineDecay(
+        learning_rate / 10, decay_steps=max(1, total_steps - warmup),
+        warmup_target=learning_rate, warmup_steps=warmup)
+
+
+def _compile(model, learning_rate: float, schedule: str = "constant",
+             total_steps: int = 1) -> None:
+    rate = learning_rate_schedule(learning_rate, schedule, total_steps)
+    model.compile(optimizer=keras.optimizers.Adam(rate),
                   loss=keras.losses.BinaryCrossentropy(),
                   metrics=[keras.metrics.AUC(name="auc"),
                            keras.metrics.BinaryAccuracy(name="accuracy")])
@@ -254,7 +271,8 @@ def _fit_head_on_features(model, phase, epochs, learning_rate, train_images, val
              len(train_images.records), len(views), cache.hits, cache.misses)
     _drop_history_of_phase(run / "history.csv", phase)  # an interrupted attempt's epochs
     head = head_model(model)
-    _compile(head, learning_rate)
+    _compile(head, learning_rate, config.schedule,
+             epochs * math.ceil(len(views) * len(train_images.records) / config.batch_size))
     stopping = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
                                              patience=config.patience,
                                              restore_best_weights=True)
@@ -293,7 +311,8 @@ def _drop_history_of_phase(history: Path, phase: int) -> None:
 
 def _fit_phase(model, phase, epochs, learning_rate, train_images, val_images, config, run,
                best_so_far, verbose) -> float | None:
-    _compile(model, learning_rate)
+    _compile(model, learning_rate, config.schedule,
+             epochs * math.ceil(len(train_images.records) / config.batch_size))
     checkpoint = keras.callbacks.ModelCheckpoint(
         _best_weights_file(run), monitor="val_auc", mode="max",
         save_best_only=True, save_weights_only=True, initial_value_threshold=best_so_far)
