@@ -112,6 +112,7 @@ def test_recipe_preprocessing_travels_with_the_run(tiny_data, tmp_path):
     from covidxray.run import Predictor
     options = {**TINY_TRAIN, "intensity": "percentile", "crop": 0.05, "stream": True,
                "source_augment": True, "cached_head": False, "schedule": "cosine",
+               "test_time_views": 2,
                "image_cache": str(tmp_path / "decoded")}
     run = covidxray.train(tiny_data, tmp_path / "run", verbose=0, **options)
     predictor = Predictor.load(run)
@@ -124,6 +125,24 @@ def test_recipe_preprocessing_travels_with_the_run(tiny_data, tmp_path):
     assert predictor.predict_prepared(prepared)[0] == pytest.approx(from_path, abs=1e-5)
     plain = load_images([record], predictor.image_size).images
     assert not np.array_equal(prepared, plain)  # the recipe's steps did change the pixels
+
+    # test-time views: every score, and the threshold chosen on validation, is the mean over
+    # the image and its views
+    from covidxray.metrics import choose_threshold
+    from covidxray.model import predict_scores
+    from covidxray.split import read_split_records
+    from covidxray.transforms import source_cue_view
+    assert predictor.test_time_views == 2
+    own = lambda x: predict_scores(predictor.model, x)  # noqa: E731
+    by_hand = (own(prepared) + own(source_cue_view(prepared, 0))
+               + own(source_cue_view(prepared, 1))) / 3
+    assert from_path == pytest.approx(float(by_hand[0]), abs=1e-5)
+    val = load_images([r for r in read_split_records(run / "split.csv", "COVID")
+                       if r.split == "val"], predictor.preprocessing)
+    val_scores = np.mean([own(val.images)] + [own(source_cue_view(val.images, k))
+                                               for k in range(2)], axis=0)
+    assert predictor.threshold == pytest.approx(choose_threshold(val.targets, val_scores),
+                                                abs=1e-5)
 
 
 @pytest.mark.slow

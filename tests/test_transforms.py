@@ -73,3 +73,27 @@ def test_unknown_mode_and_bad_shape_are_refused(film):
         normalise_intensity(film, "magic")
     with pytest.raises(ValueError, match="2-D"):
         percentile_window(np.zeros((4, 4, 3)))
+
+
+def test_test_time_view_does_not_depend_on_the_batch(film):
+    from covidxray.transforms import source_cue_view
+    images = np.stack([np.rint(film * 255), np.rint(film[::-1] * 255)]).astype(np.uint8)
+    view = source_cue_view(images, view=3, seed=1)
+    assert view.shape == images.shape and view.dtype == np.uint8
+    assert not np.array_equal(view, images)
+    np.testing.assert_array_equal(view[1:], source_cue_view(images[1:], view=3, seed=1))
+    np.testing.assert_array_equal(view, source_cue_view(images, view=3, seed=1))
+    assert not np.array_equal(view, source_cue_view(images, view=4, seed=1))
+
+
+def test_mean_over_views_averages_the_image_and_its_views(film):
+    from covidxray.transforms import mean_over_views, source_cue_view
+    images = np.stack([np.rint(film * 255)] * 3).astype(np.uint8)
+    score = lambda x: x.reshape(len(x), -1).mean(axis=1) / 255.0  # noqa: E731
+    assert np.allclose(mean_over_views(score, images, 0), score(images))
+    expected = (score(images) + score(source_cue_view(images, 0))
+                + score(source_cue_view(images, 1))) / 3
+    assert np.allclose(mean_over_views(score, images, 2), expected, atol=1e-6)
+    given = np.full(3, 0.5)  # the image's own score, already computed
+    assert np.allclose(mean_over_views(score, images, 1, first=given),
+                       (0.5 + score(source_cue_view(images, 0))) / 2, atol=1e-6)

@@ -102,6 +102,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--source-augment", action="store_true",
                      help="also randomise gamma, blur, noise, JPEG quality, borders and crops "
                           "(phase 2): cues that tell sources apart")
+    fit.add_argument("--test-time-views", type=int, default=d.test_time_views, metavar="K",
+                     help="score every image as the mean over it and K seeded source-cue "
+                          "views (test-time augmentation; K+1 forward passes per image)")
     fit.add_argument("--horizontal-flip", action="store_true",
                      help="also flip left-right (off by default: anatomy is not symmetric)")
     split = parser.add_argument_group("data and split")
@@ -139,7 +142,7 @@ def _train_config(args):
         head_learning_rate=args.head_lr, finetune_epochs=args.finetune_epochs,
         finetune_learning_rate=args.finetune_lr, unfreeze_stages=args.unfreeze_stages,
         patience=args.patience, schedule=args.schedule, cached_head=not args.no_cached_head,
-        source_augment=args.source_augment,
+        source_augment=args.source_augment, test_time_views=args.test_time_views,
         head_views=args.head_views, feature_cache=args.feature_cache, stream=args.stream,
         image_cache=args.image_cache, workers=args.workers,
         mixed_precision=args.mixed_precision,

@@ -76,6 +76,9 @@ class TrainConfig:
     # random gamma, blur / noise, JPEG quality, borders and crops (transforms.SourceAugment)
     # on the training images of phase 2: cues that name a source rather than the disease
     source_augment: bool = False
+    # test-time augmentation: every score (the threshold's on validation included) is the mean
+    # over the image and this many seeded source-cue views of it
+    test_time_views: int = 0
     split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
     split_file: str | None = None  # reuse an earlier split.csv
     seed: int = 0
@@ -129,8 +132,8 @@ class TrainConfig:
         if self.mixed_precision not in ("auto", "on", "off"):
             raise ValueError(f"mixed_precision must be auto, on or off, got "
                              f"{self.mixed_precision!r}")
-        if self.head_views < 0:
-            raise ValueError("head_views cannot be negative")
+        if self.head_views < 0 or self.test_time_views < 0:
+            raise ValueError("head_views and test_time_views cannot be negative")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.dropout < 1:

@@ -215,10 +215,17 @@ def claim_items(meta: dict, config: dict, metrics: dict, audit: dict | None) -> 
         ("Model", f"{meta['backbone']} (keras.applications), global average pooling, dropout "
                   f"{config['dropout']}, one sigmoid unit; input {meta['image_size']} px"),
         ("Initialisation", f"weights: {meta['weights']}"),
+        ("Preprocessing", "; ".join(meta["preprocessing"]["steps"])),
         ("Training", f"phase 1 {config['head_epochs']} epochs at {config['head_learning_rate']}, "
                      f"phase 2 {config['finetune_epochs']} epochs at "
-                     f"{config['finetune_learning_rate']} ({config['unfreeze_stages']} stage(s)); "
-                     f"batch {config['batch_size']}; early stopping on validation ROC-AUC"),
+                     f"{config['finetune_learning_rate']} ({config['unfreeze_stages']} stage(s), "
+                     f"{config.get('schedule', 'constant')} schedule); "
+                     f"batch {config['batch_size']}; source-cue augmentation "
+                     f"{'on' if config.get('source_augment') else 'off'}; early stopping on "
+                     f"validation ROC-AUC"),
+        ("Test-time augmentation", f"score = mean over the image and "
+                                   f"{meta.get('test_time_views', 0)} source-cue views"
+         if meta.get("test_time_views") else "none"),
         ("Operating point", f"threshold {meta['threshold']:.4f} by {meta['threshold_method']} "
                             f"on the validation split, frozen before testing"),
         ("Performance metrics", "accuracy, sensitivity, specificity, PPV, NPV, F1, ROC-AUC, "

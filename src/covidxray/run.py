@@ -112,13 +112,27 @@ class Predictor:
     def label_of(self, probability: float) -> str:
         return self.positive_class if probability >= self.threshold else self.negative_label
 
+    @property
+    def test_time_views(self) -> int:
+        """Source-cue views averaged with each image's own score (0: the image alone)."""
+        return int(self.metadata.get("test_time_views", 0))
+
     def predict_prepared(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """P(positive) for (n, size, size) uint8 images already through ``imageio.prepare``."""
         from covidxray.model import forward
-        return self._calibrated(forward(self.model, images, batch_size, self.extractor).scores)
+        return self._final_scores(images, forward(self.model, images, batch_size,
+                                                  self.extractor).scores, batch_size)
 
-    def _calibrated(self, scores: np.ndarray) -> np.ndarray:
+    def _final_scores(self, images: np.ndarray, scores: np.ndarray,
+                      batch_size: int) -> np.ndarray:
+        """The run's score from the model's score of the images themselves: the mean over the
+        run's test-time views, then its temperature (both as the threshold was chosen)."""
         from covidxray.metrics import apply_temperature
+        from covidxray.model import predict_scores
+        from covidxray.transforms import mean_over_views
+        if self.test_time_views:
+            scores = mean_over_views(lambda x: predict_scores(self.model, x, batch_size),
+                                     images, self.test_time_views, first=scores)
         temperature = self.metadata.get("temperature")
         return scores if not temperature else apply_temperature(scores, temperature).astype(
             np.float32)
@@ -126,11 +140,12 @@ class Predictor:
     def analyse(self, images: np.ndarray, names: list[str], colour=None,
                 batch_size: int = 32) -> tuple[list[Prediction], np.ndarray]:
         """Predictions with the out-of-distribution verdict, and Grad-CAM maps (n, h, w), from
-        one forward pass over prepared images; ``colour``: each file's colourfulness."""
+        one forward pass over prepared images (plus one per test-time view, for the score only:
+        the map and the gate see the image itself); ``colour``: each file's colourfulness."""
         from covidxray.explanation import cams_from_logit_maps
         from covidxray.model import forward
         result = forward(self.model, images, batch_size, self.extractor, maps=True)
-        scores = self._calibrated(result.scores)
+        scores = self._final_scores(images, result.scores, batch_size)
         cams = cams_from_logit_maps(result.logit_maps)
         if self.gate is None:
             return [self._prediction(n, float(s)) for n, s in zip(names, scores)], cams

@@ -38,7 +38,7 @@ from covidxray.ood import OOD_FILE, OODGate
 from covidxray.pipeline import ImageSequence
 from covidxray.split import assign_splits, patients_across_splits, read_split_csv, \
     write_split_csv
-from covidxray.transforms import SourceAugment
+from covidxray.transforms import SourceAugment, mean_over_views
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ def finalize_run(model, config: TrainConfig, dataset: Dataset, records, hashes: 
                  train_images: LoadedImages, val_images: LoadedImages, run: Path,
                  dtype_policy: str = "float32") -> None:
     """Freeze the threshold on validation, fit the OOD gate, write metadata and the model."""
-    val_scores = predict_scores(model, val_images.images, config.batch_size)
+    val_scores = mean_over_views(lambda x: predict_scores(model, x, config.batch_size),
+                                 val_images.images, config.test_time_views)
     temperature = None
     if config.calibrate:
         temperature = fit_temperature(val_images.targets, val_scores)
@@ -135,6 +136,7 @@ def finalize_run(model, config: TrainConfig, dataset: Dataset, records, hashes: 
     metadata = build_metadata(config, dataset, records, hashes, train_images, val_images,
                               threshold, val_metrics)
     metadata["temperature"] = temperature
+    metadata["test_time_views"] = config.test_time_views
     metadata["dtype_policy"] = dtype_policy
     fit_ood_gate(model, train_images, val_images, config.batch_size).save(run / OOD_FILE)
     write_json_atomic(run / "metadata.json", metadata)

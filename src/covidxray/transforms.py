@@ -9,6 +9,8 @@ and both returning the same shape, dtype float32 and range:
 - source-cue augmentation, random and seeded, for training only: gamma, blur, noise, JPEG
   re-encoding at a random quality, random black or white borders, random crop and rescale.
 
+``source_cue_view`` and ``mean_over_views`` turn the augmentation into test-time augmentation.
+
 Array form: ``f(image, ...)`` or ``f(image, rng, ...)``. Dictionary form (as MONAI has both):
 ``apply_to_item(transform, item, rng)`` changes ``item["image"]`` and leaves every other key,
 the label first of all, untouched.
@@ -171,6 +173,30 @@ class SourceAugment:
             if rng.random() < self.p:
                 image = step(image)
         return image
+
+
+def source_cue_view(images: np.ndarray, view: int, seed: int = 0,
+                    augment: SourceAugment | None = None) -> np.ndarray:
+    """View ``view`` of (n, h, w) uint8 prepared images for test-time augmentation: every image
+    gets the same draw of ``augment`` (default ``SourceAugment()``), seeded by ``seed`` and
+    ``view`` alone, so an image's view does not depend on the batch it came in."""
+    augment = augment or SourceAugment()
+    changed = [augment(image.astype(np.float32) / 255.0, np.random.default_rng((seed, view)))
+               for image in images]
+    return np.clip(np.rint(np.asarray(changed) * 255.0), 0, 255).astype(np.uint8).reshape(
+        images.shape)
+
+
+def mean_over_views(score, images: np.ndarray, views: int, first: np.ndarray | None = None,
+                    seed: int = 0) -> np.ndarray:
+    """Test-time augmentation: the mean of ``score(images)`` (or ``first``, when already
+    computed) and ``score`` of ``views`` source-cue views. A model trained with source-cue
+    augmentation is scored on the kind of image it learned from, and no single exposure,
+    sharpness or framing decides."""
+    total = np.asarray(score(images) if first is None else first, dtype=np.float64)
+    for view in range(views):
+        total = total + score(source_cue_view(images, view, seed))
+    return (total / (views + 1)).astype(np.float32)
 
 
 def apply_to_item(transform, item: dict, rng: np.random.Generator | None = None) -> dict:
