@@ -26,7 +26,7 @@ def test_prediction_matches_the_evaluation_path(tiny_run, tiny_data):
     from covidxray.data import discover, load_images
     predictor = Predictor.load(tiny_run)
     records = discover(tiny_data).records[:4]
-    batch = predictor.predict_prepared(load_images(records, predictor.image_size).images)
+    batch = predictor.predict_prepared(load_images(records, predictor.preprocessing).images)
     single = [predictor.predict(r.path).probability for r in records]
     np.testing.assert_allclose(batch, single, atol=1e-5)
 
@@ -36,11 +36,13 @@ def test_one_forward_pass_gives_the_models_scores(tiny_run, tiny_data):
     convolutional stage; its scores must be those of the whole model."""
     from covidxray.data import discover, load_images
     from covidxray.model import predict_scores
+    from covidxray.transforms import mean_over_views
     predictor = Predictor.load(tiny_run)
-    images = load_images(discover(tiny_data).records[:5], predictor.image_size).images
+    images = load_images(discover(tiny_data).records[:5], predictor.preprocessing).images
     predictions, cams = predictor.analyse(images, [str(i) for i in range(5)])
-    np.testing.assert_allclose([p.probability for p in predictions],
-                               predict_scores(predictor.model, images), atol=1e-5)
+    expected = mean_over_views(lambda x: predict_scores(predictor.model, x), images,
+                               predictor.test_time_views)  # the image alone without views
+    np.testing.assert_allclose([p.probability for p in predictions], expected, atol=1e-5)
     assert cams.shape[0] == 5 and cams.min() >= 0 and cams.max() <= 1
 
 

@@ -99,12 +99,14 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--translation", type=float, default=a.translation)
     fit.add_argument("--brightness", type=float, default=a.brightness)
     fit.add_argument("--contrast", type=float, default=a.contrast)
-    fit.add_argument("--source-augment", action="store_true",
+    fit.add_argument("--source-augment", action=argparse.BooleanOptionalAction,
+                     default=d.source_augment,
                      help="also randomise gamma, blur, noise, JPEG quality, borders and crops "
-                          "(phase 2): cues that tell sources apart")
+                          "(phase 2): cues that tell sources apart (default: on)")
     fit.add_argument("--test-time-views", type=int, default=d.test_time_views, metavar="K",
                      help="score every image as the mean over it and K seeded source-cue "
-                          "views (test-time augmentation; K+1 forward passes per image)")
+                          "views (test-time augmentation; K+1 forward passes per image; "
+                          "default %(default)s, 0: the image alone)")
     fit.add_argument("--horizontal-flip", action="store_true",
                      help="also flip left-right (off by default: anatomy is not symmetric)")
     split = parser.add_argument_group("data and split")
