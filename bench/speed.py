@@ -137,9 +137,12 @@ def main(argv=None) -> None:
     manifest = scratch / "manifest.csv"  # the sample as a CSV dataset, for a real run
     manifest.write_text("file,label\n" + "".join(
         f"{Path(p).resolve()},{'COVID' if t else 'NORMAL'}\n" for p, t in zip(paths, targets)))
+    # the images alone (no test-time views, which multiply every forward pass by K + 1), so
+    # that the figures measure what the predict path adds to one forward pass
     run = covidxray.train(manifest, scratch / "run", image_size=size, backbone=args.backbone,
                           weights="none", head_epochs=1, finetune_epochs=0, batch_size=batch,
-                          split_fractions=(0.6, 0.4, 0.0), verbose=0)
+                          split_fractions=(0.6, 0.4, 0.0), intensity="none", crop=0.0,
+                          test_time_views=0, verbose=0)
     load_seconds = timed(lambda: Predictor.load(run))
     predictor = Predictor.load(run)
     raw_model = predictor.model
