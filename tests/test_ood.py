@@ -85,3 +85,15 @@ def test_gate_of_an_older_version_is_refused_with_what_to_do(tmp_path):
     np.savez(tmp_path / "ood.npz", statistics_mean=np.zeros(3))
     with pytest.raises(ValueError, match="older covidxray"):
         OODGate.load(tmp_path / "ood.npz")
+
+
+def test_embedding_covariance_keeps_ten_images_per_dimension():
+    from covidxray.ood import _Mahalanobis
+    rng = np.random.default_rng(0)
+    small = _Mahalanobis.fit(rng.normal(size=(40, 64)), 32)
+    assert small.projection.shape == (4, 64)
+    large = _Mahalanobis.fit(rng.normal(size=(1000, 64)), 32)
+    assert large.projection.shape == (32, 64)
+    # with few dimensions per image, training images are not far outside their own fit
+    x = rng.normal(size=(40, 64))
+    assert np.median(_Mahalanobis.fit(x, 32).distance(x)) < 3

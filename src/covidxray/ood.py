@@ -65,7 +65,10 @@ class _Mahalanobis:
     def fit(cls, x: np.ndarray, components: int) -> "_Mahalanobis":
         from sklearn.covariance import LedoitWolf
         mean = x.mean(axis=0)
-        k = min(components, x.shape[0] - 1, x.shape[1])
+        # about ten images per dimension for a covariance worth inverting: with fewer, every
+        # training image sits far out of its own distribution (in-sample squared distances
+        # average about the dimension) and a few validation images set the threshold
+        k = max(1, min(components, x.shape[0] // 10, x.shape[1]))
         _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
         projection = vt[:k]
         return cls(mean, LedoitWolf().fit((x - mean) @ projection.T).precision_, projection)

@@ -146,6 +146,10 @@ def finalize_run(model, config: TrainConfig, dataset: Dataset, records, hashes: 
 def fit_ood_gate(model, train_images: LoadedImages, val_images: LoadedImages,
                  batch_size: int) -> OODGate:
     """The out-of-distribution gate of this model, fitted on its own training images."""
+    if len(val_images.records) < 50:
+        log.warning("the out-of-distribution gate's thresholds come from %d validation images: "
+                    "with so few they are rough, and some X-rays like the training ones will "
+                    "be flagged", len(val_images.records))
     extractor = feature_extractor(model)
     train = forward(model, train_images.images, batch_size, extractor)
     val = forward(model, val_images.images, batch_size, extractor)
