@@ -18,6 +18,7 @@ import numpy as np
 
 from covidxray.fileutil import atomic_path
 from covidxray.imageio import Preprocessing, as_preprocessing, load_for_model
+from covidxray.transforms import augment_prepared
 
 
 class ImageSequence(keras.utils.PyDataset):
@@ -66,9 +67,8 @@ class ImageSequence(keras.utils.PyDataset):
         image = self.images[i] if self.images is not None else self.load(self.paths[i])
         if self.augment is None:
             return image
-        rng = np.random.default_rng((self.seed, self.epoch, int(i)))
-        changed = self.augment(image.astype(np.float32) / 255.0, rng)
-        return np.clip(np.rint(changed * 255.0), 0, 255).astype(np.uint8)
+        return augment_prepared(image, self.augment,
+                                np.random.default_rng((self.seed, self.epoch, int(i))))
 
     def on_epoch_end(self) -> None:
         self.epoch += 1

@@ -175,16 +175,20 @@ class SourceAugment:
         return image
 
 
+def augment_prepared(image: np.ndarray, augment, rng: np.random.Generator) -> np.ndarray:
+    """``augment`` of a prepared uint8 image (the model's input), back as uint8."""
+    changed = augment(image.astype(np.float32) / 255.0, rng)
+    return np.clip(np.rint(changed * 255.0), 0, 255).astype(np.uint8)
+
+
 def source_cue_view(images: np.ndarray, view: int, seed: int = 0,
                     augment: SourceAugment | None = None) -> np.ndarray:
     """View ``view`` of (n, h, w) uint8 prepared images for test-time augmentation: every image
     gets the same draw of ``augment`` (default ``SourceAugment()``), seeded by ``seed`` and
     ``view`` alone, so an image's view does not depend on the batch it came in."""
     augment = augment or SourceAugment()
-    changed = [augment(image.astype(np.float32) / 255.0, np.random.default_rng((seed, view)))
-               for image in images]
-    return np.clip(np.rint(np.asarray(changed) * 255.0), 0, 255).astype(np.uint8).reshape(
-        images.shape)
+    return np.stack([augment_prepared(image, augment, np.random.default_rng((seed, view)))
+                     for image in images]).reshape(images.shape)
 
 
 def mean_over_views(score, images: np.ndarray, views: int, first: np.ndarray | None = None,
