@@ -81,15 +81,15 @@ def _train_and_score(records: list[Record], name: str, config: TrainConfig, out:
     if not train_model:
         return row
     run = fold_dir / "run"
+    continued = resume and (run / "config.json").is_file()  # train_seconds: this part only
     started = time.monotonic()
     if not (resume and (run / "model.keras").is_file()):
         manifest = _write_manifest(fold_dir / "data.csv", records)
         train(replace(config, data=str(manifest), out=str(run), split_file=None,
-                      source_from_prefix=False),
-              resume=resume and (run / "config.json").is_file(), verbose=0)
+                      source_from_prefix=False), resume=continued, verbose=0)
     seconds = time.monotonic() - started
     metrics = evaluate(run, n_bootstrap=n_bootstrap, seed=config.seed, shortcut_images=0)
-    row = {**row, "run": str(run), "train_seconds": round(seconds, 1), "resumed": resume,
+    row = {**row, "run": str(run), "train_seconds": round(seconds, 1), "resumed": continued,
            "threshold": metrics["threshold"], **fold_score(metrics),
            "metrics": {k: v["value"] for k, v in metrics["overall"]["metrics"].items()},
            "per_source": {s: fold_score({"overall": v})
