@@ -1,8 +1,14 @@
 """One markdown table from several ``covidxray crossval`` results: a row per held-out source
 (plus the random split and its raddb-only score), a column per recipe, and the thumbnail
-baseline of the first result (the same folds for all: the split is seeded).
+baseline of the first recipe (the same folds for all: the split is seeded).
 
     python bench/loso_table.py NAME=cv1/crossval.json NAME=cv2/crossval.json ...
+
+A recipe run with several seeds is given as comma-separated paths; its cell is then the mean
+over the seeds with their range. A ``--baseline-only`` result is its thumbnail baseline.
+
+    python bench/loso_table.py default=cv/default/crossval.json,cv/default-s1/crossval.json \\
+        plain-thumbnail=cv/thumb-none/crossval.json,cv/thumb-none-s1/crossval.json
 """
 
 from __future__ import annotations
@@ -12,48 +18,62 @@ import json
 from pathlib import Path
 
 
-def cell(score: dict | None) -> str:
-    if not score or "value" not in score:
+def cell(scores: list[dict | None]) -> str:
+    """One run: its value and 95% interval; several seeds: their mean and range."""
+    values = [s["value"] for s in scores if s and "value" in s]
+    if not values or len(values) < len(scores):
         return "-"
-    low, high = score["ci95"]
-    return f"{score['value']:.3f} ({low:.3f}-{high:.3f})"
+    if len(values) == 1:
+        low, high = scores[0]["ci95"]
+        return f"{values[0]:.3f} ({low:.3f}-{high:.3f})"
+    return f"{sum(values) / len(values):.3f} (seeds {min(values):.3f}-{max(values):.3f})"
+
+
+def model_score(row: dict) -> dict:
+    """A fold's model score, or its thumbnail baseline where only the baseline ran."""
+    return row if "value" in row else row["thumbnail_baseline"]
+
+
+def score_rows(result: dict, source: str, score=model_score) -> list[dict | None]:
+    """The table's rows of one result: each fold, the random split, its ``source``-only score."""
+    rows = [score(fold) for fold in result["folds"]]
+    if "random_split" in result:
+        split = score(result["random_split"])
+        rows += [split, split.get("per_source", {}).get(source)]
+    return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", metavar="NAME=PATH")
+    parser.add_argument("results", nargs="+", metavar="NAME=PATH[,PATH...]")
     parser.add_argument("--source", default="raddb",
                         help="the source whose random-split score gets its own row")
     args = parser.parse_args(argv)
     arms = {}
     for item in args.results:
-        name, path = item.split("=", 1)
-        arms[name] = json.loads(Path(path).read_text())
+        name, paths = item.split("=", 1)
+        arms[name] = [json.loads(Path(p).read_text()) for p in paths.split(",")]
     first = next(iter(arms.values()))
-    names = list(arms)
-    print("| held out | images (COVID) | metric | thumbnail LR | " + " | ".join(names) + " |")
-    print("|---|---|---|---|" + "---|" * len(names))
-    for index, fold in enumerate(first["folds"]):
-        rows = [arm["folds"][index] for arm in arms.values()]
-        print(f"| {fold['fold'].removeprefix('holdout-')} | {fold['test_images']} "
-              f"({fold['test_positive']}) | {fold['thumbnail_baseline']['metric']} | "
-              f"{cell(fold['thumbnail_baseline'])} | " + " | ".join(cell(r) for r in rows)
-              + " |")
-    if "random_split" in first:
-        split = first["random_split"]
-        rows = [arm.get("random_split") for arm in arms.values()]
-        print(f"| none (random split) | {split['test_images']} ({split['test_positive']}) | "
-              f"roc_auc | {cell(split['thumbnail_baseline'])} | "
-              + " | ".join(cell(r) for r in rows) + " |")
-        print(f"| random split, {args.source} only | | roc_auc | "
-              f"{cell(split['thumbnail_baseline']['per_source'].get(args.source))} | "
-              + " | ".join(cell((r or {}).get('per_source', {}).get(args.source)) for r in rows)
-              + " |")
-    seconds = {name: sum(f.get("train_seconds", 0) for f in arm["folds"])
-               + arm.get("random_split", {}).get("train_seconds", 0)
-               for name, arm in arms.items()}
-    print("\ntraining time, all folds: " + ", ".join(f"{n} {s / 60:.0f} min"
-                                                    for n, s in seconds.items()))
+    labels = [f"| {f['fold'].removeprefix('holdout-')} | {f['test_images']} "
+              f"({f['test_positive']}) | {f['thumbnail_baseline']['metric']} |"
+              for f in first[0]["folds"]]
+    if "random_split" in first[0]:
+        split = first[0]["random_split"]
+        labels += [f"| none (random split) | {split['test_images']} ({split['test_positive']}) "
+                   f"| roc_auc |", f"| random split, {args.source} only | | roc_auc |"]
+    columns = [[score_rows(r, args.source, lambda row: row["thumbnail_baseline"])
+                for r in first]]
+    columns += [[score_rows(r, args.source) for r in results] for results in arms.values()]
+    print("| held out | images (COVID) | metric | thumbnail LR | " + " | ".join(arms) + " |")
+    print("|---|---|---|---|" + "---|" * len(arms))
+    for index, label in enumerate(labels):
+        print(label + " " + " | ".join(cell([rows[index] for rows in column])
+                                       for column in columns) + " |")
+    minutes = {name: sum(f.get("train_seconds", 0) for r in results
+                         for f in r["folds"] + [r.get("random_split", {})]) / 60
+               for name, results in arms.items()}
+    print("\ntraining time, all folds and seeds: "
+          + ", ".join(f"{n} {m:.0f} min" for n, m in minutes.items()))
 
 
 if __name__ == "__main__":
