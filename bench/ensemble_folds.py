@@ -1,32 +1,49 @@
-"""Score an ensemble of finished ``covidxray crossval`` arms, fold by fold: the mean P(COVID)
-of the arms' fold runs, each scored by the product's own ``Predictor`` (its preprocessing and
-test-time views). Arms trained with other seeds have other validation splits: their held-out
-test sets are the same source, so the ensemble's ROC-AUC is scored, but a rate at a threshold
-needs one validation split (Youden's J on the mean validation scores, as training does) and is
-left out where the arms' validation splits differ; so is the random split when its test sets
-differ.
+"""Score finished ``covidxray crossval`` arms again, fold by fold, through the product's own
+``Predictor`` (each run's preprocessing and test-time views): one arm with another number of
+test-time views, or an ensemble of arms (the mean P(COVID) of their fold runs).
+
+A rate at a threshold (a single-class held-out source) uses the threshold chosen on the mean
+validation scores (Youden's J, as training does). Arms trained with other seeds have other
+validation splits, so for them only the held-out sources with both classes are scored (their
+test set is the same source whatever the seed), and not the random split.
 
     python bench/ensemble_folds.py cv/default cv/default-s1 cv/default-s2
+    python bench/ensemble_folds.py cv/norm --views 16   # training is deterministic: this
+                                                       # equals retraining with 16 views
+    python bench/ensemble_folds.py cv/norm --views 6 --per-image   # views drawn per image
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 import covidxray  # noqa: F401  (sets the Keras backend before keras is imported)
+import covidxray.transforms as transforms
 from covidxray.data import load_images
 from covidxray.metrics import binary_metrics, choose_threshold
 from covidxray.run import Predictor
 from covidxray.split import read_split_records
 
 
-def score_run(run: str) -> dict:
-    """split -> (paths, targets, sources, scores) of a fold run's validation and test images."""
+def per_image_view(images, view, seed=0, augment=None):
+    """The variant: each image's view seeded by its pixels, so images get different draws."""
+    augment = augment or transforms.SourceAugment()
+    return np.stack([transforms.augment_prepared(
+        image, augment, np.random.default_rng((seed, view, zlib.crc32(image.tobytes()))))
+        for image in images]).reshape(images.shape)
+
+
+def score_run(run: str, views: int | None = None) -> dict:
+    """split -> (paths, targets, sources, scores) of a fold run's validation and test images,
+    with ``views`` test-time views instead of the run's own number where given."""
     predictor = Predictor.load(run)
+    if views is not None:
+        predictor.metadata["test_time_views"] = views
     records = read_split_records(Path(run) / "split.csv", predictor.positive_class)
     scored = {}
     for split in ("val", "test"):
@@ -61,21 +78,27 @@ def main(argv=None) -> None:
     from sklearn.metrics import roc_auc_score
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("crossval_dirs", nargs="+")
+    parser.add_argument("--views", type=int, help="test-time views for every run "
+                        "(default: each run's own)")
+    parser.add_argument("--per-image", action="store_true",
+                        help="views drawn per image instead of shared by all images")
     parser.add_argument("--source", default="raddb",
                         help="the source whose random-split score gets its own figure")
     args = parser.parse_args(argv)
+    if args.per_image:
+        transforms.source_cue_view = per_image_view
     results = [json.loads((Path(d) / "crossval.json").read_text()) for d in args.crossval_dirs]
     for index, row in enumerate(results[0]["folds"] + [results[0].get("random_split")]):
         if row is None:
             continue
         rows = [r["random_split"] if row is results[0].get("random_split") else r["folds"][index]
                 for r in results]
-        members = [score_run(r["run"]) for r in rows]
+        members = [score_run(r["run"], args.views) for r in rows]
         paths, targets, sources, _ = members[0]["test"]
         cells = [f"{row['fold']}:"]
-        cells += [f"arm{i} {r['value']:.3f}" for i, r in enumerate(rows)]
+        cells += ["as trained:"] + [f"arm{i} {r['value']:.3f}" for i, r in enumerate(rows)]
         if any(sorted(m["test"][0]) != sorted(paths) for m in members):
-            print(" ".join(cells + ["ensemble: test sets differ"]), flush=True)
+            print(" ".join(cells + ["scored: test sets differ"]), flush=True)
             continue
         test = np.mean([ordered(m, "test", paths) for m in members], axis=0)
         val_paths, val_targets = members[0]["val"][0], members[0]["val"][1]
@@ -83,7 +106,7 @@ def main(argv=None) -> None:
         val = np.mean([ordered(m, "val", val_paths) for m in members], axis=0) \
             if same_val else None
         metric, value = fold_value(targets, test, val_targets, val)
-        cells.append(f"ensemble {metric} " + ("n/a (validation splits differ)"
+        cells.append(f"scored: {metric} " + ("n/a (validation splits differ)"
                                               if value is None else f"{value:.3f}"))
         chosen = sources == args.source
         if row is results[0].get("random_split") and 0 < targets[chosen].sum() < chosen.sum():
