@@ -2,8 +2,9 @@
 ``Predictor`` (each run's preprocessing and test-time views): one arm with another number of
 test-time views, or an ensemble of arms (the mean P(COVID) of their fold runs).
 
-A rate at a threshold (a single-class held-out source) uses the threshold chosen on the mean
-validation scores (Youden's J, as training does). Arms trained with other seeds have other
+Each fold gets the metric crossval gives it (``crossval.fold_score``); a rate at a threshold (a
+single-class held-out source) uses the threshold chosen on the mean validation scores (Youden's
+J, as training does by default). Arms trained with other seeds have other
 validation splits, so for them only the held-out sources with both classes are scored (their
 test set is the same source whatever the seed), and not the random split.
 
@@ -24,8 +25,10 @@ import numpy as np
 
 import covidxray  # noqa: F401  (sets the Keras backend before keras is imported)
 import covidxray.transforms as transforms
+from covidxray.crossval import fold_score
 from covidxray.data import load_images
-from covidxray.metrics import binary_metrics, choose_threshold
+from covidxray.evaluation import per_source, summarise
+from covidxray.metrics import choose_threshold
 from covidxray.run import Predictor
 from covidxray.split import read_split_records
 
@@ -39,43 +42,31 @@ def per_image_view(images, view, seed=0, augment=None):
 
 
 def score_run(run: str, views: int | None = None) -> dict:
-    """split -> (paths, targets, sources, scores) of a fold run's validation and test images,
-    with ``views`` test-time views instead of the run's own number where given."""
+    """split -> (records, scores) of a fold run's validation and test images, with ``views``
+    test-time views instead of the run's own number where given; records sorted by path, so
+    that runs of one split line up."""
     predictor = Predictor.load(run)
     if views is not None:
         predictor.metadata["test_time_views"] = views
-    records = read_split_records(Path(run) / "split.csv", predictor.positive_class)
+    records = sorted(read_split_records(Path(run) / "split.csv", predictor.positive_class),
+                     key=lambda r: r.path)
     scored = {}
     for split in ("val", "test"):
         loaded = load_images([r for r in records if r.split == split], predictor.preprocessing)
-        scored[split] = ([r.path for r in loaded.records],
-                         np.array([r.target for r in loaded.records]),
-                         np.array([r.source for r in loaded.records]),
-                         predictor.predict_prepared(loaded.images))
+        scored[split] = (loaded.records, predictor.predict_prepared(loaded.images))
     return scored
 
 
-def fold_value(targets, scores, val_targets=None, val_scores=None):
-    """ROC-AUC where the test set has both classes, else the rate of its one class at the
-    threshold chosen on the validation scores (None without them)."""
-    from sklearn.metrics import roc_auc_score
-    if 0 < targets.sum() < len(targets):
-        return "roc_auc", roc_auc_score(targets, scores)
-    rate = "sensitivity" if targets.sum() else "specificity"
-    if val_scores is None:
-        return rate, None
-    threshold = choose_threshold(val_targets, val_scores)
-    return rate, binary_metrics(targets, scores, threshold)[rate]
-
-
-def ordered(scored: dict, split: str, paths: list[str]) -> np.ndarray:
-    """A member's scores of ``split`` in the order of ``paths``."""
-    position = {p: i for i, p in enumerate(scored[split][0])}
-    return scored[split][3][[position[p] for p in paths]]
+def aligned_rows(results: list[dict]):
+    """The rows of every result that score the same fold: each held-out source, then the
+    random split where every result has one."""
+    for index in range(len(results[0]["folds"])):
+        yield [r["folds"][index] for r in results]
+    if all("random_split" in r for r in results):
+        yield [r["random_split"] for r in results]
 
 
 def main(argv=None) -> None:
-    from sklearn.metrics import roc_auc_score
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("crossval_dirs", nargs="+")
     parser.add_argument("--views", type=int, help="test-time views for every run "
@@ -84,34 +75,38 @@ def main(argv=None) -> None:
                         help="views drawn per image instead of shared by all images")
     parser.add_argument("--source", default="raddb",
                         help="the source whose random-split score gets its own figure")
+    parser.add_argument("--bootstrap", type=int, default=0,
+                        help="resamples for 95%% intervals (default none)")
     args = parser.parse_args(argv)
     if args.per_image:
         transforms.source_cue_view = per_image_view
     results = [json.loads((Path(d) / "crossval.json").read_text()) for d in args.crossval_dirs]
-    for index, row in enumerate(results[0]["folds"] + [results[0].get("random_split")]):
-        if row is None:
+    for rows in aligned_rows(results):
+        members = [score_run(row["run"], args.views) for row in rows]
+        cells = [f"{rows[0]['fold']}: as trained", *(f"{row['value']:.3f}" for row in rows)]
+        (test_records, _), (val_records, _) = members[0]["test"], members[0]["val"]
+        if any(m["test"][0] != test_records for m in members):
+            print(*cells, "| scored: test sets differ", flush=True)
             continue
-        rows = [r["random_split"] if row is results[0].get("random_split") else r["folds"][index]
-                for r in results]
-        members = [score_run(r["run"], args.views) for r in rows]
-        paths, targets, sources, _ = members[0]["test"]
-        cells = [f"{row['fold']}:"]
-        cells += ["as trained:"] + [f"arm{i} {r['value']:.3f}" for i, r in enumerate(rows)]
-        if any(sorted(m["test"][0]) != sorted(paths) for m in members):
-            print(" ".join(cells + ["scored: test sets differ"]), flush=True)
+        test = np.mean([m["test"][1] for m in members], axis=0)
+        y_test = np.array([r.target for r in test_records])
+        if all(m["val"][0] == val_records for m in members):
+            threshold = choose_threshold(np.array([r.target for r in val_records]),
+                                         np.mean([m["val"][1] for m in members], axis=0))
+        elif 0 < y_test.sum() < len(y_test):
+            threshold = 0.5  # ROC-AUC does not depend on it
+        else:
+            print(*cells, "| scored: n/a (validation splits differ)", flush=True)
             continue
-        test = np.mean([ordered(m, "test", paths) for m in members], axis=0)
-        val_paths, val_targets = members[0]["val"][0], members[0]["val"][1]
-        same_val = all(sorted(m["val"][0]) == sorted(val_paths) for m in members)
-        val = np.mean([ordered(m, "val", val_paths) for m in members], axis=0) \
-            if same_val else None
-        metric, value = fold_value(targets, test, val_targets, val)
-        cells.append(f"scored: {metric} " + ("n/a (validation splits differ)"
-                                              if value is None else f"{value:.3f}"))
-        chosen = sources == args.source
-        if row is results[0].get("random_split") and 0 < targets[chosen].sum() < chosen.sum():
-            cells.append(f"{args.source} only {roc_auc_score(targets[chosen], test[chosen]):.3f}")
-        print(" ".join(cells), flush=True)
+        score = fold_score({"overall": summarise(y_test, test, threshold, args.bootstrap, 0)})
+        cells += ["| scored:", score["metric"], f"{score['value']:.3f}"]
+        if args.bootstrap:
+            cells.append("({:.3f}-{:.3f})".format(*score["ci95"]))
+        by_source = per_source(test_records, test, threshold, 0, 0)
+        if rows[0]["fold"] == "random-split" and args.source in by_source:
+            source = fold_score({"overall": by_source[args.source]})
+            cells += [f"{args.source} only", source["metric"], f"{source['value']:.3f}"]
+        print(*cells, flush=True)
 
 
 if __name__ == "__main__":
