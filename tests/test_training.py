@@ -174,3 +174,15 @@ def test_resume_continues_an_interrupted_run(tiny_data, tmp_path, monkeypatch, c
                          for r in rows[1:]]
     assert epochs_and_phases == [(0, 1.0), (1, 1.0), (0, 2.0)]
     assert (tmp_path / "run" / "model.keras").is_file()
+
+
+def test_gate_refitted_from_the_split_matches_the_one_training_wrote(tiny_run, tmp_path):
+    import shutil
+    from covidxray.ood import OOD_FILE, OODGate
+    from covidxray.training import refit_ood_gate
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    written = OODGate.load(run / OOD_FILE)
+    refitted = refit_ood_gate(run)
+    assert np.isclose(refitted.layout_threshold, written.layout_threshold, rtol=1e-3)
+    assert np.isclose(refitted.embedding_threshold, written.embedding_threshold, rtol=1e-3)
+    assert np.allclose(refitted.embedding.mean, written.embedding.mean, rtol=1e-3, atol=1e-5)

@@ -32,7 +32,7 @@ from covidxray.features import FeatureCache, head_model, model_key
 from covidxray.fileutil import atomic_path, write_json_atomic, write_text_atomic
 from covidxray.metrics import apply_temperature, binary_metrics, choose_threshold, \
     fit_temperature
-from covidxray.model import build_model, feature_extractor, forward, get_backbone, \
+from covidxray.model import Forward, build_model, feature_extractor, forward, get_backbone, \
     predict_scores, unfreeze_top_stages
 from covidxray.ood import OOD_FILE, OODGate
 from covidxray.pipeline import ImageSequence
@@ -121,8 +121,12 @@ def finalize_run(model, config: TrainConfig, dataset: Dataset, records, hashes: 
                  train_images: LoadedImages, val_images: LoadedImages, run: Path,
                  dtype_policy: str = "float32") -> None:
     """Freeze the threshold on validation, fit the OOD gate, write metadata and the model."""
+    extractor = feature_extractor(model)
+    # one pass over validation gives the gate its embeddings and the threshold its plain view
+    val_forward = forward(model, val_images.images, config.batch_size, extractor)
     val_scores = mean_over_views(lambda x: predict_scores(model, x, config.batch_size),
-                                 val_images.images, config.test_time_views)
+                                 val_images.images, config.test_time_views,
+                                 first=val_forward.scores)
     temperature = None
     if config.calibrate:
         temperature = fit_temperature(val_images.targets, val_scores)
@@ -138,21 +142,20 @@ def finalize_run(model, config: TrainConfig, dataset: Dataset, records, hashes: 
     metadata["temperature"] = temperature
     metadata["test_time_views"] = config.test_time_views
     metadata["dtype_policy"] = dtype_policy
-    fit_ood_gate(model, train_images, val_images, config.batch_size).save(run / OOD_FILE)
+    train_forward = forward(model, train_images.images, config.batch_size, extractor)
+    fit_ood_gate(train_forward, train_images, val_forward, val_images).save(run / OOD_FILE)
     write_json_atomic(run / "metadata.json", metadata)
     save_model_atomic(model, run / "model.keras")  # last: the run is complete once it exists
 
 
-def fit_ood_gate(model, train_images: LoadedImages, val_images: LoadedImages,
-                 batch_size: int) -> OODGate:
-    """The out-of-distribution gate of this model, fitted on its own training images."""
+def fit_ood_gate(train: Forward, train_images: LoadedImages, val: Forward,
+                 val_images: LoadedImages) -> OODGate:
+    """The out-of-distribution gate of a model, fitted on its passes over its own training
+    and validation images."""
     if len(val_images.records) < 50:
         log.warning("the out-of-distribution gate's thresholds come from %d validation images: "
                     "with so few they are rough, and some X-rays like the training ones will "
                     "be flagged", len(val_images.records))
-    extractor = feature_extractor(model)
-    train = forward(model, train_images.images, batch_size, extractor)
-    val = forward(model, val_images.images, batch_size, extractor)
     return OODGate.fit(train.embeddings, train_images.images, val.embeddings, val_images.images)
 
 
@@ -165,7 +168,9 @@ def refit_ood_gate(run_dir: str | Path, batch_size: int = 32) -> OODGate:
     records = read_split_records(run_dir / "split.csv", predictor.positive_class)
     split = {name: load_images([r for r in records if r.split == name], predictor.preprocessing)
              for name in ("train", "val")}
-    gate = fit_ood_gate(predictor.model, split["train"], split["val"], batch_size)
+    passes = {name: forward(predictor.model, images.images, batch_size, predictor.extractor)
+              for name, images in split.items()}
+    gate = fit_ood_gate(passes["train"], split["train"], passes["val"], split["val"])
     gate.save(run_dir / OOD_FILE)
     return gate
 
