@@ -102,10 +102,11 @@ def main(argv=None) -> None:
         cells += ["| scored:", score["metric"], f"{score['value']:.3f}"]
         if args.bootstrap:
             cells.append("({:.3f}-{:.3f})".format(*score["ci95"]))
-        by_source = per_source(test_records, test, threshold, 0, 0)
-        if rows[0]["fold"] == "random-split" and args.source in by_source:
-            source = fold_score({"overall": by_source[args.source]})
-            cells += [f"{args.source} only", source["metric"], f"{source['value']:.3f}"]
+        if rows[0]["fold"] == "random-split":
+            by_source = per_source(test_records, test, threshold, 0, 0)
+            if args.source in by_source:
+                source = fold_score({"overall": by_source[args.source]})
+                cells += [f"{args.source} only", source["metric"], f"{source['value']:.3f}"]
         print(*cells, flush=True)
 
 

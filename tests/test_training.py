@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -177,7 +178,6 @@ def test_resume_continues_an_interrupted_run(tiny_data, tmp_path, monkeypatch, c
 
 
 def test_gate_refitted_from_the_split_matches_the_one_training_wrote(tiny_run, tmp_path):
-    import shutil
     from covidxray.ood import OOD_FILE, OODGate
     from covidxray.training import refit_ood_gate
     run = shutil.copytree(tiny_run, tmp_path / "run")

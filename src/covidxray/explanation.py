@@ -119,9 +119,9 @@ def shortcut_check(model: keras.Model, images: np.ndarray, labels: list[str],
         verdict = (f"The model relies more on the centre than on the border: blanking the centre "
                    f"changes P(COVID) by {centre_effect:.3f}, the border by {border_effect:.3f}; "
                    f"{heat_in_border:.0%} of the heat map lies in the border. That does not "
-                   f"show it learned the disease: a source can also be recognised from cues "
-                   f"spread over the whole film (exposure, grain, sharpness), which only images "
-                   f"from a hospital it never saw reveal ('covidxray crossval --by source').")
+                   "show it learned the disease: a source can also be recognised from cues "
+                   "spread over the whole film (exposure, grain, sharpness), which only images "
+                   "from a hospital it never saw reveal ('covidxray crossval --by source').")
     return ShortcutCheck(per_class(share), uniform, per_class(delta_border),
                          per_class(delta_centre), bool(reasons), verdict)
 
