@@ -22,16 +22,23 @@ def cell(scores: list[dict | None]) -> str:
     """One run: its value and 95% interval; several seeds: their mean and range."""
     values = [s["value"] for s in scores if s and "value" in s]
     if not values or len(values) < len(scores):
-        return "-"
+        return "n/a (trained on)" if not any(scores) else "-"
     if len(values) == 1:
         low, high = scores[0]["ci95"]
         return f"{values[0]:.3f} ({low:.3f}-{high:.3f})"
     return f"{sum(values) / len(values):.3f} (seeds {min(values):.3f}-{max(values):.3f})"
 
 
-def model_score(row: dict) -> dict:
-    """A fold's model score, or its thumbnail baseline where only the baseline ran."""
+def model_score(row: dict) -> dict | None:
+    """A fold's model score, its thumbnail baseline where only the baseline ran, or None for
+    a fold not scored (a source the arm trains on cannot be held out)."""
+    if "skipped" in row:
+        return None
     return row if "value" in row else row["thumbnail_baseline"]
+
+
+def baseline_score(row: dict) -> dict | None:
+    return row.get("thumbnail_baseline")
 
 
 def score_rows(result: dict, source: str, score=model_score) -> list[dict | None]:
@@ -39,7 +46,7 @@ def score_rows(result: dict, source: str, score=model_score) -> list[dict | None
     rows = [score(fold) for fold in result["folds"]]
     if "random_split" in result:
         split = score(result["random_split"])
-        rows += [split, split.get("per_source", {}).get(source)]
+        rows += [split, split and split.get("per_source", {}).get(source)]
     return rows
 
 
@@ -55,14 +62,13 @@ def main(argv=None) -> None:
         arms[name] = [json.loads(Path(p).read_text()) for p in paths.split(",")]
     first = next(iter(arms.values()))
     labels = [f"| {f['fold'].removeprefix('holdout-')} | {f['test_images']} "
-              f"({f['test_positive']}) | {f['thumbnail_baseline']['metric']} |"
+              f"({f['test_positive']}) | {f.get('thumbnail_baseline', {}).get('metric', '-')} |"
               for f in first[0]["folds"]]
     if "random_split" in first[0]:
         split = first[0]["random_split"]
         labels += [f"| none (random split) | {split['test_images']} ({split['test_positive']}) "
                    f"| roc_auc |", f"| random split, {args.source} only | | roc_auc |"]
-    columns = [[score_rows(r, args.source, lambda row: row["thumbnail_baseline"])
-                for r in first]]
+    columns = [[score_rows(r, args.source, baseline_score) for r in first]]
     columns += [[score_rows(r, args.source) for r in results] for results in arms.values()]
     print("| held out | images (COVID) | metric | thumbnail LR | " + " | ".join(arms) + " |")
     print("|---|---|---|---|" + "---|" * len(arms))

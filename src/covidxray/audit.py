@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from covidxray.data import Record
+from covidxray.data import DataError, Record
 from covidxray.imageio import ImageReadError, is_dicom, read_image
 from covidxray.split import patients_across_splits
 
 DHASH_SIZE = 16  # 16x16 = 256-bit difference hash
-CONFOUNDING_GAP = 0.3  # a source whose positive share differs this much from the whole set
+CONFOUNDING_GAP = 0.3  # a source whose positive share differs this much from the whole set's
 DEFAULT_NEAR_DISTANCE = 12  # of 256 bits: re-encodings and small re-crops stay below it
 
 
@@ -142,6 +142,60 @@ def separating_values(values: list[str], labels: list[str], min_share: float = 0
     return sorted(found, key=lambda f: -f["images"])
 
 
+def confounded_sources(records: list[Record]) -> dict[str, str]:
+    """Sources that would teach a model which source it sees rather than the disease, each with
+    the reason: a single class, or a positive share CONFOUNDING_GAP or more away from the whole
+    data set's. Records without a source are not judged."""
+    by_source = defaultdict(list)
+    for r in records:
+        if r.source:
+            by_source[r.source].append(r.target)
+    overall = float(np.mean([t for targets in by_source.values() for t in targets] or [0]))
+    found = {}
+    for source, targets in sorted(by_source.items()):
+        share = float(np.mean(targets))
+        if share in (0.0, 1.0):
+            found[source] = (f"one class only ({len(targets)} "
+                             f"{'positive' if share else 'negative'} images)")
+        elif abs(share - overall) >= CONFOUNDING_GAP:
+            found[source] = f"{share:.0%} positive against {overall:.0%} in the whole data set"
+    return found
+
+
+def select_sources(records: list[Record], include=None, exclude=(),
+                   exclude_confounded: bool = False) -> tuple[list[Record], dict[str, str]]:
+    """The records of the sources chosen for training, and each source left out with why.
+
+    ``include``: only these sources (None: all); ``exclude``: not these; ``exclude_confounded``:
+    not those ``confounded_sources`` names, judged on the whole data set.
+    """
+    if include is None and not exclude and not exclude_confounded:
+        return records, {}
+    unsourced = [r.path for r in records if not r.source]
+    if unsourced:
+        raise DataError(f"{len(unsourced)} images have no source (e.g. {unsourced[0]}): choosing "
+                        f"sources needs a source column or --source-from-prefix")
+    known = sorted({r.source for r in records})
+    unknown = sorted((set(include or ()) | set(exclude)) - set(known))
+    if unknown:
+        raise DataError(f"unknown source(s) {', '.join(unknown)}; the data has {', '.join(known)}")
+    left_out = {}
+    for source in known:
+        if include is not None and source not in include:
+            left_out[source] = "not among the sources chosen (--sources)"
+        elif source in exclude:
+            left_out[source] = "left out by --exclude-sources"
+    if exclude_confounded:
+        for source, reason in confounded_sources(records).items():
+            left_out.setdefault(source, f"confounded: {reason}")
+    kept = [r for r in records if r.source not in left_out]
+    if len({r.target for r in kept}) < 2:
+        remaining = ", ".join(sorted({r.source for r in kept})) or "none"
+        raise DataError(f"the sources left for training ({remaining}) do not hold both classes;"
+                        f" left out: " + "; ".join(f"{s} ({why})" for s, why in left_out.items()))
+    return kept, left_out
+
+
 def audit(records: list[Record], near_distance: int | None = DEFAULT_NEAR_DISTANCE) -> AuditResult:
     """Audit labelled records (with splits if they have them). ``near_distance=None`` skips
     the perceptual-hash search."""
@@ -164,16 +218,14 @@ def audit(records: list[Record], near_distance: int | None = DEFAULT_NEAR_DISTAN
             f"source '{source}' supplies only class {label} ({s['sources'][source][label]} "
             f"images): a model can score by recognising the source instead of the disease; "
             f"evaluate per source and leave one source out")
-    positive_share = np.mean([r.target for r in good]) if good else 0.0
-    s["positive_share_per_source"] = {}
-    for source in s["sources"]:
-        targets = [r.target for r in good if r.source == source]
-        share = float(np.mean(targets))
-        s["positive_share_per_source"][source] = share
-        if source not in single and abs(share - positive_share) >= CONFOUNDING_GAP:
-            result.warnings.append(
-                f"source '{source}' is {share:.0%} positive against {positive_share:.0%} "
-                f"overall: the source predicts the class")
+    s["positive_share_per_source"] = {
+        source: float(np.mean([r.target for r in good if r.source == source]))
+        for source in s["sources"]}
+    s["confounded_sources"] = confounded_sources(good)
+    for source, reason in s["confounded_sources"].items():
+        if source not in single:
+            result.warnings.append(f"source '{source}' is {reason}: the source predicts the "
+                                   f"class")
     properties = {
         "size": [f"{facts[i].width}x{facts[i].height}" for i in readable],
         "aspect": ["square" if facts[i].width == facts[i].height else "not square"
@@ -255,6 +307,14 @@ def format_audit(result: AuditResult) -> str:
             flag = "  <- one class only" if source in s["single_class_sources"] else ""
             lines.append(f"  {source:<14}" + "".join(f"{counts.get(c, 0):>12}" for c in classes)
                          + flag)
+    if s.get("confounded_sources"):
+        kept = sorted(set(s["sources"]) - set(s["confounded_sources"]))
+        lines += ["", "a model trained on these sources learns which source it sees, not the "
+                  "disease:"]
+        lines += [f"  {source}: {reason}" for source, reason in s["confounded_sources"].items()]
+        lines.append("  '--exclude-confounded' (train, crossval) trains on the others only ("
+                     + (", ".join(kept) or "none left") + "); judge a model on a source it never"
+                     " saw with 'covidxray crossval --by source'")
     lines += ["", f"exact duplicate groups: {len(s['exact_duplicates'])}",
               f"near-duplicate pairs: {len(s['near_duplicates'])}"
               + ("" if s["near_distance"] is not None else " (not searched)"),

@@ -41,7 +41,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--image-size", type=int, default=d.image_size,
                        help="square input size in pixels (default %(default)s)")
     model.add_argument("--backbone", default=d.backbone,
-                       help="keras.applications backbone: " + ", ".join(BACKBONES)
+                       help="backbone: " + ", ".join(BACKBONES)
                             + " (default %(default)s; docs/benchmarks.md compares them)")
     model.add_argument("--weights", default=d.weights,
                        help="'imagenet' (downloaded by Keras, or taken from its cache), 'none' "
@@ -73,6 +73,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--no-cached-head", action="store_true",
                      help="phase 1 runs the frozen backbone every epoch instead of training "
                           "the head on features computed once")
+    fit.add_argument("--no-cached-trunk", action="store_true",
+                     help="phase 2 of a pretrained backbone runs the whole network every epoch "
+                          "(with Keras' augmentation layers) instead of training the top stages "
+                          "on the frozen trunk's output computed once per image and view")
     fit.add_argument("--head-views", type=int, default=d.head_views,
                      help="augmented views per image whose features phase 1 also trains on "
                           "(default %(default)s)")
@@ -92,6 +96,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                      help="epochs without a better validation ROC-AUC before stopping")
     fit.add_argument("--no-class-weights", action="store_true",
                      help="do not weight the loss by inverse class frequency")
+    fit.add_argument("--source-balance", action="store_true",
+                     help="weigh each source's classes equally within the source, then the "
+                          "classes overall")
     fit.add_argument("--no-augment", action="store_true", help="no random augmentation")
     fit.add_argument("--rotation", type=float, default=a.rotation_degrees,
                      help="max rotation in degrees (default %(default)s)")
@@ -119,6 +126,14 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     split.add_argument("--seed", type=int, default=d.seed)
     split.add_argument("--source-from-prefix", action="store_true",
                        help="take each image's source from its file name before the first '_'")
+    split.add_argument("--sources", nargs="+", metavar="SOURCE",
+                       help="train (and validate, test) on these sources only")
+    split.add_argument("--exclude-sources", nargs="+", metavar="SOURCE", default=(),
+                       help="leave these sources out")
+    split.add_argument("--exclude-confounded", action="store_true",
+                       help="leave out the sources the audit flags as confounded: one class "
+                            "only, or a COVID share far from the other sources' (they teach "
+                            "the source, not the disease)")
     split.add_argument("--strict", action="store_true",
                        help="stop at the first unreadable file instead of skipping it")
     split.add_argument("--allow-leaks", action="store_true",
@@ -144,18 +159,21 @@ def _train_config(args):
         head_learning_rate=args.head_lr, finetune_epochs=args.finetune_epochs,
         finetune_learning_rate=args.finetune_lr, unfreeze_stages=args.unfreeze_stages,
         patience=args.patience, schedule=args.schedule, cached_head=not args.no_cached_head,
+        cached_trunk=not args.no_cached_trunk,
         source_augment=args.source_augment, test_time_views=args.test_time_views,
         head_views=args.head_views, feature_cache=args.feature_cache, stream=args.stream,
         image_cache=args.image_cache, workers=args.workers,
         mixed_precision=args.mixed_precision,
-        class_weights=not args.no_class_weights, augment=augment,
+        class_weights=not args.no_class_weights, source_balance=args.source_balance,
+        augment=augment,
         split_fractions=(1 - args.val_fraction - args.test_fraction, args.val_fraction,
                          args.test_fraction),
         split_file=args.split_file, seed=args.seed, positive_class=args.positive_class,
         threshold_method="sensitivity" if args.target_sensitivity else "youden",
         target_sensitivity=args.target_sensitivity or 0.95, calibrate=args.calibrate,
-        source_from_prefix=args.source_from_prefix, strict=args.strict,
-        allow_leaks=args.allow_leaks)
+        source_from_prefix=args.source_from_prefix, sources=args.sources,
+        exclude_sources=args.exclude_sources, exclude_confounded=args.exclude_confounded,
+        strict=args.strict, allow_leaks=args.allow_leaks)
 
 
 def cmd_train(args) -> int:

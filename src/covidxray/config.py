@@ -69,12 +69,18 @@ class TrainConfig:
     cached_head: bool = True
     head_views: int = 0  # augmented views per training image for the cached head, besides itself
     feature_cache: str | None = None  # a folder keeps the features for later runs too
+    # phase 2 of a pretrained backbone (BatchNorm frozen, some stages frozen) trains the top
+    # stages on the frozen trunk's output, computed once per image and view; source-cue
+    # augmentation gives each epoch its own view, and Keras' augmentation layers are not used
+    cached_trunk: bool = True
     # phase 2 (and an uncached phase 1) read training batches from the files in worker threads
     stream: bool = False
     image_cache: str | None = None  # with stream: keep decoded, resized images here
     workers: int = 2
     mixed_precision: str = "auto"  # bfloat16 on a GPU; "on" or "off" to choose
-    class_weights: bool = True
+    class_weights: bool = True  # each class weighs the same in the loss
+    # and, first, each source's classes weigh the same within that source
+    source_balance: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # random gamma, blur / noise, JPEG quality, borders and crops (transforms.SourceAugment)
     # on the training images of phase 2: cues that name a source rather than the disease
@@ -90,6 +96,11 @@ class TrainConfig:
     target_sensitivity: float = 0.95
     calibrate: bool = False  # fit a temperature on validation and apply it to every score
     source_from_prefix: bool = False
+    # the sources trained on (and validated, tested) when the data names them; the others are
+    # left out, each named in the log and the run's metadata with the reason
+    sources: tuple[str, ...] | None = None  # only these; None: all
+    exclude_sources: tuple[str, ...] = ()
+    exclude_confounded: bool = False  # leave out what audit.confounded_sources names
     strict: bool = False
     allow_leaks: bool = False  # train even when identical files sit in different splits
 
@@ -97,6 +108,8 @@ class TrainConfig:
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
         self.split_fractions = tuple(float(f) for f in self.split_fractions)
+        self.sources = None if self.sources is None else tuple(self.sources)
+        self.exclude_sources = tuple(self.exclude_sources)
         recipe = RECIPES["random" if self.weights.lower() == "none" else "pretrained"]
         for name, value in recipe.items():
             if getattr(self, name) is None:

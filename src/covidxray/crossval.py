@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covidxray.audit import select_sources
 from covidxray.baselines import THUMBNAIL_SIZE, thumbnail_logistic_regression
 from covidxray.config import TrainConfig
 from covidxray.data import DataError, Record, discover
@@ -69,7 +70,10 @@ def _baseline_score(records: list[Record], config: TrainConfig, n_bootstrap: int
 
 
 def _train_and_score(records: list[Record], name: str, config: TrainConfig, out: Path,
-                     n_bootstrap: int, train_model: bool = True, resume: bool = False) -> dict:
+                     n_bootstrap: int, train_model: bool = True, resume: bool = False,
+                     trained_run: Path | None = None) -> dict:
+    """Train on ``records``' train / val split and test on their test split; with
+    ``trained_run`` (a fold run trained on the very same records), only test it."""
     fold_dir = out / name
     finished = fold_dir / "fold.json"
     if resume and finished.is_file():
@@ -77,18 +81,21 @@ def _train_and_score(records: list[Record], name: str, config: TrainConfig, out:
         return json.loads(finished.read_text())
     test = [r for r in records if r.split == "test"]
     row = {"fold": name, "test_images": len(test), "test_positive": sum(r.target for r in test),
+           "trained_on": sorted({r.source for r in records if r.split != "test"}),
            "thumbnail_baseline": _baseline_score(records, config, n_bootstrap)}
     if not train_model:
         return row
-    run = fold_dir / "run"
-    continued = resume and (run / "config.json").is_file()  # train_seconds: this part only
-    started = time.monotonic()
-    if not (resume and (run / "model.keras").is_file()):
+    run = trained_run or fold_dir / "run"
+    continued = resume and trained_run is None and (run / "config.json").is_file()
+    started = time.monotonic()  # train_seconds: this call's part only
+    if not (run / "model.keras").is_file():
         manifest = _write_manifest(fold_dir / "data.csv", records)
         train(replace(config, data=str(manifest), out=str(run), split_file=None,
-                      source_from_prefix=False), resume=continued, verbose=0)
-    seconds = time.monotonic() - started
-    metrics = evaluate(run, n_bootstrap=n_bootstrap, seed=config.seed, shortcut_images=0)
+                      source_from_prefix=False, sources=None, exclude_sources=(),
+                      exclude_confounded=False), resume=continued, verbose=0)
+    seconds = time.monotonic() - started if trained_run is None else 0.0
+    metrics = evaluate(run, n_bootstrap=n_bootstrap, seed=config.seed, shortcut_images=0,
+                       out=fold_dir / "metrics.json", records=test)
     row = {**row, "run": str(run), "train_seconds": round(seconds, 1), "resumed": continued,
            "threshold": metrics["threshold"], **fold_score(metrics),
            "metrics": {k: v["value"] for k, v in metrics["overall"]["metrics"].items()},
@@ -136,28 +143,43 @@ def crossval(data: str | Path, out: str | Path, config: TrainConfig, by: str = "
     sources = sorted({r.source for r in dataset.records})
     if len(sources) < 2:
         raise DataError(f"leave-one-source-out needs at least two sources, found {sources}")
+    plain = [replace(r, split="") for r in dataset.records]
+    pool, left_out = select_sources(plain, config.sources, config.exclude_sources,
+                                    config.exclude_confounded)
+    for source, reason in left_out.items():
+        log.info("source %s is only tested, never trained on: %s", source, reason)
     if train_models:
         _claim(out, config, resume)
     train_share = config.split_fractions[0] / (config.split_fractions[0]
                                                + config.split_fractions[1])
-    plain = [replace(r, split="") for r in dataset.records]
-    folds = []
+    folds, runs = [], {}  # runs: training sources -> the fold run trained on them
     for held in sources:
         log.info("fold: hold out source %s", held)
-        rest = assign_splits([r for r in plain if r.source != held],
-                             (train_share, 1 - train_share, 0.0), config.seed)
+        training = [r for r in pool if r.source != held]
         test = [replace(r, split="test") for r in plain if r.source == held]
-        folds.append(_train_and_score(rest + test, f"holdout-{held}", config, out,
-                                      n_bootstrap, train_models, resume))
+        trained_on = tuple(sorted({r.source for r in training}))
+        if len({r.target for r in training}) < 2:
+            folds.append({"fold": f"holdout-{held}", "test_images": len(test),
+                          "test_positive": sum(r.target for r in test),
+                          "skipped": f"the training sources without {held} "
+                                     f"({', '.join(trained_on) or 'none'}) lack a class: a "
+                                     f"source trained on cannot also be held out"})
+            continue
+        rest = assign_splits(training, (train_share, 1 - train_share, 0.0), config.seed)
+        row = _train_and_score(rest + test, f"holdout-{held}", config, out, n_bootstrap,
+                               train_models, resume, runs.get(trained_on))
+        runs.setdefault(trained_on, Path(row["run"]) if "run" in row else None)
+        folds.append(row)
     result = {"data": str(data), "by": by, "synthetic_data": dataset.synthetic,
-              "config": config.to_dict(), "folds": folds}
+              "config": config.to_dict(), "sources_left_out": left_out, "folds": folds}
     if random_split:
-        log.info("random split of all sources")
+        log.info("random split of %s", "the sources trained on" if left_out else "all sources")
         result["random_split"] = _train_and_score(
-            assign_splits(plain, config.split_fractions, config.seed), "random-split", config,
+            assign_splits(pool, config.split_fractions, config.seed), "random-split", config,
             out, n_bootstrap, train_models, resume)
     write_json_atomic(out / "crossval.json", result)
-    rows = folds + ([result["random_split"]] if random_split else [])
+    rows = [f for f in folds if "skipped" not in f] + (
+        [result["random_split"]] if random_split else [])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["fold", "test_images", "test_positive", "metric", "value", "ci_low",
@@ -183,12 +205,18 @@ def format_crossval(result: dict) -> str:
                  f"{'95% CI':<12}  {'thumbnail LR':>12}  95% CI")
     rows = result["folds"] + ([result["random_split"]] if "random_split" in result else [])
     for row in rows:
+        if "skipped" in row:
+            lines.append(f"{row['fold']:<22}{row['test_images']:>8}{row['test_positive']:>7}  "
+                         f"not scored: {row['skipped']}")
+            continue
         base = row["thumbnail_baseline"]
         model = (f"{row['value']:>7.3f}  {row['ci95'][0]:.3f}-{row['ci95'][1]:.3f}"
                  if "value" in row else f"{'-':>7}  {'':<11}")
         lines.append(f"{row['fold']:<22}{row['test_images']:>8}{row['test_positive']:>7}  "
                      f"{base['metric']:<12}{model}  {base['value']:>12.3f}  "
                      f"{base['ci95'][0]:.3f}-{base['ci95'][1]:.3f}")
+    for source, reason in result.get("sources_left_out", {}).items():
+        lines.append(f"{source} was never trained on ({reason}); it is only held out.")
     lines.append("A held-out source with one class is scored by the rate of that class at the "
                  "threshold frozen on the training sources' validation split. Thumbnail LR: "
                  "logistic regression on 16x16-pixel thumbnails, same folds: what image "

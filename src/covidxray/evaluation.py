@@ -63,8 +63,9 @@ def per_source(records: list[Record], scores: np.ndarray, threshold: float, n_bo
 def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: int = 1000,
              source_from_prefix: bool = False, out: str | Path | None = None, seed: int = 0,
              strict: bool = False, predictor: Predictor | None = None,
-             shortcut_images: int = 200) -> dict:
-    """Evaluate a run on ``data`` (default: its own test split) and write ``metrics.json``.
+             shortcut_images: int = 200, records: list[Record] | None = None) -> dict:
+    """Evaluate a run on ``data`` (default: its own test split; ``records``: these labelled
+    images, with their ``target`` as the run's positive class) and write ``metrics.json``.
 
     Besides the metrics: calibration, curves, score histograms, per-image scores, and the
     border-shortcut check on up to ``shortcut_images`` images (0 skips it).
@@ -72,7 +73,9 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
     run_dir = Path(run_dir)
     predictor = predictor or Predictor.load(run_dir)
     meta = predictor.metadata
-    if data is None:
+    if records is not None:
+        data_name = f"{len(records)} records given"
+    elif data is None:
         records = run_test_records(run_dir, meta["positive_class"], source_from_prefix)
         data_name = f"{run_dir}/split.csv (test split)"
     else:

@@ -1,4 +1,5 @@
-"""Pooled backbone features computed once and reused: the frozen phase trains on them.
+"""Backbone outputs computed once and reused: the frozen phase trains on pooled features,
+and fine-tuning the top stages of a pretrained backbone on the output of its frozen trunk.
 
 With the backbone frozen, every epoch of a seed-style run computes the same backbone output for
 every image again; only the head (dropout + one unit) learns. Here each image's features are
@@ -18,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -26,6 +28,7 @@ import numpy as np
 from covidxray.config import AugmentConfig
 from covidxray.fileutil import atomic_path
 from covidxray.model import OUTPUT_NAME, augmentation_layers, backbone_of, forward
+from covidxray.transforms import SourceAugment, augment_prepared
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,21 @@ class FeatureCache:
             with atomic_path(self._file(key), suffix=".npy") as tmp:
                 np.save(tmp, value)
 
+    def arrays(self, key: str, images: np.ndarray, view: int, compute) -> np.ndarray:
+        """``compute(images)`` row by row, (n, ...) for (n, s, s) uint8 ``images``, computing
+        only the rows missing from the cache; ``key`` names what ``compute`` does to view
+        ``view`` of an image."""
+        keys = [(key, image_key(image), view) for image in images]
+        found = [self.get(k) for k in keys]
+        missing = [i for i, value in enumerate(found) if value is None]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            for i, value in zip(missing, compute(np.asarray(images)[missing])):
+                self.put(keys[i], value)
+                found[i] = value
+        return np.stack(found) if found else np.zeros((0, 0), np.float32)
+
     def features(self, model: keras.Model, images: np.ndarray, view: int = 0,
                  augment: AugmentConfig | None = None, seed: int = 0, batch_size: int = 32,
                  key: str | None = None) -> np.ndarray:
@@ -90,21 +108,33 @@ class FeatureCache:
         """
         if view > 0 and augment is None:
             raise ValueError("augmented views need an AugmentConfig")
-        key = key or model_key(model, augment, seed)
-        keys = [(key, image_key(image), view) for image in images]
-        found = [self.get(k) for k in keys]
-        missing = [i for i, value in enumerate(found) if value is None]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        if missing:
-            batch = np.asarray(images)[missing]
+
+        def pooled(batch):
             if view > 0:
                 batch = augment_view(augment, batch, seed * 1000 + view)
-            computed = forward(model, batch, batch_size).embeddings
-            for i, value in zip(missing, computed):
-                self.put(keys[i], value)
-                found[i] = value
-        return np.stack(found) if found else np.zeros((0, 0), np.float32)
+            return forward(model, batch, batch_size).embeddings
+
+        return self.arrays(key or model_key(model, augment, seed), images, view, pooled)
+
+    def trunk_views(self, split: "TrunkSplit", images: np.ndarray, view: int = 0,
+                    augment: SourceAugment | None = None, seed: int = 0,
+                    batch_size: int = 32) -> np.ndarray:
+        """The frozen trunk's output for view ``view`` of each image: view 0 is the image,
+        view v > 0 the image through ``augment`` with a generator seeded by ``seed``, v and
+        the image's own content, so an image's view is the same in every fold and run."""
+        if view > 0 and augment is None:
+            raise ValueError("augmented views need a SourceAugment")
+        key = hashlib.sha256(json.dumps([split.key, dataclasses.asdict(augment) if view else None,
+                                         seed if view else None]).encode()).hexdigest()[:32]
+
+        def trunk_output(batch):
+            if view > 0:
+                batch = np.stack([augment_prepared(image, augment, np.random.default_rng(
+                    (seed, view, int(image_key(image)[:15], 16)))) for image in batch])
+            return np.asarray(split.trunk.predict(batch[..., None], batch_size=batch_size,
+                                                  verbose=0), np.float32)
+
+        return self.arrays(key, images, view, trunk_output)
 
 
 def augment_view(augment: AugmentConfig, images: np.ndarray, seed: int) -> np.ndarray:
@@ -114,6 +144,44 @@ def augment_view(augment: AugmentConfig, images: np.ndarray, seed: int) -> np.nd
     out = keras.ops.convert_to_numpy(augmenter(images[..., None].astype("float32"),
                                                training=True))
     return np.clip(np.rint(out[..., 0]), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class TrunkSplit:
+    """A classifier cut where its trainable stages begin: ``trunk`` (image -> the input of the
+    first trainable stage, frozen) and ``top`` (that tensor -> P(positive)), sharing the
+    classifier's layers and weights, so training ``top`` trains the classifier."""
+
+    trunk: keras.Model
+    top: keras.Model
+    key: str  # model_key of the classifier and the cut: names the trunk's output
+
+
+def trunk_split(model: keras.Model, prefixes: tuple[str, ...]) -> TrunkSplit | None:
+    """Cut ``model`` before the first backbone layer named by ``prefixes``; None where the
+    stages above the cut read a tensor from below it (no single cut exists).
+
+    Only right for a trunk that never changes: frozen, with BatchNorm in inference mode, and
+    no random augmentation inside it (the trunk leaves the model's augmentation layers out).
+    """
+    base = backbone_of(model)
+    first = next((layer for layer in base.layers if layer.name.startswith(prefixes)), None)
+    if first is None:
+        return None
+    cut = first.input
+    try:
+        upper = keras.Model(cut, base.output, name="upper")
+    except ValueError:
+        return None
+    image = keras.Input(model.input_shape[1:], name="image")
+    trunk_base = keras.Model(base.input, cut, name="trunk_base")
+    trunk = keras.Model(image, trunk_base(model.get_layer("backbone_input")(image)),
+                        name="trunk")
+    features = keras.Input(cut.shape[1:], name="trunk_output")
+    x = upper(features, training=False)  # as the classifier calls its pretrained backbone
+    x = model.get_layer("dropout")(model.get_layer("pool")(x))
+    top = keras.Model(features, model.get_layer(OUTPUT_NAME)(x), name="top")
+    return TrunkSplit(trunk, top, model_key(model) + "/" + first.name)
 
 
 def head_model(model: keras.Model) -> keras.Model:

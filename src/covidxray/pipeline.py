@@ -33,7 +33,7 @@ class ImageSequence(keras.utils.PyDataset):
 
     def __init__(self, items, targets, spec: int | Preprocessing, batch_size: int = 32,
                  shuffle: bool = False, seed: int = 0, cache_dir: str | Path | None = None,
-                 workers: int = 2, augment=None):
+                 workers: int = 2, augment=None, sample_weights: np.ndarray | None = None):
         super().__init__(workers=workers, use_multiprocessing=False)
         if len(items) != len(targets):
             raise ValueError(f"{len(items)} images but {len(targets)} targets")
@@ -41,6 +41,7 @@ class ImageSequence(keras.utils.PyDataset):
         self.paths = None if self.images is not None else [str(p) for p in items]
         self.augment = augment
         self.targets = np.asarray(targets, dtype=np.float32)
+        self.sample_weights = sample_weights
         self.preprocessing = as_preprocessing(spec)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -60,7 +61,8 @@ class ImageSequence(keras.utils.PyDataset):
     def __getitem__(self, index: int):
         chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
         images = np.stack([self.image(i) for i in chosen])
-        return images[..., None], self.targets[chosen]
+        batch = (images[..., None], self.targets[chosen])
+        return batch if self.sample_weights is None else (*batch, self.sample_weights[chosen])
 
     def image(self, i: int) -> np.ndarray:
         """Image ``i`` as the model gets it this epoch."""
@@ -89,3 +91,33 @@ class ImageSequence(keras.utils.PyDataset):
         with atomic_path(entry, suffix=".npy") as tmp:
             np.save(tmp, image)
         return image
+
+
+class ViewBatches(keras.utils.PyDataset):
+    """Batches ``(views[e][batch], targets[batch])`` where epoch ``e`` takes its own view of
+    every item (the last one again once they run out), shuffled per epoch from ``seed``; for
+    training on precomputed augmented views, one fresh view per epoch."""
+
+    def __init__(self, views: list[np.ndarray], targets, batch_size: int = 32, seed: int = 0,
+                 sample_weights: np.ndarray | None = None):
+        super().__init__()
+        if not views or any(len(v) != len(targets) for v in views):
+            raise ValueError("every view needs one row per target")
+        self.views = views
+        self.targets = np.asarray(targets, dtype=np.float32)
+        self.sample_weights = sample_weights
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.targets) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.targets))
+        chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
+        batch = (self.views[min(self.epoch, len(self.views) - 1)][chosen], self.targets[chosen])
+        return batch if self.sample_weights is None else (*batch, self.sample_weights[chosen])
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1

@@ -205,14 +205,17 @@ def claim_items(meta: dict, config: dict, metrics: dict, audit: dict | None) -> 
     sources = sorted({c["source"] for c in metrics["cases"] if c["source"]})
     grouped = "patient id where known" if config.get("split_file") is None else \
         f"the given split file {config['split_file']}"
+    left_out = meta.get("sources_left_out") or {}
     return [
         ("Data sources", ", ".join(sources) if sources else "not recorded (no source column)"),
+        ("Sources left out of training", "; ".join(f"{s}: {why}" for s, why in left_out.items())
+         if left_out else "none"),
         ("Ground truth", "labels as given by the class folders / manifest; not verified by "
                          "covidxray"),
         ("Data partitions", f"train/val/test {config['split_fractions']} (seed {config['seed']}), "
                             f"stratified by class and source, grouped by {grouped}"),
         ("Partition disjointness", "no patient in more than one split (checked at training)"),
-        ("Model", f"{meta['backbone']} (keras.applications), global average pooling, dropout "
+        ("Model", f"{meta['backbone']} backbone, global average pooling, dropout "
                   f"{config['dropout']}, one sigmoid unit; input {meta['image_size']} px"),
         ("Initialisation", f"weights: {meta['weights']}"),
         ("Preprocessing", "; ".join(meta["preprocessing"]["steps"])),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import functools
 import io
 import json
 import logging
@@ -17,6 +18,7 @@ import platform
 import shutil
 import warnings
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import keras
@@ -24,18 +26,18 @@ import numpy as np
 
 from covidxray import __version__
 from covidxray.accelerator import precision_for_hardware
-from covidxray.audit import exact_duplicates_across_splits
+from covidxray.audit import exact_duplicates_across_splits, select_sources
 from covidxray.config import TrainConfig
 from covidxray.data import DataError, Dataset, LoadedImages, discover, file_hashes, fingerprint, \
     load_images, with_splits
-from covidxray.features import FeatureCache, head_model, model_key
+from covidxray.features import FeatureCache, TrunkSplit, head_model, model_key, trunk_split
 from covidxray.fileutil import atomic_path, write_json_atomic, write_text_atomic
 from covidxray.metrics import apply_temperature, binary_metrics, choose_threshold, \
     fit_temperature
 from covidxray.model import Forward, build_model, feature_extractor, forward, get_backbone, \
-    predict_scores, unfreeze_top_stages
+    predict_scores, stage_prefixes, unfreeze_top_stages
 from covidxray.ood import OOD_FILE, OODGate
-from covidxray.pipeline import ImageSequence
+from covidxray.pipeline import ImageSequence, ViewBatches
 from covidxray.split import assign_splits, patients_across_splits, read_split_csv, \
     write_split_csv
 from covidxray.transforms import SourceAugment, mean_over_views
@@ -106,6 +108,10 @@ def _train_phases(model, config: TrainConfig, run: Path, train_images: LoadedIma
         log.info("phase %d (%s): %d epochs at learning rate %g", phase, PHASES[phase], epochs,
                  learning_rate)
         fit = _fit_head_on_features if phase == 1 and config.cached_head else _fit_phase
+        if phase == 2 and _trunk_is_frozen(config):
+            split = trunk_split(model, stage_prefixes(config.backbone, config.unfreeze_stages))
+            if split is not None:
+                fit = functools.partial(_fit_top_on_trunk, split=split)
         best = fit(model, phase, epochs, learning_rate, train_images, val_images, config, run,
                    state.get("best_val_auc"), verbose)
         state = {"phases_done": state.get("phases_done", []) + [phase],
@@ -192,6 +198,11 @@ def prepare_splits(config: TrainConfig, run: Path) -> tuple[Dataset, list, dict[
     dataset = discover(config.data, config.positive_class, config.source_from_prefix)
     for path, reason in dataset.skipped:
         log.warning("skipped %s: %s", path, reason)
+    kept, left_out = select_sources(dataset.records, config.sources, config.exclude_sources,
+                                    config.exclude_confounded)
+    for source, reason in left_out.items():
+        log.warning("source %s left out of training: %s", source, reason)
+    dataset = replace(dataset, records=kept, sources_left_out=left_out)
     if config.split_file:
         records = with_splits(dataset.records, read_split_csv(config.split_file))
         if not records:
@@ -287,11 +298,12 @@ def _fit_head_on_features(model, phase, epochs, learning_rate, train_images, val
     stopping = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
                                              patience=config.patience,
                                              restore_best_weights=True)
+    weights = loss_weights(train_images, config)
     history = head.fit(
         np.concatenate(views), np.tile(train_images.targets, len(views)),
         validation_data=(val_features, val_images.targets), epochs=epochs,
         batch_size=config.batch_size, shuffle=True,
-        class_weight=class_weights(train_images.targets) if config.class_weights else None,
+        sample_weight=None if weights is None else np.tile(weights, len(views)),
         callbacks=[_PhaseColumn(phase), keras.callbacks.CSVLogger(str(run / "history.csv"),
                                                                   append=True), stopping],
         verbose=verbose)
@@ -301,6 +313,50 @@ def _fit_head_on_features(model, phase, epochs, learning_rate, train_images, val
         model.save_weights(_best_weights_file(run))
         return best
     return best_so_far
+
+
+def _trunk_is_frozen(config: TrainConfig) -> bool:
+    """Whether phase 2 leaves a trunk that never changes: pretrained (BatchNorm in inference
+    mode), some stages kept frozen, and the cached path asked for."""
+    return (config.cached_trunk and config.weights.lower() != "none"
+            and config.unfreeze_stages != "all")
+
+
+def _fit_top_on_trunk(model, phase, epochs, learning_rate, train_images, val_images, config,
+                      run, best_so_far, verbose, split: TrunkSplit) -> float | None:
+    """Phase 2 of a pretrained backbone on its frozen trunk's output, computed once per image
+    and view: only the unfrozen stages and the head run each epoch. With source-cue
+    augmentation, epoch e trains on the e-th augmented view of every image."""
+    cache = FeatureCache(config.feature_cache)
+    augment = SourceAugment() if config.source_augment else None
+    views = [cache.trunk_views(split, train_images.images, view, augment, config.seed,
+                               config.batch_size)
+             for view in (range(1, epochs + 1) if augment else [0])]
+    val_outputs = cache.trunk_views(split, val_images.images, batch_size=config.batch_size)
+    log.info("phase 2 on the frozen trunk's output: %d images x %d view(s); cache hits %d, "
+             "misses %d", len(train_images.records), len(views), cache.hits, cache.misses)
+    _drop_history_of_phase(run / "history.csv", phase)  # an interrupted attempt's epochs
+    _compile(split.top, learning_rate, config.schedule,
+             epochs * math.ceil(len(train_images.records) / config.batch_size))
+    top_best = run / ".checkpoints" / "best-top.weights.h5"
+    top_best.unlink(missing_ok=True)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        top_best, monitor="val_auc", mode="max", save_best_only=True, save_weights_only=True,
+        initial_value_threshold=best_so_far)
+    split.top.fit(
+        ViewBatches(views, train_images.targets, config.batch_size, config.seed,
+                    loss_weights(train_images, config)),
+        validation_data=(val_outputs, val_images.targets), epochs=epochs,
+        callbacks=[_PhaseColumn(phase), keras.callbacks.CSVLogger(str(run / "history.csv"),
+                                                                  append=True), checkpoint,
+                   keras.callbacks.EarlyStopping(monitor="val_auc", mode="max",
+                                                 patience=config.patience)],
+        verbose=verbose)
+    if not top_best.is_file():  # no epoch beat the best so far
+        return best_so_far
+    split.top.load_weights(top_best)  # its layers are the classifier's
+    model.save_weights(_best_weights_file(run))
+    return float(checkpoint.best)
 
 
 def _drop_history_of_phase(history: Path, phase: int) -> None:
@@ -334,31 +390,43 @@ def _fit_phase(model, phase, epochs, learning_rate, train_images, val_images, co
         checkpoint,
         keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience),
     ]
+    weights = loss_weights(train_images, config)
     if config.stream or config.source_augment:  # batches made by worker threads
         augment = SourceAugment() if config.source_augment else None
         items = [r.path for r in train_images.records] if config.stream else train_images.images
         train_data = dict(x=ImageSequence(items, train_images.targets, config.preprocessing,
                                           config.batch_size, shuffle=True, seed=config.seed,
                                           cache_dir=config.image_cache, workers=config.workers,
-                                          augment=augment))
+                                          augment=augment, sample_weights=weights))
     else:
         train_data = dict(x=train_images.images[..., None], y=train_images.targets,
-                          batch_size=config.batch_size, shuffle=True)
+                          sample_weight=weights, batch_size=config.batch_size, shuffle=True)
     model.fit(**train_data,
               validation_data=(val_images.images[..., None], val_images.targets),
-              epochs=epochs,
-              class_weight=class_weights(train_images.targets) if config.class_weights else None,
-              callbacks=callbacks, verbose=verbose)
+              epochs=epochs, callbacks=callbacks, verbose=verbose)
     # BackupAndRestore leaves its restored epoch on the model, and fit() would start the next
     # phase there; each phase counts its epochs from 0
     model._initial_epoch = None
     return None if checkpoint.best in (None, float("-inf")) else float(checkpoint.best)
 
 
-def class_weights(targets: np.ndarray) -> dict[int, float]:
-    """Inverse-frequency weights so each class contributes equally to the loss."""
-    counts = np.bincount(targets.astype(int), minlength=2)
-    return {c: float(targets.size / (2 * counts[c])) for c in (0, 1)}
+def loss_weights(images: LoadedImages, config: TrainConfig) -> np.ndarray | None:
+    """Each training image's weight in the loss, mean 1 (None: all equal). ``class_weights``:
+    each class weighs the same in total. ``source_balance`` instead: within each source, its
+    classes share the source's weight equally (a source keeps its size; a single-class source
+    cannot be balanced and keeps its one class)."""
+    if not config.class_weights:
+        return None
+    targets = images.targets.astype(int)
+    if config.source_balance:
+        cells = Counter((r.source, t) for r, t in zip(images.records, targets))
+        per_source = Counter(r.source for r in images.records)
+        classes = Counter(source for source, _ in cells)
+        weights = np.array([per_source[r.source] / classes[r.source] / cells[(r.source, t)]
+                            for r, t in zip(images.records, targets)])
+    else:
+        weights = targets.size / (2 * np.bincount(targets, minlength=2)[targets])
+    return (weights / weights.mean()).astype(np.float32)
 
 
 def library_versions() -> dict[str, str]:
@@ -416,6 +484,7 @@ def build_metadata(config: TrainConfig, dataset: Dataset, records, hashes: dict[
         "data_fingerprint": fingerprint([r for r in records if r.split in ("train", "val")],
                                         hashes),
         "data_root": str(Path(dataset.root).resolve()),
+        "sources_left_out": dataset.sources_left_out,
         "backend": keras.backend.backend(),
         "versions": library_versions(),
     }
