@@ -35,9 +35,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import covidxray
-    from covidxray.metrics import roc_auc
-    from covidxray.run import Predictor
-    from covidxray.split import read_split_records
+    from covidxray.data.split import read_split_records
+    from covidxray.evaluation.metrics import roc_auc
+    from covidxray.run.predictor import Predictor
 
     out = Path(args.out)
     split_file = None
@@ -57,9 +57,9 @@ def main(argv=None) -> None:
             timing.write_text(f"{time.perf_counter() - start:.1f}\n")
         train_seconds = float(timing.read_text())
         split_file = split_file or str(run / "split.csv")
-        metadata = json.loads((run / "metadata.json").read_text())
-        n_train = metadata["split_counts"]["train"]
         predictor = Predictor.load(run)
+        metadata = predictor.metadata
+        n_train = metadata.split_counts["train"]
         test = [r for r in read_split_records(run / "split.csv", predictor.positive_class)
                 if r.split == "test"]
         start = time.perf_counter()
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
                          parameters=predictor.model.count_params(),
                          train_img_s=sum(n_train.values()) * args.epochs / train_seconds,
                          predict_img_s=len(test) / predict_seconds,
-                         val_auc=metadata["validation_metrics"]["roc_auc"], test_auc=test_auc))
+                         val_auc=metadata.validation_metrics["roc_auc"], test_auc=test_auc))
         print(json.dumps(rows[-1]), flush=True)
 
     base = rows[0]

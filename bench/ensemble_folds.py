@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 
 import covidxray  # noqa: F401  (sets the Keras backend before keras is imported)
-import covidxray.transforms as transforms
-from covidxray.crossval import fold_score
-from covidxray.data import load_images
-from covidxray.evaluation import per_source, summarise
-from covidxray.metrics import choose_threshold
-from covidxray.run import Predictor
-from covidxray.split import read_split_records
+import covidxray.pixels.transforms as transforms
+from covidxray.data.dataset import load_images
+from covidxray.data.split import read_split_records
+from covidxray.evaluation.crossval import fold_score
+from covidxray.evaluation.evaluate import per_source, summarise
+from covidxray.evaluation.metrics import choose_threshold
+from covidxray.run.predictor import Predictor
 
 
 def per_image_view(images, view, seed=0, augment=None):
@@ -47,7 +47,7 @@ def score_run(run: str, views: int | None = None) -> dict:
     that runs of one split line up."""
     predictor = Predictor.load(run)
     if views is not None:
-        predictor.metadata["test_time_views"] = views
+        predictor = predictor.with_test_time_views(views)
     records = sorted(read_split_records(Path(run) / "split.csv", predictor.positive_class),
                      key=lambda r: r.path)
     scored = {}

@@ -79,12 +79,12 @@ def raw_torch_images_per_second(size: int, batch: int, steps: int, warmup: int) 
 
 
 def covidxray_images_per_second(size: int, batch: int, steps: int, warmup: int) -> tuple:
+    import keras
     import numpy as np
 
     import covidxray  # noqa: F401  picks the backend
-    import keras
-    from covidxray.accelerator import gpu_name, precision_for_hardware
-    from covidxray.model import build_model, unfreeze_top_stages
+    from covidxray.model.accelerator import gpu_name, precision_for_hardware
+    from covidxray.model.network import build_model, unfreeze_top_stages
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (batch * (steps + warmup), size, size, 1), dtype=np.uint8)
     y = rng.integers(0, 2, len(x)).astype("float32")

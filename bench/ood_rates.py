@@ -156,9 +156,9 @@ def main(argv=None) -> None:
 
     import tempfile
 
-    from covidxray.run import Predictor
-    from covidxray.split import read_split_records
-    from covidxray.training import refit_ood_gate
+    from covidxray.data.split import read_split_records
+    from covidxray.run.predictor import Predictor
+    from covidxray.training.fit import refit_ood_gate
 
     if args.refit:
         refit_ood_gate(args.run)
@@ -179,11 +179,11 @@ def main(argv=None) -> None:
         for i, (kind, images) in enumerate(drawn.items()):
             kinds[kind] = write_pngs(Path(scratch) / str(i), images)
         if args.sheet:
-            from covidxray.imageio import load_for_model
+            from covidxray.pixels.imageio import load_for_model
             rows = [np.concatenate([load_for_model(p, 96) for p in paths[:10]], axis=1)
                     for paths in list(kinds.values())[1:]]
             Image.fromarray(np.concatenate(rows)).save(args.sheet)
-        print(f"run {args.run} ({predictor.metadata['backbone']}, {predictor.image_size} px)")
+        print(f"run {args.run} ({predictor.metadata.backbone}, {predictor.image_size} px)")
         print(f"{'input':<44}{'images':>7}{'flagged':>9}{'rate':>8}")
         for kind, paths in kinds.items():
             flags = [p.ood for p in predictor.predict_paths(paths)]

@@ -45,9 +45,9 @@ def timed(function, repeats: int = 1) -> float:
 def sample_files(data: str | None, n: int, folder: Path) -> tuple[list[str], np.ndarray]:
     """``n`` image files with their targets, drawn at random from ``data`` or from synthetic
     radiographs written here."""
-    from covidxray.data import discover
+    from covidxray.data.dataset import discover
     if not data:
-        from covidxray.synthetic import make_synthetic_dataset
+        from covidxray.data.synthetic import make_synthetic_dataset
         data = make_synthetic_dataset(folder / "synthetic", n_per_class=(n + 1) // 2, size=256,
                                       seed=0)
     records = discover(data).records
@@ -66,13 +66,14 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="epoch pairs per pipeline ratio")
     args = parser.parse_args(argv)
 
-    import covidxray  # first: it picks the Keras backend (torch unless KERAS_BACKEND says)
     import keras
-    from covidxray.features import FeatureCache, head_model
-    from covidxray.imageio import load_for_model
-    from covidxray.model import build_model, forward, unfreeze_top_stages
-    from covidxray.pipeline import ImageSequence
-    from covidxray.run import Predictor
+
+    import covidxray  # first: it picks the Keras backend (torch unless KERAS_BACKEND says)
+    from covidxray.model.network import build_model, forward, unfreeze_top_stages
+    from covidxray.pixels.imageio import load_for_model
+    from covidxray.run.predictor import Predictor
+    from covidxray.training.features import FeatureCache, head_model
+    from covidxray.training.pipeline import ImageSequence
 
     rows = []
 

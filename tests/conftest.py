@@ -16,7 +16,7 @@ TINY_TRAIN = dict(image_size=64, weights="none", head_epochs=1, finetune_epochs=
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    from covidxray.synthetic import make_synthetic_dataset
+    from covidxray.data.synthetic import make_synthetic_dataset
     return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "tiny", n_per_class=14,
                                   size=96, seed=1)
 
@@ -27,3 +27,17 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     import covidxray
     return covidxray.train(tiny_data, tmp_path_factory.mktemp("runs") / "tiny", verbose=0,
                            **TINY_TRAIN)
+
+
+def predictor_of(model, image_size: int, threshold: float = 0.5, crop: float = 0.0):
+    """A ``Predictor`` around a bare classifier (layers ``pool`` and ``p_covid``), for tests
+    of what uses one."""
+    from covidxray.config import Preprocessing
+    from covidxray.run.metadata import RunMetadata
+    from covidxray.run.predictor import Predictor
+    metadata = RunMetadata(class_names=["COVID", "NORMAL"], positive_class="COVID",
+                           preprocessing=Preprocessing(image_size, crop=crop),
+                           backbone="test", weights="none", threshold=threshold,
+                           threshold_method="youden", model_id="test", data_fingerprint="",
+                           created="", covidxray_version="", backend="")
+    return Predictor(model, metadata)

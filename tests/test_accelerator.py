@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from covidxray.accelerator import MIXED_POLICY, gpu_name, precision_for_hardware
-from covidxray.model import OUTPUT_NAME, build_model
+from covidxray.model.accelerator import MIXED_POLICY, gpu_name, precision_for_hardware
+from covidxray.model.network import OUTPUT_NAME, build_model
 
 
 def test_mixed_precision_on_request_keeps_the_output_in_float32():

@@ -6,10 +6,16 @@ import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from covidxray.audit import audit, confounded_sources, difference_hash, format_audit, \
-    near_duplicate_pairs, select_sources
 from covidxray.cli import main
-from covidxray.data import DataError, Record
+from covidxray.data.audit import (
+    audit,
+    confounded_sources,
+    difference_hash,
+    format_audit,
+    near_duplicate_pairs,
+    select_sources,
+)
+from covidxray.data.dataset import DataError, Record
 
 
 def smooth_image(seed, size=64):

@@ -3,10 +3,10 @@
 import numpy as np
 from PIL import Image
 
-from covidxray.baselines import thumbnail_logistic_regression
-from covidxray.data import Record
-from covidxray.imageio import Preprocessing
-from covidxray.metrics import roc_auc
+from covidxray.config import Preprocessing
+from covidxray.data.dataset import Record
+from covidxray.evaluation.baselines import thumbnail_logistic_regression
+from covidxray.evaluation.metrics import roc_auc
 
 
 def records_of(root, n, split, brightness_gap, rng):

@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import CXR_DEV
 from PIL import Image
 
 from covidxray.cli import main
-from conftest import CXR_DEV
 
 TRAIN_ARGS = ["--image-size", "64", "--weights", "none", "--head-epochs", "1",
               "--finetune-epochs", "1", "--batch-size", "8", "--quiet"]

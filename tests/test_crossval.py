@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from covidxray.cli import main
-from covidxray.crossval import fold_score
+from covidxray.evaluation.crossval import fold_score
 
 
 def test_fold_score_uses_what_the_held_out_set_supports():
@@ -63,7 +63,7 @@ def planted_marker_data(root, n_per_source=60, size=64):
     Whatever separates the classes here is the marker: a shortcut, not disease."""
     from PIL import Image
 
-    from covidxray.synthetic import synthetic_radiograph
+    from covidxray.data.synthetic import synthetic_radiograph
     rng = np.random.default_rng(0)
     lines = ["file,label,patient_id,source"]
     for source in ("marked", "clean"):
@@ -81,7 +81,7 @@ def planted_marker_data(root, n_per_source=60, size=64):
 
 def test_protocol_exposes_a_marker_shortcut_with_the_thumbnail_baseline(tmp_path):
     from covidxray.config import TrainConfig
-    from covidxray.crossval import crossval, format_crossval
+    from covidxray.evaluation.crossval import crossval, format_crossval
     data = planted_marker_data(tmp_path)
     config = TrainConfig(data=str(data), out=str(tmp_path / "cv"), weights="none",
                          split_fractions=(0.5, 0.25, 0.25))
@@ -97,9 +97,9 @@ def test_protocol_exposes_a_marker_shortcut_with_the_thumbnail_baseline(tmp_path
 
 @pytest.mark.slow
 def test_interrupted_crossval_resumes_with_the_same_recipe(tiny_data, tmp_path, monkeypatch):
-    import covidxray.crossval as cv
+    import covidxray.evaluation.crossval as cv
     from covidxray.config import TrainConfig
-    from covidxray.training import RunExistsError
+    from covidxray.training.fit import RunExistsError
     manifest = three_source_manifest(tiny_data, tmp_path / "m.csv")
     config = TrainConfig(data=str(manifest), out="", image_size=32, weights="none",
                          finetune_epochs=1, batch_size=8)
@@ -143,7 +143,7 @@ def test_training_sources_chosen_folds_share_their_run(tiny_data, tmp_path):
     """Trained on 'mixed' alone: 'mixed' cannot be held out (said so), and the two sources
     never trained on are both tested on the one model trained on 'mixed'."""
     from covidxray.config import TrainConfig
-    from covidxray.crossval import crossval, format_crossval
+    from covidxray.evaluation.crossval import crossval, format_crossval
     manifest = three_source_manifest(tiny_data, tmp_path / "m.csv")
     config = TrainConfig(data=str(manifest), out="", image_size=32, weights="none",
                          finetune_epochs=1, batch_size=8, sources=("mixed",),

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidxray.data import DataError, default_positive_class, discover, fingerprint, load_images
+from covidxray.data.dataset import (
+    DataError,
+    default_positive_class,
+    discover,
+    fingerprint,
+    load_images,
+)
 
 
 def png(path, value=128, size=24):

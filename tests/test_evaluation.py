@@ -3,7 +3,7 @@ import json
 import pytest
 
 import covidxray
-from covidxray.evaluation import format_report
+from covidxray.evaluation.evaluate import format_report
 
 
 def test_evaluate_on_other_data_with_sources(tiny_run, tiny_data, tmp_path):

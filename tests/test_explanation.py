@@ -2,9 +2,10 @@ import keras
 import numpy as np
 import pytest
 
-from covidxray.explanation import BORDER_FRACTION, border_mask, gradcam, overlay, shortcut_check, \
-    upsample
-from covidxray.model import OUTPUT_NAME
+from conftest import predictor_of
+from covidxray.evaluation.explain import BORDER_FRACTION, border_mask, overlay, shortcut_check
+from covidxray.model.network import OUTPUT_NAME, gradcam
+from covidxray.pixels.transforms import resize
 
 SIZE = 32
 
@@ -61,7 +62,7 @@ def test_gradcam_peaks_on_the_patch(patch_model):
     assert cams.shape == (20, SIZE // 2, SIZE // 2) and cams.max() <= 1
     hits = 0
     for i, r, c in corners:
-        peak = np.unravel_index(np.argmax(upsample(cams[i], (SIZE, SIZE))), (SIZE, SIZE))
+        peak = np.unravel_index(np.argmax(resize(cams[i], (SIZE, SIZE))), (SIZE, SIZE))
         hits += (r - 2 <= peak[0] < r + 8) and (c - 2 <= peak[1] < c + 8)
     assert hits >= 0.8 * len(corners)
 
@@ -88,13 +89,13 @@ def test_border_marker_model_is_flagged_and_central_one_is_not(patch_model):
     marker_model.fit(images[..., None], targets, epochs=15, batch_size=20, verbose=0)
     test_images, test_targets, _ = images_with_patch(40, in_border, seed=4)
     labels = ["COVID" if t else "NORMAL" for t in test_targets]
-    flagged = shortcut_check(marker_model, test_images, labels)
+    flagged = shortcut_check(predictor_of(marker_model, SIZE), test_images, labels)
     assert flagged.flagged and "border" in flagged.verdict
     assert flagged.occlusion_border["COVID"] > flagged.occlusion_centre["COVID"]
 
     central_images, central_targets, _ = images_with_patch(40, central, seed=5)
     labels = ["COVID" if t else "NORMAL" for t in central_targets]
-    clean = shortcut_check(patch_model, central_images, labels)
+    clean = shortcut_check(predictor_of(patch_model, SIZE), central_images, labels)
     assert not clean.flagged and "crossval --by source" in clean.verdict
     assert clean.occlusion_centre["COVID"] > clean.occlusion_border["COVID"]
 
@@ -127,3 +128,24 @@ def test_explain_cli_writes_overlays(tiny_run, tiny_data, tmp_path, capsys):
     assert Image.open(written[0]).size == Image.open(images[0]).size
     explanation = covidxray.explain(tiny_run, images[0])
     assert explanation.heatmap.shape == np.asarray(Image.open(images[0])).shape
+
+
+def test_heat_lands_where_the_marker_is_and_never_on_the_cropped_band(patch_model):
+    """With a crop, the map of the cropped image is placed back on the input's own pixels: a
+    marker inside the kept region gets the heat where it is; the removed band gets none."""
+    predictor = predictor_of(patch_model, SIZE, crop=0.2)
+    size, (top, left) = 100, (44, 52)  # kept region: 20..80 on each axis
+    rng = np.random.default_rng(7)
+    inside = rng.integers(40, 90, (size, size)).astype(np.uint8)
+    inside[top:top + 12, left:left + 12] = 250
+    result = predictor.predict(inside, heatmap=True)
+    assert result.heatmap.shape == (size, size)
+    peak = np.unravel_index(np.argmax(result.heatmap), result.heatmap.shape)
+    assert top - 4 <= peak[0] < top + 16 and left - 4 <= peak[1] < left + 16
+
+    in_band = rng.integers(40, 90, (size, size)).astype(np.uint8)
+    in_band[4:16, 40:52] = 250  # inside the top 20% that the crop removes
+    heat = predictor.predict(in_band, heatmap=True).heatmap
+    band = np.ones((size, size), bool)
+    band[20:80, 20:80] = False
+    assert np.all(heat[band] == 0)

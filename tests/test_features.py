@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from covidxray.config import AugmentConfig
-from covidxray.features import FeatureCache, augment_view, head_model, model_key
-from covidxray.model import backbone_of, build_model, forward
+from covidxray.model.network import backbone_of, build_model, forward
+from covidxray.training.features import FeatureCache, augment_view, head_model, model_key
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,8 @@ def test_head_model_shares_the_classifiers_head(images):
 
 
 def test_trunk_and_top_compose_to_the_classifier(images):
-    from covidxray.features import trunk_split
-    from covidxray.model import stage_prefixes
+    from covidxray.model.network import stage_prefixes
+    from covidxray.training.features import trunk_split
     classifier = build_model(32, backbone="mobilenetv3small", weights="none", seed=0)
     split = trunk_split(classifier, stage_prefixes("mobilenetv3small", 1))
     x = images[..., None].astype("float32")
@@ -105,9 +105,9 @@ def test_trunk_and_top_compose_to_the_classifier(images):
 
 
 def test_trunk_views_are_cached_and_seeded_by_content(images):
-    from covidxray.features import trunk_split
-    from covidxray.model import stage_prefixes
-    from covidxray.transforms import SourceAugment
+    from covidxray.model.network import stage_prefixes
+    from covidxray.pixels.transforms import SourceAugment
+    from covidxray.training.features import trunk_split
     classifier = build_model(32, backbone="mobilenetv3small", weights="none", seed=0)
     split = trunk_split(classifier, stage_prefixes("mobilenetv3small", 1))
     cache = FeatureCache()

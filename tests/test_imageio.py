@@ -2,10 +2,10 @@ import io
 
 import numpy as np
 import pytest
+from conftest import DICOM_DIR
 from PIL import Image
 
-from covidxray.imageio import ImageReadError, decode, load_for_model, prepare, read_image
-from conftest import DICOM_DIR
+from covidxray.pixels.imageio import ImageReadError, decode, load_for_model, prepare, read_image
 
 
 def gradient(height=40, width=30):

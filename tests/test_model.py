@@ -5,8 +5,15 @@ import keras
 import numpy as np
 import pytest
 
-from covidxray.model import BackboneInput, WeightsUnavailableError, backbone_of, build_model, \
-    get_backbone, resolve_weights, unfreeze_top_stages
+from covidxray.model.network import (
+    BackboneInput,
+    WeightsUnavailableError,
+    backbone_of,
+    build_model,
+    get_backbone,
+    resolve_weights,
+    unfreeze_top_stages,
+)
 
 
 def test_model_outputs_one_probability_per_image():

@@ -4,9 +4,9 @@ flags and why, and that a saved gate gives the same verdicts."""
 import numpy as np
 import pytest
 
-from covidxray.imageio import prepare
-from covidxray.ood import COLOUR_LIMIT, OODGate, nearest_distance, thumbnails
-from covidxray.synthetic import synthetic_radiograph
+from covidxray.data.synthetic import synthetic_radiograph
+from covidxray.pixels.imageio import prepare
+from covidxray.run.ood import COLOUR_LIMIT, OODGate, nearest_distance, thumbnails
 
 SIZE = 64
 
@@ -88,7 +88,7 @@ def test_gate_of_an_older_version_is_refused_with_what_to_do(tmp_path):
 
 
 def test_embedding_covariance_keeps_ten_images_per_dimension():
-    from covidxray.ood import _Mahalanobis
+    from covidxray.run.ood import _Mahalanobis
     rng = np.random.default_rng(0)
     small = _Mahalanobis.fit(rng.normal(size=(40, 64)), 32)
     assert small.projection.shape == (4, 64)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidxray.data import discover, load_images
-from covidxray.pipeline import ImageSequence
+from covidxray.data.dataset import discover, load_images
+from covidxray.training.pipeline import ImageSequence
 
 
 @pytest.fixture()
@@ -53,7 +53,7 @@ def test_decoded_image_cache(records, tmp_path):
 
 
 def test_in_memory_images_with_source_augmentation(records):
-    from covidxray.transforms import SourceAugment
+    from covidxray.pixels.transforms import SourceAugment
     loaded = load_images(records, 48)
     plain = ImageSequence(loaded.images, loaded.targets, 48, batch_size=11)
     np.testing.assert_array_equal(plain[0][0][..., 0], loaded.images)
@@ -72,7 +72,7 @@ def test_in_memory_images_with_source_augmentation(records):
 def test_a_model_fits_from_the_sequence(records):
     import keras
 
-    from covidxray.model import build_model
+    from covidxray.model.network import build_model
     loaded = load_images(records, 32)
     model = build_model(32, weights="none")
     model.compile(optimizer="adam", loss="binary_crossentropy")

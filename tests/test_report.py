@@ -1,10 +1,10 @@
 import re
 
 import pytest
+from browser import open_page
 
 from covidxray.cli import main
-from covidxray.report import gallery_cases
-from browser import open_page
+from covidxray.evaluation.report import gallery_cases
 
 
 def test_gallery_picks_confident_cases_of_each_kind():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import covidxray
-from covidxray.run import Predictor, RunError, collect_paths
+from covidxray.run.predictor import Predictor, RunError, collect_paths
 
 
 def test_load_and_predict_path_array_and_list(tiny_run, tiny_data):
@@ -23,7 +23,7 @@ def test_load_and_predict_path_array_and_list(tiny_run, tiny_data):
 
 def test_prediction_matches_the_evaluation_path(tiny_run, tiny_data):
     """Prediction and training share one preprocessing: the same file gives the same score."""
-    from covidxray.data import discover, load_images
+    from covidxray.data.dataset import discover, load_images
     predictor = Predictor.load(tiny_run)
     records = discover(tiny_data).records[:4]
     batch = predictor.predict_prepared(load_images(records, predictor.preprocessing).images)
@@ -32,18 +32,21 @@ def test_prediction_matches_the_evaluation_path(tiny_run, tiny_data):
 
 
 def test_one_forward_pass_gives_the_models_scores(tiny_run, tiny_data):
-    """``analyse`` derives scores, gate features and heat maps from one pass to the last
+    """``predict_items`` derives scores, gate features and heat maps from one pass to the last
     convolutional stage; its scores must be those of the whole model."""
-    from covidxray.data import discover, load_images
-    from covidxray.model import predict_scores
-    from covidxray.transforms import mean_over_views
+    from covidxray.data.dataset import discover
+    from covidxray.model.network import predict_scores
+    from covidxray.pixels.transforms import mean_over_views
     predictor = Predictor.load(tiny_run)
-    images = load_images(discover(tiny_data).records[:5], predictor.preprocessing).images
-    predictions, cams = predictor.analyse(images, [str(i) for i in range(5)])
+    items = [predictor.prepare(r.path) for r in discover(tiny_data).records[:5]]
+    images = np.stack([item.image for item in items])
+    predictions = predictor.predict_items(items, heatmaps=True)
     expected = mean_over_views(lambda x: predict_scores(predictor.model, x), images,
                                predictor.test_time_views)  # the image alone without views
     np.testing.assert_allclose([p.probability for p in predictions], expected, atol=1e-5)
-    assert cams.shape[0] == 5 and cams.min() >= 0 and cams.max() <= 1
+    for item, prediction in zip(items, predictions):
+        assert prediction.heatmap.shape == item.gray.shape  # on the file's own pixels
+        assert 0 <= prediction.heatmap.min() and prediction.heatmap.max() <= 1
 
 
 def test_a_colour_photo_is_flagged_out_of_distribution(tiny_run):
@@ -76,3 +79,36 @@ def test_incomplete_run_is_refused(tmp_path):
     (tmp_path / "metadata.json").write_text("{}")
     with pytest.raises(RunError, match="model.keras"):
         Predictor.load(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["colour", "16-bit", "alpha"])
+def test_a_file_and_its_pixels_as_an_array_give_one_probability(tiny_run, tiny_data, tmp_path,
+                                                                 kind):
+    from PIL import Image
+    predictor = Predictor.load(tiny_run)
+    gray = np.asarray(Image.open(sorted((tiny_data / "COVID").glob("*.png"))[0]).convert("L"))
+    if kind == "colour":  # a tinted screenshot of a film
+        pixels = np.stack([gray, (gray * 0.9).astype(np.uint8), (gray * 0.7).astype(np.uint8)],
+                          axis=-1)
+        image = Image.fromarray(pixels, "RGB")
+    elif kind == "16-bit":  # 12 significant bits in a 16-bit container
+        pixels = gray.astype(np.uint16) * 16
+        image = Image.fromarray(pixels)
+    else:  # transparent margins
+        alpha = np.full(gray.shape, 255, np.uint8)
+        alpha[:, :10] = 0
+        pixels = np.dstack([gray, gray, gray, alpha])
+        image = Image.fromarray(pixels, "RGBA")
+    path = tmp_path / f"{kind}.png"
+    image.save(path)
+    from_file, from_array = predictor.predict(path), predictor.predict(pixels)
+    assert from_file.error is None and from_array.error is None
+    assert from_array.probability == pytest.approx(from_file.probability, abs=1e-6)
+    assert from_array.ood == from_file.ood
+    from_bytes = predictor.predict(path.read_bytes())
+    assert from_bytes.probability == pytest.approx(from_file.probability, abs=1e-6)
+
+
+def test_an_unusable_array_is_an_error_naming_it(tiny_run):
+    result = Predictor.load(tiny_run).predict(np.zeros((4, 4, 5), np.uint8))
+    assert result.path == "<array>" and "shape" in result.error and result.probability is None

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi")
+from browser import open_page  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from covidxray.serve.app import create_app  # noqa: E402
-from browser import open_page  # noqa: E402
+from covidxray.deploy.serve.app import create_app  # noqa: E402
 
 
 def png_bytes(array) -> bytes:
@@ -52,7 +52,7 @@ def xray(tiny_run) -> bytes:
     test_ood checks the gate's rates on enough images.)"""
     import csv
 
-    from covidxray.run import Predictor
+    from covidxray.run.predictor import Predictor
     paths = [r["path"] for r in csv.DictReader(open(tiny_run / "split.csv"))
              if r["split"] == "train"]
     accepted = [p.path for p in Predictor.load(tiny_run).predict_paths(paths) if not p.ood]
@@ -182,10 +182,10 @@ def test_real_server_over_http(server, xray):
 @pytest.mark.slow
 def test_page_in_headless_chromium(server, tiny_data, tmp_path):
     pytest.importorskip("playwright.sync_api")
-    from playwright.sync_api import sync_playwright
+    import shutil
 
     from browser import CHROMIUM, CHROMIUM_ARGS
-    import shutil
+    from playwright.sync_api import sync_playwright
     if not shutil.which("chromium"):
         pytest.skip("Debian chromium is not installed")
     image = sorted((tiny_data / "COVID").glob("*.png"))[0]

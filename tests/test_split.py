@@ -2,9 +2,13 @@ from collections import Counter
 
 import pytest
 
-from covidxray.data import DataError, Record
-from covidxray.split import assign_splits, patients_across_splits, read_split_csv, \
-    write_split_csv
+from covidxray.data.dataset import DataError, Record
+from covidxray.data.split import (
+    assign_splits,
+    patients_across_splits,
+    read_split_csv,
+    write_split_csv,
+)
 
 
 def records(n_patients=60, images_per_patient=3, sources=("a", "b")):

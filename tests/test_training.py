@@ -3,12 +3,12 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import TINY_TRAIN
 
 import covidxray
 from covidxray.config import TrainConfig
-from covidxray.data import DataError
-from covidxray.training import RunExistsError, loss_weights
-from conftest import TINY_TRAIN
+from covidxray.data.dataset import DataError
+from covidxray.training.fit import RunExistsError, loss_weights
 
 
 def test_run_folder_contract(tiny_run):
@@ -23,12 +23,16 @@ def test_run_folder_contract(tiny_run):
     with zipfile.ZipFile(tiny_run / "model.keras") as archive:
         with h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as weights:
             assert "optimizer" not in weights  # inference only: a third of the size
-    meta = json.loads((tiny_run / "metadata.json").read_text())
-    assert meta["positive_class"] == "COVID" and meta["class_names"] == ["COVID", "NON-COVID"]
-    assert meta["image_size"] == 64 and meta["synthetic_data"] is True
-    assert 0 <= meta["threshold"] <= 1 and meta["threshold_method"] == "youden"
-    assert meta["backend"] and "keras" in meta["versions"] and len(meta["data_fingerprint"]) == 64
-    assert "Not a medical device" in meta["notice"]
+    from covidxray.run.metadata import SCHEMA_VERSION, RunMetadata
+    meta = RunMetadata.load(tiny_run / "metadata.json")
+    assert json.loads((tiny_run / "metadata.json").read_text())["schema_version"] \
+        == SCHEMA_VERSION
+    assert meta.positive_class == "COVID" and meta.class_names == ["COVID", "NON-COVID"]
+    assert meta.image_size == 64 and meta.synthetic_data is True
+    assert 0 <= meta.threshold <= 1 and meta.threshold_method == "youden"
+    assert meta.backend and "keras" in meta.versions and len(meta.data_fingerprint) == 64
+    assert "Not a medical device" in meta.notice
+    assert meta.model_id.startswith(f"{meta.backbone}-64px-")
     history = (tiny_run / "history.csv").read_text().splitlines()
     assert history[0].split(",")[:1] == ["epoch"] and "val_auc" in history[0]
     phases = {json.loads(line.split(",")[history[0].split(",").index("phase")])
@@ -54,7 +58,7 @@ def test_existing_run_is_not_overwritten(tiny_data, tiny_run):
 
 
 def test_reused_split_gives_same_assignment(tiny_data, tiny_run, tmp_path):
-    from covidxray.training import prepare_splits
+    from covidxray.training.fit import prepare_splits
     config = TrainConfig(data=str(tiny_data), out=str(tmp_path / "r"),
                          split_file=str(tiny_run / "split.csv"), seed=99, **TINY_TRAIN)
     prepare_splits(config, tmp_path)
@@ -75,7 +79,7 @@ def test_given_split_with_patient_leak_is_refused(tmp_path):
 
 
 def test_loss_weights_balance_classes_and_optionally_each_sources_classes():
-    from covidxray.data import LoadedImages, Record
+    from covidxray.data.dataset import LoadedImages, Record
     # source a: 1 positive, 3 negatives; source b: 4 positives, 0 negatives
     cells = [("a", 1)] + [("a", 0)] * 3 + [("b", 1)] * 4
     records = [Record(f"{i}.png", str(t), t, source=s) for i, (s, t) in enumerate(cells)]
@@ -94,7 +98,7 @@ def test_loss_weights_balance_classes_and_optionally_each_sources_classes():
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
-    from covidxray.training import learning_rate_schedule
+    from covidxray.training.fit import learning_rate_schedule
     assert learning_rate_schedule(1e-3, "constant", 100) == 1e-3
     rate = learning_rate_schedule(1e-3, "cosine", 100)
     at = [float(rate(step)) for step in (0, 5, 10, 55, 100)]
@@ -123,8 +127,8 @@ def test_config_validation():
 def test_recipe_preprocessing_travels_with_the_run(tiny_data, tmp_path):
     """A run trained with intensity normalisation, a crop, streamed batches, source
     augmentation and an uncached head applies the same preprocessing wherever it is used."""
-    from covidxray.data import discover, load_images
-    from covidxray.run import Predictor
+    from covidxray.data.dataset import discover, load_images
+    from covidxray.run.predictor import Predictor
     options = {**TINY_TRAIN, "intensity": "percentile", "crop": 0.05, "stream": True,
                "source_augment": True, "cached_head": False, "schedule": "cosine",
                "test_time_views": 2,
@@ -143,10 +147,10 @@ def test_recipe_preprocessing_travels_with_the_run(tiny_data, tmp_path):
 
     # test-time views: every score, and the threshold chosen on validation, is the mean over
     # the image and its views
-    from covidxray.metrics import choose_threshold
-    from covidxray.model import predict_scores
-    from covidxray.split import read_split_records
-    from covidxray.transforms import source_cue_view
+    from covidxray.data.split import read_split_records
+    from covidxray.evaluation.metrics import choose_threshold
+    from covidxray.model.network import predict_scores
+    from covidxray.pixels.transforms import source_cue_view
     assert predictor.test_time_views == 2
     own = lambda x: predict_scores(predictor.model, x)  # noqa: E731
     by_hand = (own(prepared) + own(source_cue_view(prepared, 0))
@@ -165,7 +169,7 @@ def test_recipe_preprocessing_travels_with_the_run(tiny_data, tmp_path):
 def test_resume_continues_an_interrupted_run(tiny_data, tmp_path, monkeypatch, cached_head):
     """Uncached, phase 1 continues from its last backed-up epoch; cached (seconds of work),
     it is run again from its start. Either way history.csv shows each epoch once."""
-    from covidxray import training
+    from covidxray.training import fit as training
 
     def interrupt_during_second_epoch(self, epoch, logs=None):
         if self.phase == 1 and epoch == 1:
@@ -192,8 +196,8 @@ def test_resume_continues_an_interrupted_run(tiny_data, tmp_path, monkeypatch, c
 
 
 def test_gate_refitted_from_the_split_matches_the_one_training_wrote(tiny_run, tmp_path):
-    from covidxray.ood import OOD_FILE, OODGate
-    from covidxray.training import refit_ood_gate
+    from covidxray.run.ood import OOD_FILE, OODGate
+    from covidxray.training.fit import refit_ood_gate
     run = shutil.copytree(tiny_run, tmp_path / "run")
     written = OODGate.load(run / OOD_FILE)
     refitted = refit_ood_gate(run)
@@ -213,8 +217,8 @@ def test_pretrained_lite_fine_tunes_its_top_stage_on_the_cached_trunk(tiny_data,
 
     import keras
 
-    from covidxray.model import backbone_of, build_model
-    from covidxray.run import Predictor
+    from covidxray.model.network import backbone_of, build_model
+    from covidxray.run.predictor import Predictor
     rows = list(csv.DictReader(open(tiny_data / "manifest.csv")))
     for index, row in enumerate(rows):
         row["file"] = str(tiny_data / row["file"])
@@ -231,7 +235,7 @@ def test_pretrained_lite_fine_tunes_its_top_stage_on_the_cached_trunk(tiny_data,
     assert "phase 2 on the frozen trunk's output: " in caplog.text
     assert "source web left out of training: confounded: one class only" in caplog.text
     meta = json.loads((run / "metadata.json").read_text())
-    assert list(meta["sources_left_out"]) == ["web"]
+    assert list(meta["sources_left_out"]) == ["web"]  # as users read it, without covidxray
     assert {line.split(",")[4] for line in (run / "split.csv").read_text().splitlines()[1:]} \
         == {"clinic"}
     trained = backbone_of(Predictor.load(run).model)

@@ -4,10 +4,21 @@ the intensity ones do what they claim on films that differ only in exposure."""
 import numpy as np
 import pytest
 
-from covidxray.synthetic import synthetic_radiograph
-from covidxray.transforms import INTENSITY_MODES, SourceAugment, apply_to_item, crop_border, \
-    equalize_histogram, normalise_intensity, percentile_window, random_blur_or_noise, \
-    random_border, random_crop_rescale, random_gamma, random_jpeg
+from covidxray.config import INTENSITY_MODES
+from covidxray.data.synthetic import synthetic_radiograph
+from covidxray.pixels.transforms import (
+    SourceAugment,
+    apply_to_item,
+    crop_border,
+    equalize_histogram,
+    normalise_intensity,
+    percentile_window,
+    random_blur_or_noise,
+    random_border,
+    random_crop_rescale,
+    random_gamma,
+    random_jpeg,
+)
 
 RANDOM = [random_gamma, random_blur_or_noise, random_jpeg, random_border, random_crop_rescale,
           SourceAugment(p=1.0)]
@@ -76,7 +87,7 @@ def test_unknown_mode_and_bad_shape_are_refused(film):
 
 
 def test_test_time_view_does_not_depend_on_the_batch(film):
-    from covidxray.transforms import source_cue_view
+    from covidxray.pixels.transforms import source_cue_view
     images = np.stack([np.rint(film * 255), np.rint(film[::-1] * 255)]).astype(np.uint8)
     view = source_cue_view(images, view=3, seed=1)
     assert view.shape == images.shape and view.dtype == np.uint8
@@ -87,7 +98,7 @@ def test_test_time_view_does_not_depend_on_the_batch(film):
 
 
 def test_mean_over_views_averages_the_image_and_its_views(film):
-    from covidxray.transforms import mean_over_views, source_cue_view
+    from covidxray.pixels.transforms import mean_over_views, source_cue_view
     images = np.stack([np.rint(film * 255)] * 3).astype(np.uint8)
     score = lambda x: x.reshape(len(x), -1).mean(axis=1) / 255.0  # noqa: E731
     assert np.allclose(mean_over_views(score, images, 0), score(images))

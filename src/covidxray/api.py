@@ -12,20 +12,20 @@ def train(data: str | Path, out: str | Path, resume: bool = False, verbose: int 
     >>> covidxray.train("data/", "runs/r1", image_size=224, weights="imagenet")  # doctest: +SKIP
     """
     from covidxray.config import TrainConfig
-    from covidxray.training import train as train_run
+    from covidxray.training.fit import train as train_run
     return train_run(TrainConfig(data=str(data), out=str(out), **options), resume=resume,
                      verbose=verbose)
 
 
 def load(run: str | Path):
     """Load a run folder into a ``Predictor``; ``.predict(path_or_array)`` gives P(COVID)."""
-    from covidxray.run import Predictor
+    from covidxray.run.predictor import Predictor
     return Predictor.load(run)
 
 
 def predict(run: str | Path, paths) -> list:
     """Predict files and folders (recursive) with a run; unreadable files carry ``error``."""
-    from covidxray.run import Predictor, collect_paths
+    from covidxray.run.predictor import Predictor, collect_paths
     if isinstance(paths, (str, Path)):
         paths = [paths]
     return Predictor.load(run).predict_paths(collect_paths(paths))
@@ -33,13 +33,13 @@ def predict(run: str | Path, paths) -> list:
 
 def evaluate(run: str | Path, data: str | Path | None = None, **options) -> dict:
     """Metrics of a run at its frozen threshold on ``data`` (default: its own test split)."""
-    from covidxray.evaluation import evaluate as evaluate_run
+    from covidxray.evaluation.evaluate import evaluate as evaluate_run
     return evaluate_run(run, data, **options)
 
 
 def explain(run: str | Path, path: str | Path):
     """Grad-CAM of one image: an ``Explanation`` with ``.heatmap`` (the array, [0, 1], at the
     image's resolution), ``.overlay`` (RGB), ``.probability`` and ``.label``."""
-    from covidxray.explanation import explain_image
-    from covidxray.run import Predictor
+    from covidxray.evaluation.explain import explain_image
+    from covidxray.run.predictor import Predictor
     return explain_image(Predictor.load(run), str(path))

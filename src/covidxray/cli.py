@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from covidxray import __version__
-from covidxray.audit import DEFAULT_NEAR_DISTANCE
+from covidxray.data.audit import DEFAULT_NEAR_DISTANCE
 
 NOTICE = "covidxray is for research only. It is not a medical device and gives no diagnosis."
 log = logging.getLogger("covidxray")
@@ -32,9 +32,8 @@ def _stages(value: str) -> int | str:
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    from covidxray.config import SCHEDULES, AugmentConfig, TrainConfig
-    from covidxray.model import BACKBONES
-    from covidxray.transforms import INTENSITY_MODES
+    from covidxray.config import INTENSITY_MODES, SCHEDULES, AugmentConfig, TrainConfig
+    from covidxray.model.network import BACKBONES
     d = TrainConfig(data="", out="")
     a = AugmentConfig()
     model = parser.add_argument_group("model")
@@ -177,7 +176,7 @@ def _train_config(args):
 
 
 def cmd_train(args) -> int:
-    from covidxray.training import train
+    from covidxray.training.fit import train
     if args.resume:
         from covidxray.config import TrainConfig
         config = TrainConfig.load(Path(args.out) / "config.json")
@@ -186,16 +185,17 @@ def cmd_train(args) -> int:
             raise UsageError("train needs DATA (or --resume with --out of an interrupted run)")
         config = _train_config(args)
     run = train(config, resume=args.resume, verbose=_verbosity(args.quiet))
-    meta = json.loads((run / "metadata.json").read_text())
+    from covidxray.run.metadata import METADATA_FILE, RunMetadata
+    meta = RunMetadata.load(run / METADATA_FILE)
     print(f"run written to {run}")
-    print(f"validation ROC-AUC {meta['validation_metrics']['roc_auc']:.3f}; threshold "
-          f"{meta['threshold']:.4f} frozen ({meta['threshold_method']})")
+    print(f"validation ROC-AUC {meta.validation_metrics['roc_auc']:.3f}; threshold "
+          f"{meta.threshold:.4f} frozen ({meta.threshold_method})")
     print(f"next: covidxray evaluate {run}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from covidxray.evaluation import evaluate, format_report
+    from covidxray.evaluation.evaluate import evaluate, format_report
     result = evaluate(args.run, args.data, n_bootstrap=args.bootstrap,
                       source_from_prefix=args.source_from_prefix, out=args.out,
                       seed=args.seed, strict=args.strict, shortcut_images=args.shortcut_images)
@@ -205,10 +205,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from covidxray.audit import audit, format_audit
-    from covidxray.data import discover, with_splits
+    from covidxray.data.audit import audit, format_audit
+    from covidxray.data.dataset import discover, with_splits
+    from covidxray.data.split import read_split_csv
     from covidxray.fileutil import write_json_atomic
-    from covidxray.split import read_split_csv
     dataset = discover(args.data, args.positive_class, args.source_from_prefix)
     records = dataset.records
     if args.split_file:
@@ -222,8 +222,8 @@ def cmd_audit(args) -> int:
 
 def _write_heatmaps(predictor, paths, out, alpha: float = 0.4, stream=sys.stdout) -> int:
     """Grad-CAM overlays of ``paths`` into ``out``; returns how many files failed."""
-    from covidxray.explanation import explain_image, save_png
-    from covidxray.imageio import ImageReadError
+    from covidxray.evaluation.explain import explain_image, save_png
+    from covidxray.pixels.imageio import ImageReadError
     failed = 0
     for path in paths:
         try:
@@ -240,7 +240,7 @@ def _write_heatmaps(predictor, paths, out, alpha: float = 0.4, stream=sys.stdout
 
 
 def cmd_explain(args) -> int:
-    from covidxray.run import Predictor, collect_paths
+    from covidxray.run.predictor import Predictor, collect_paths
     predictor = Predictor.load(args.run)
     paths = collect_paths(args.images)
     if not paths:
@@ -249,16 +249,16 @@ def cmd_explain(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from covidxray.audit import audit
+    from covidxray.data.audit import audit
+    from covidxray.data.split import read_split_records
+    from covidxray.evaluation.report import build_report
     from covidxray.fileutil import write_json_atomic
-    from covidxray.report import build_report
-    from covidxray.run import Predictor
-    from covidxray.split import read_split_records
+    from covidxray.run.predictor import Predictor
     predictor = Predictor.load(args.run)
     audit_result = None
     if not args.no_audit:
         records = read_split_records(Path(args.run) / "split.csv",
-                                     predictor.metadata["positive_class"])
+                                     predictor.positive_class)
         audit_result = audit(records).to_dict()
         write_json_atomic(Path(args.run) / "audit.json", audit_result)
     out = build_report(args.run, args.out, predictor=predictor, audit=audit_result)
@@ -267,7 +267,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_crossval(args) -> int:
-    from covidxray.crossval import crossval, format_crossval
+    from covidxray.evaluation.crossval import crossval, format_crossval
     config = _train_config(args)
     result = crossval(args.data, args.out, config, by=args.by,
                       random_split=not args.no_random_split, n_bootstrap=args.bootstrap,
@@ -280,7 +280,7 @@ def cmd_crossval(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from covidxray.serve.app import create_app
+    from covidxray.deploy.serve.app import create_app
     app = create_app(args.run, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                      max_pixels=args.max_pixels)
     print(f"{NOTICE}\nserving {args.run} on http://{args.host}:{args.port}/ "
@@ -290,17 +290,17 @@ def cmd_serve(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from covidxray.run import Predictor, collect_paths
+    from covidxray.run.predictor import Predictor, collect_paths
     predictor = Predictor.load(args.run)
     paths = collect_paths(args.paths)
     if not paths:
         raise UsageError(f"no image files found in {' '.join(args.paths)}")
     results = predictor.predict_paths(paths, batch_size=args.batch_size)
-    synthetic = bool(predictor.metadata.get("synthetic_data"))
+    synthetic = predictor.metadata.synthetic_data
     if args.csv:
         _write_predictions_csv(args.csv, results, synthetic)
     if args.json:
-        print(json.dumps({"notice": predictor.metadata["notice"], "synthetic_data": synthetic,
+        print(json.dumps({"notice": predictor.metadata.notice, "synthetic_data": synthetic,
                           "threshold": predictor.threshold,
                           "predictions": [r.to_dict() for r in results]}, indent=2))
     else:
@@ -348,10 +348,10 @@ def _write_predictions_csv(path, results, synthetic: bool) -> None:
 
 def cmd_demo(args) -> int:
     """data (synthetic unless given) -> train -> evaluate -> predict, all under --out."""
-    from covidxray.evaluation import evaluate, format_report
-    from covidxray.run import Predictor, collect_paths
-    from covidxray.synthetic import make_synthetic_dataset
-    from covidxray.training import train
+    from covidxray.data.synthetic import make_synthetic_dataset
+    from covidxray.evaluation.evaluate import evaluate, format_report
+    from covidxray.run.predictor import Predictor, collect_paths
+    from covidxray.training.fit import train
     out = Path(args.out)
     if (out / "run" / "config.json").exists():
         raise UsageError(f"{out} already holds a demo; remove it or pass another --out")
@@ -372,7 +372,7 @@ def cmd_demo(args) -> int:
     predictor = Predictor.load(run)
     results = predictor.predict_paths(collect_paths(test_paths))
     print(_predictions_table(results, predictor.threshold,
-                             bool(predictor.metadata.get("synthetic_data"))))
+                             predictor.metadata.synthetic_data))
     print(f"\neverything is in {out}: run/model.keras, run/metadata.json, run/metrics.json, "
           f"run/history.csv, run/split.csv")
     return 0
@@ -496,11 +496,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)
-    from covidxray.data import DataError
-    from covidxray.imageio import ImageReadError
-    from covidxray.model import WeightsUnavailableError
-    from covidxray.run import RunError
-    from covidxray.training import RunExistsError
+    from covidxray.data.dataset import DataError
+    from covidxray.model.network import WeightsUnavailableError
+    from covidxray.pixels.imageio import ImageReadError
+    from covidxray.run.predictor import RunError
+    from covidxray.training.fit import RunExistsError
     try:
         return args.func(args)
     except UsageError as exc:

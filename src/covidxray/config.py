@@ -8,8 +8,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from covidxray.fileutil import write_text_atomic
-from covidxray.imageio import Preprocessing
-from covidxray.transforms import INTENSITY_MODES
+
+# grey-level normalisation of every image (covidxray.pixels.transforms.normalise_intensity)
+INTENSITY_MODES = ("none", "percentile", "equalize", "clahe")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What every image goes through before the model; one value per run, in its metadata.
+
+    ``crop`` removes that fraction of each side first (text, markers, collimation edges);
+    ``intensity`` normalises the grey levels (``INTENSITY_MODES``); then the image is resized
+    to ``image_size`` square and quantised to uint8 (``covidxray.pixels.imageio.prepare``). The
+    backbone's own preprocessing lives inside the model.
+    """
+
+    image_size: int
+    intensity: str = "none"
+    crop: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """Short and unique, for cache folders."""
+        return f"{self.image_size}px-{self.intensity}-crop{self.crop:g}"
 
 
 @dataclass
@@ -65,7 +86,7 @@ class TrainConfig:
     patience: int = 3  # early stopping on validation ROC-AUC
     schedule: str = "constant"  # learning rate of each phase: SCHEDULES
     # phase 1 trains the head on backbone features computed once per image (and per augmented
-    # view) instead of running the frozen backbone every epoch; see covidxray.features
+    # view) instead of running the frozen backbone every epoch; see covidxray.training.features
     cached_head: bool = True
     head_views: int = 0  # augmented views per training image for the cached head, besides itself
     feature_cache: str | None = None  # a folder keeps the features for later runs too

@@ -16,15 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from covidxray.audit import select_sources
-from covidxray.baselines import THUMBNAIL_SIZE, thumbnail_logistic_regression
-from covidxray.config import TrainConfig
-from covidxray.data import DataError, Record, discover
-from covidxray.evaluation import evaluate, per_source, summarise
+from covidxray.config import Preprocessing, TrainConfig
+from covidxray.data.audit import select_sources
+from covidxray.data.dataset import DataError, Record, discover
+from covidxray.data.split import assign_splits
+from covidxray.evaluation.baselines import THUMBNAIL_SIZE, thumbnail_logistic_regression
+from covidxray.evaluation.evaluate import evaluate, per_source, summarise
 from covidxray.fileutil import write_json_atomic, write_text_atomic
-from covidxray.imageio import Preprocessing
-from covidxray.split import assign_splits
-from covidxray.training import RunExistsError, train
+from covidxray.training.fit import RunExistsError, train
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 from pydantic import BaseModel
 
-from covidxray.explanation import overlay, upsample
-from covidxray.imageio import ImageReadError, decode, prepare
-from covidxray.run import Predictor
+from covidxray.evaluation.explain import overlay
+from covidxray.run.predictor import Predictor
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -127,20 +126,16 @@ def _heatmap_rgba(heat: np.ndarray) -> np.ndarray:
     return np.rint(rgba * 255).astype(np.uint8)
 
 
-def model_id(metadata: dict) -> str:
-    return f"{metadata['backbone']}-{metadata['image_size']}px-{metadata['data_fingerprint'][:12]}"
-
-
 def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> FastAPI:
     """The app for one run; the model is loaded once, here."""
     predictor = predictor or Predictor.load(run_dir)
     meta = predictor.metadata
-    identifier = model_id(meta)
+    identifier = meta.model_id
     inference_lock = threading.Lock()  # one forward pass at a time; each request is a batch
-    app = FastAPI(title="covidxray", version=meta["covidxray_version"],
-                  description=f"COVID-19 vs non-COVID chest X-ray classifier. {meta['notice']}")
+    app = FastAPI(title="covidxray", version=meta.covidxray_version,
+                  description=f"COVID-19 vs non-COVID chest X-ray classifier. {meta.notice}")
 
     @app.get("/health")
     def health() -> dict:
@@ -148,47 +143,41 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
 
     @app.get("/api/model")
     def model_card() -> dict:
-        return {"model_id": identifier, "metadata": meta,
-                "model_card": {"intended_use": INTENDED_USE, "notice": meta["notice"],
-                               "synthetic_data": bool(meta.get("synthetic_data")),
-                               "threshold": meta["threshold"],
-                               "threshold_method": meta["threshold_method"],
-                               "validation_metrics": meta["validation_metrics"],
-                               "training_data": meta["split_counts"],
+        return {"model_id": identifier, "metadata": meta.public_dict(),
+                "model_card": {"intended_use": INTENDED_USE, "notice": meta.notice,
+                               "synthetic_data": meta.synthetic_data,
+                               "threshold": meta.threshold,
+                               "threshold_method": meta.threshold_method,
+                               "validation_metrics": meta.validation_metrics,
+                               "training_data": meta.split_counts,
                                "ood_gate": predictor.gate is not None}}
 
     @app.post("/api/predict", response_model=PredictResponse,
               responses={413: {"description": "request too large"},
                          422: {"description": "no uploaded file could be used as an image"}})
     def predict(files: list[UploadFile] = File(..., description="PNG, JPEG or DICOM images")):
-        decoded, results = [], []
-        for upload in files:
-            name = Path(upload.filename or "upload").name[:200]
-            try:
-                image = decode(name, upload.file.read(), max_pixels=max_pixels)
-                decoded.append((len(results), name, image))
-                results.append(None)
-            except ImageReadError as error:
-                results.append(ImageResult(filename=name, threshold=predictor.threshold,
-                                           model_id=identifier, error=error.reason))
-        if not decoded:
-            raise HTTPException(422, detail="; ".join(f"{r.filename}: {r.error}"
-                                                      for r in results) or "no file")
-        images = np.stack([prepare(d.gray, predictor.preprocessing) for _, _, d in decoded])
+        names = [Path(upload.filename or "upload").name[:200] for upload in files]
         with inference_lock:
-            predictions, cams = predictor.analyse(images, [n for _, n, _ in decoded],
-                                                  [d.colourfulness for _, _, d in decoded])
-        for (index, name, image), prediction, cam in zip(decoded, predictions, cams):
-            preview = _preview(image.gray)
-            heat = upsample(cam, preview.shape)
-            results[index] = ImageResult(
-                filename=name, probability=prediction.probability, label=prediction.label,
-                positive=prediction.positive, threshold=predictor.threshold, model_id=identifier,
-                ood=OODVerdict(flag=prediction.ood, reason=prediction.ood_reason),
-                image_png=_png(np.rint(preview * 255).astype(np.uint8)),
-                heatmap_png=_png(_heatmap_rgba(heat)), overlay_png=_png(overlay(preview, heat)))
-        return PredictResponse(notice=meta["notice"],
-                               synthetic_data=bool(meta.get("synthetic_data")), results=results)
+            predictions = predictor.predict_many([upload.file.read() for upload in files],
+                                                 names, heatmaps=True, max_pixels=max_pixels)
+        if all(p.error for p in predictions):
+            raise HTTPException(422, detail="; ".join(f"{p.path}: {p.error}"
+                                                      for p in predictions) or "no file")
+        return PredictResponse(notice=meta.notice, synthetic_data=meta.synthetic_data,
+                               results=[_result(p) for p in predictions])
+
+    def _result(prediction) -> ImageResult:
+        common = dict(filename=prediction.path, threshold=predictor.threshold,
+                      model_id=identifier)
+        if prediction.error:
+            return ImageResult(**common, error=prediction.error)
+        preview, heat = _preview(prediction.image), _preview(prediction.heatmap)
+        return ImageResult(
+            **common, probability=prediction.probability, label=prediction.label,
+            positive=prediction.positive,
+            ood=OODVerdict(flag=prediction.ood, reason=prediction.ood_reason),
+            image_png=_png(np.rint(preview * 255).astype(np.uint8)),
+            heatmap_png=_png(_heatmap_rgba(heat)), overlay_png=_png(overlay(preview, heat)))
 
     @app.get("/", include_in_schema=False)
     def page():

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from covidxray.config import Preprocessing
 from covidxray.fileutil import file_sha256
-from covidxray.imageio import IMAGE_SUFFIXES, ImageReadError, Preprocessing, as_preprocessing, \
+from covidxray.pixels.imageio import ImageReadError, as_preprocessing, is_image_candidate, \
     load_for_model
 
 SYNTHETIC_MARKER = "SYNTHETIC.txt"
@@ -119,12 +120,6 @@ def discover(data: str | Path, positive_class: str | None = None,
     return Dataset(root=str(root), records=records, class_names=class_names,
                    positive_class=positive_class,
                    synthetic=(root / SYNTHETIC_MARKER).exists(), skipped=skipped)
-
-
-def is_image_candidate(path: Path) -> bool:
-    # DICOM exports often have no suffix; other suffixes (README, CSV) are not images
-    return path.is_file() and not path.name.startswith(".") and \
-        (path.suffix.lower() in IMAGE_SUFFIXES or path.suffix == "")
 
 
 def _rows_from_folders(root: Path) -> tuple[list[dict], list[tuple[str, str]]]:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from covidxray.data import Record, load_images
-from covidxray.imageio import Preprocessing, as_preprocessing
-from covidxray.metrics import choose_threshold
+from covidxray.config import Preprocessing
+from covidxray.data.dataset import Record, load_images
+from covidxray.evaluation.metrics import choose_threshold
+from covidxray.pixels.imageio import as_preprocessing
 
 THUMBNAIL_SIZE = 16
 

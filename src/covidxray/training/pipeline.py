@@ -16,9 +16,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from covidxray.config import Preprocessing
 from covidxray.fileutil import atomic_path
-from covidxray.imageio import Preprocessing, as_preprocessing, load_for_model
-from covidxray.transforms import augment_prepared
+from covidxray.pixels.imageio import as_preprocessing, load_for_model
+from covidxray.pixels.transforms import augment_prepared
 
 
 class ImageSequence(keras.utils.PyDataset):

@@ -27,8 +27,8 @@ import numpy as np
 
 from covidxray.config import AugmentConfig
 from covidxray.fileutil import atomic_path
-from covidxray.model import OUTPUT_NAME, augmentation_layers, backbone_of, forward
-from covidxray.transforms import SourceAugment, augment_prepared
+from covidxray.model.network import OUTPUT_NAME, augmentation_layers, backbone_of, forward
+from covidxray.pixels.transforms import SourceAugment, augment_prepared
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from covidxray.data import SYNTHETIC_MARKER
+from covidxray.data.dataset import SYNTHETIC_MARKER
 
 
 def _ellipse(x, y, cx, cy, rx, ry):
@@ -90,6 +90,6 @@ def make_synthetic_dataset(out: str | Path, n_per_class: int = 60, size: int = 1
         writer.writeheader()
         writer.writerows(rows)
     (out / SYNTHETIC_MARKER).write_text(
-        "Synthetic radiograph-like images made by covidxray.synthetic for demonstration and "
+        "Synthetic radiograph-like images made by covidxray.data.synthetic for demonstration and "
         "testing. Not real X-rays; no result on them says anything about real patients.\n")
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -25,27 +26,50 @@ import keras
 import numpy as np
 
 from covidxray import __version__
-from covidxray.accelerator import precision_for_hardware
-from covidxray.audit import exact_duplicates_across_splits, select_sources
 from covidxray.config import TrainConfig
-from covidxray.data import DataError, Dataset, LoadedImages, discover, file_hashes, fingerprint, \
-    load_images, with_splits
-from covidxray.features import FeatureCache, TrunkSplit, head_model, model_key, trunk_split
+from covidxray.data.audit import exact_duplicates_across_splits, select_sources
+from covidxray.data.dataset import (
+    DataError,
+    Dataset,
+    LoadedImages,
+    discover,
+    file_hashes,
+    fingerprint,
+    load_images,
+    with_splits,
+)
+from covidxray.data.split import (
+    assign_splits,
+    patients_across_splits,
+    read_split_csv,
+    write_split_csv,
+)
+from covidxray.evaluation.metrics import (
+    apply_temperature,
+    binary_metrics,
+    choose_threshold,
+    fit_temperature,
+)
 from covidxray.fileutil import atomic_path, write_json_atomic, write_text_atomic
-from covidxray.metrics import apply_temperature, binary_metrics, choose_threshold, \
-    fit_temperature
-from covidxray.model import Forward, build_model, feature_extractor, forward, get_backbone, \
-    predict_scores, stage_prefixes, unfreeze_top_stages
-from covidxray.ood import OOD_FILE, OODGate
-from covidxray.pipeline import ImageSequence, ViewBatches
-from covidxray.split import assign_splits, patients_across_splits, read_split_csv, \
-    write_split_csv
-from covidxray.transforms import SourceAugment, mean_over_views
+from covidxray.model.accelerator import precision_for_hardware
+from covidxray.model.network import (
+    Forward,
+    build_model,
+    feature_extractor,
+    forward,
+    get_backbone,
+    predict_scores,
+    stage_prefixes,
+    unfreeze_top_stages,
+)
+from covidxray.pixels.transforms import SourceAugment, mean_over_views
+from covidxray.run.metadata import METADATA_FILE, RunMetadata
+from covidxray.run.ood import OOD_FILE, OODGate
+from covidxray.training.features import FeatureCache, TrunkSplit, head_model, model_key, trunk_split
+from covidxray.training.pipeline import ImageSequence, ViewBatches
 
 log = logging.getLogger(__name__)
 
-RESEARCH_NOTICE = ("Research use only. Not a medical device: not for diagnosis, triage or any "
-                   "clinical decision.")
 PHASES = {1: "head", 2: "finetune"}
 
 
@@ -143,15 +167,38 @@ def finalize_run(model, config: TrainConfig, dataset: Dataset, records, hashes: 
     val_metrics = binary_metrics(val_images.targets, val_scores, threshold)
     log.info("validation ROC-AUC %.3f; threshold %.4f (%s)", val_metrics["roc_auc"], threshold,
              config.threshold_method)
-    metadata = build_metadata(config, dataset, records, hashes, train_images, val_images,
-                              threshold, val_metrics)
-    metadata["temperature"] = temperature
-    metadata["test_time_views"] = config.test_time_views
-    metadata["dtype_policy"] = dtype_policy
+    split_counts = {split: dict(Counter(r.label for r in records if r.split == split))
+                    for split in ("train", "val", "test")}
+    metadata = RunMetadata(
+        class_names=dataset.class_names, positive_class=dataset.positive_class,
+        preprocessing=config.preprocessing, backbone=get_backbone(config.backbone).name,
+        weights=config.weights, threshold=threshold, threshold_method=config.threshold_method,
+        target_sensitivity=(config.target_sensitivity
+                            if config.threshold_method == "sensitivity" else None),
+        temperature=temperature, test_time_views=config.test_time_views,
+        model_id=model_id(model, config), validation_metrics=val_metrics,
+        split_counts=split_counts,
+        unreadable_training_files=len(train_images.failures) + len(val_images.failures),
+        data_fingerprint=fingerprint([r for r in records if r.split in ("train", "val")],
+                                     hashes),
+        data_root=str(Path(dataset.root).resolve()), sources_left_out=dataset.sources_left_out,
+        synthetic_data=dataset.synthetic, dtype_policy=dtype_policy,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        covidxray_version=__version__, backend=keras.backend.backend(),
+        versions=library_versions())
     train_forward = forward(model, train_images.images, config.batch_size, extractor)
     fit_ood_gate(train_forward, train_images, val_forward, val_images).save(run / OOD_FILE)
-    write_json_atomic(run / "metadata.json", metadata)
+    metadata.save(run / METADATA_FILE)
     save_model_atomic(model, run / "model.keras")  # last: the run is complete once it exists
+
+
+def model_id(model: keras.Model, config: TrainConfig) -> str:
+    """Backbone, image size and the first 12 hex digits of the sha256 of the weights: two runs
+    share an id only if they share every weight."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return f"{get_backbone(config.backbone).name}-{config.image_size}px-{digest.hexdigest()[:12]}"
 
 
 def fit_ood_gate(train: Forward, train_images: LoadedImages, val: Forward,
@@ -167,8 +214,8 @@ def fit_ood_gate(train: Forward, train_images: LoadedImages, val: Forward,
 
 def refit_ood_gate(run_dir: str | Path, batch_size: int = 32) -> OODGate:
     """Fit a run's gate again from its own ``split.csv`` (a run from an older version)."""
-    from covidxray.run import Predictor
-    from covidxray.split import read_split_records
+    from covidxray.data.split import read_split_records
+    from covidxray.run.predictor import Predictor
     run_dir = Path(run_dir)
     predictor = Predictor.load(run_dir)
     records = read_split_records(run_dir / "split.csv", predictor.positive_class)
@@ -441,50 +488,3 @@ def library_versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
-
-
-def build_metadata(config: TrainConfig, dataset: Dataset, records, hashes: dict[str, str],
-                   train_images: LoadedImages,
-                   val_images: LoadedImages, threshold: float, val_metrics: dict) -> dict:
-    spec = get_backbone(config.backbone)
-    split_counts = {split: dict(Counter(r.label for r in records if r.split == split))
-                    for split in ("train", "val", "test")}
-    return {
-        "notice": RESEARCH_NOTICE,
-        "covidxray_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "synthetic_data": dataset.synthetic,
-        "class_names": dataset.class_names,
-        "positive_class": dataset.positive_class,
-        "negative_classes": [c for c in dataset.class_names if c != dataset.positive_class],
-        "output": "P(positive class), one sigmoid unit",
-        "image_size": config.image_size,
-        "backbone": spec.name,
-        "weights": config.weights,
-        "preprocessing": {
-            "reader": "covidxray.imageio.load_for_model",
-            "intensity": config.intensity,
-            "crop": config.crop,
-            "steps": ["decode to grayscale in [0, 1] (DICOM: modality LUT, VOI LUT, "
-                      "MONOCHROME1 inverted)",
-                      *([f"crop {config.crop:.0%} off each side"] if config.crop else []),
-                      *([f"intensity: {config.intensity}"] if config.intensity != "none"
-                        else []),
-                      f"bilinear resize to {config.image_size}x{config.image_size}",
-                      "quantise to uint8 0..255",
-                      f"in the model: gray to 3 channels, '{spec.preprocessing}' mode"],
-        },
-        "threshold": threshold,
-        "threshold_method": config.threshold_method,
-        "target_sensitivity": (config.target_sensitivity
-                               if config.threshold_method == "sensitivity" else None),
-        "validation_metrics": val_metrics,
-        "split_counts": split_counts,
-        "unreadable_training_files": len(train_images.failures) + len(val_images.failures),
-        "data_fingerprint": fingerprint([r for r in records if r.split in ("train", "val")],
-                                        hashes),
-        "data_root": str(Path(dataset.root).resolve()),
-        "sources_left_out": dataset.sources_left_out,
-        "backend": keras.backend.backend(),
-        "versions": library_versions(),
-    }

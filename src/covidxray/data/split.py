@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covidxray.data import DataError, Record
+from covidxray.data.dataset import DataError, Record
 from covidxray.fileutil import write_text_atomic
 
 SPLITS = ("train", "val", "test")

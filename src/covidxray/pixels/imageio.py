@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from covidxray.config import Preprocessing
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 
@@ -25,6 +27,13 @@ class ImageReadError(Exception):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+def is_image_candidate(path: Path) -> bool:
+    """A file a folder search takes as an image: a known suffix, or none (DICOM exports often
+    have none); README, CSV and hidden files are not."""
+    return path.is_file() and not path.name.startswith(".") and \
+        (path.suffix.lower() in IMAGE_SUFFIXES or path.suffix == "")
 
 
 def is_dicom(data: bytes) -> bool:
@@ -78,35 +87,30 @@ def decode(path: str | Path, data: bytes | None = None,
     return Decoded(gray, colour)
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """What every image goes through before the model; one value per run, in its metadata.
-
-    ``crop`` removes that fraction of each side first (text, markers, collimation edges);
-    ``intensity`` normalises the grey levels (``transforms.INTENSITY_MODES``); then the image is
-    resized to ``image_size`` square (no padding, as Keras' ``flow_from_directory`` does) and
-    quantised to uint8. The backbone's own preprocessing lives inside the model.
-    """
-
-    image_size: int
-    intensity: str = "none"
-    crop: float = 0.0
-
-    def __call__(self, gray: np.ndarray) -> np.ndarray:
-        from covidxray.transforms import crop_border, normalise_intensity
-        gray = np.asarray(gray, dtype=np.float32)
-        if self.crop:
-            gray = crop_border(gray, self.crop)
-        if self.intensity != "none":
-            gray = normalise_intensity(gray, self.intensity)
-        image = Image.fromarray(gray, mode="F")
-        image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        return np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
-
-    @property
-    def name(self) -> str:
-        """Short and unique, for cache folders."""
-        return f"{self.image_size}px-{self.intensity}-crop{self.crop:g}"
+def decode_array(array: np.ndarray) -> Decoded:
+    """An image already in memory, decoded as a file of the same pixels would be: 2-D gray
+    (8-bit; 10- to 16-bit scaled by the bit depth that holds the data; float in [0, 1]), or
+    (H, W, 2 | 3 | 4) gray + alpha, RGB or RGBA (8-bit, or float in [0, 1]: luma, alpha
+    composited on black). Raises ``ValueError`` for anything else."""
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer)
+                                   or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"expected integer or float pixels, got {array.dtype}")
+    if array.ndim == 2:
+        gray = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 \
+            else _scale_high_bit_depth(array)
+        return Decoded(gray, 0.0)
+    if array.ndim != 3 or array.shape[-1] not in (2, 3, 4):
+        raise ValueError(f"expected a 2-D gray or (H, W, 2|3|4) image, got shape {array.shape}")
+    if np.issubdtype(array.dtype, np.floating):
+        array = np.rint(np.clip(array, 0, 1) * 255)
+    elif array.dtype != np.uint8:
+        raise ValueError(f"colour images must be 8-bit or float in [0, 1], got {array.dtype}")
+    mode = {2: "LA", 3: "RGB", 4: "RGBA"}[array.shape[-1]]
+    gray, colour = _pillow_to_gray(Image.fromarray(array.astype(np.uint8), mode=mode))
+    return Decoded(gray, colour)
 
 
 def as_preprocessing(spec: int | Preprocessing) -> Preprocessing:
@@ -115,8 +119,19 @@ def as_preprocessing(spec: int | Preprocessing) -> Preprocessing:
 
 
 def prepare(gray: np.ndarray, spec: int | Preprocessing) -> np.ndarray:
-    """A [0, 1] grayscale image -> the (size, size) uint8 model input (see ``Preprocessing``)."""
-    return as_preprocessing(spec)(gray)
+    """A [0, 1] grayscale image -> the (size, size) uint8 model input: ``crop`` off each side,
+    ``intensity`` normalisation, bilinear resize to ``image_size`` square (no padding, as Keras'
+    ``flow_from_directory`` does), quantised to uint8 (see ``config.Preprocessing``)."""
+    from covidxray.pixels.transforms import crop_border, normalise_intensity
+    spec = as_preprocessing(spec)
+    gray = np.asarray(gray, dtype=np.float32)
+    if spec.crop:
+        gray = crop_border(gray, spec.crop)
+    if spec.intensity != "none":
+        gray = normalise_intensity(gray, spec.intensity)
+    image = Image.fromarray(gray, mode="F")
+    image = image.resize((spec.image_size, spec.image_size), Image.Resampling.BILINEAR)
+    return np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
 
 
 def load_for_model(path: str | Path, spec: int | Preprocessing,

@@ -15,8 +15,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from covidxray import efficientnet_lite
 from covidxray.config import AugmentConfig
+from covidxray.model.backbones import efficientnet_lite
 
 OUTPUT_NAME = "p_covid"
 # the backbone whose ImageNet weights install with the package (covidxray[pretrained])
@@ -330,3 +330,25 @@ def forward(model: keras.Model, images: np.ndarray, batch_size: int = 32,
     embeddings = np.concatenate(embeddings)
     scores = np.asarray(keras.ops.convert_to_numpy(head(embeddings)), np.float32).ravel()
     return Forward(embeddings, scores, np.concatenate(logit_maps) if maps else None)
+
+
+def cams_from_logit_maps(logit_maps: np.ndarray) -> np.ndarray:
+    """Grad-CAM in closed form: ReLU of each location's logit term, scaled to [0, 1] per image.
+
+    Grad-CAM weights each channel k of the last convolutional stage by the mean gradient of the
+    logit z (before the sigmoid, as in Selvaraju et al.; the probability's gradient vanishes
+    once the model is confident), alpha_k = mean_ij dz/dF_k(i, j), and keeps
+    ReLU(sum_k alpha_k F_k). Our head is global average pooling -> dropout -> one sigmoid unit,
+    so that gradient is exactly w_k / (h * w): Grad-CAM is the class activation map of Zhou et
+    al. (2016), and needs no backend's autograd (a test checks it against torch's).
+    """
+    cams = np.maximum(logit_maps, 0)
+    peak = cams.max(axis=(1, 2), keepdims=True)
+    return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0)
+
+
+def gradcam(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Grad-CAM maps (n, h, w) of the last convolutional stage for P(positive), on the model's
+    input (n, size, size) uint8 images, each in [0, 1]."""
+    return cams_from_logit_maps(forward(model, np.asarray(images), batch_size, maps=True)
+                                .logit_maps)

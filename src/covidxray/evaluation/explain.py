@@ -1,45 +1,20 @@
-"""Why the model decided: Grad-CAM heat maps, overlays, and the border-shortcut check.
+"""Why the model decided: Grad-CAM overlays, and the border-shortcut check.
 
-Grad-CAM weights each channel k of the last convolutional stage by the mean gradient of the
-class score (the logit z, before the sigmoid, as in Selvaraju et al.; the probability's gradient
-vanishes once the model is confident) over the map, alpha_k = mean_ij dz/dF_k(i, j), and keeps
-ReLU(sum_k alpha_k F_k). Our head is global average pooling -> dropout -> one sigmoid unit, so
-that gradient is exactly w_k / (h * w): Grad-CAM reduces to the class activation map of Zhou et
-al. (2016). Computing it in closed form needs no backend's autograd, so it runs the same on
-torch, jax and tensorflow (a test checks it against torch's autograd).
+The heat maps come from the run's ``Predictor`` (Grad-CAM in closed form,
+``covidxray.model.network.cams_from_logit_maps``), on each input's own pixels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import keras
 import numpy as np
 from PIL import Image
 
-from covidxray.model import forward, predict_scores
+from covidxray.pixels.imageio import ImageReadError
+from covidxray.pixels.transforms import resize
 
 BORDER_FRACTION = 0.15  # outer 15% on each side: where text, markers and labels sit
-
-
-def gradcam(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """Grad-CAM maps (n, h, w) of the last convolutional stage for P(positive), each scaled to
-    [0, 1] (all zero where nothing speaks for the positive class)."""
-    return cams_from_logit_maps(forward(model, np.asarray(images), batch_size, maps=True)
-                                .logit_maps)
-
-
-def cams_from_logit_maps(logit_maps: np.ndarray) -> np.ndarray:
-    """ReLU of each location's logit term, scaled to [0, 1] per image: Grad-CAM in closed form."""
-    cams = np.maximum(logit_maps, 0)
-    peak = cams.max(axis=(1, 2), keepdims=True)
-    return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0)
-
-
-def upsample(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A heat map resized (bilinear) to an image of ``shape`` (rows, columns)."""
-    image = Image.fromarray(heatmap.astype(np.float32), mode="F")
-    return np.asarray(image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
 
 
 def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4,
@@ -47,7 +22,7 @@ def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4,
     """RGB uint8: the grayscale image (in [0, 1]) with the colour-mapped heat map blended in,
     more strongly where the heat is higher."""
     from matplotlib import colormaps
-    heat = upsample(heatmap, gray.shape) if heatmap.shape != gray.shape else heatmap
+    heat = resize(heatmap, gray.shape) if heatmap.shape != gray.shape else heatmap
     colours = colormaps[colormap](np.clip(heat, 0, 1))[..., :3]
     weight = alpha * np.clip(heat, 0, 1)[..., None]
     blended = (1 - weight) * np.asarray(gray)[..., None] + weight * colours
@@ -77,9 +52,10 @@ class ShortcutCheck:
         return self.__dict__.copy()
 
 
-def shortcut_check(model: keras.Model, images: np.ndarray, labels: list[str],
+def shortcut_check(predictor, images: np.ndarray, labels: list[str],
                    batch_size: int = 32) -> ShortcutCheck:
-    """Grad-CAM border share and occlusion of border vs centre, per class.
+    """Grad-CAM border share and occlusion of border vs centre, per class, on a run's model
+    inputs ((n, size, size) uint8, as its ``Predictor`` prepares them).
 
     Flagged when blanking the border changes P(COVID) more than blanking the centre, or when
     the Grad-CAM mass in the border clearly exceeds what an even spread would put there.
@@ -88,16 +64,20 @@ def shortcut_check(model: keras.Model, images: np.ndarray, labels: list[str],
     size = images.shape[1]
     border = border_mask(size)
     # heat share measured on the maps upsampled to the image, as they are shown
-    cams = np.stack([upsample(cam, (size, size)) for cam in gradcam(model, images, batch_size)])
+    cams = np.stack([resize(cam, (size, size))
+                     for cam in predictor.heatmaps_prepared(images, batch_size)])
     mass = cams.sum(axis=(1, 2))
     share = np.divide((cams * border).sum(axis=(1, 2)), mass, out=np.zeros_like(mass),
                       where=mass > 0)
     fill = images.reshape(len(images), -1).mean(axis=1)[:, None, None]
     no_border = np.where(border, fill, images).astype(images.dtype)
     no_centre = np.where(border, images, fill).astype(images.dtype)
-    base = predict_scores(model, images, batch_size)
-    delta_border = np.abs(predict_scores(model, no_border, batch_size) - base)
-    delta_centre = np.abs(predict_scores(model, no_centre, batch_size) - base)
+    def score(x):  # each image alone: the views would only blur the occlusion
+        return predictor.predict_prepared(x, batch_size, test_time_views=0)
+
+    base = score(images)
+    delta_border = np.abs(score(no_border) - base)
+    delta_centre = np.abs(score(no_centre) - base)
     labels = np.asarray(labels)
     per_class = lambda values: {c: float(values[labels == c].mean()) for c in sorted(set(labels))}
     uniform = float(border.mean())
@@ -139,16 +119,20 @@ class Explanation:
     ood_reason: str | None = None
 
 
-def explain_image(predictor, path: str, alpha: float = 0.4) -> Explanation:
-    """Grad-CAM of one file with a loaded ``Predictor``; raises ``ImageReadError``."""
-    from covidxray.imageio import decode, prepare
-    decoded = decode(path)
-    prepared = prepare(decoded.gray, predictor.preprocessing)[None]
-    (prediction,), cams = predictor.analyse(prepared, [str(path)], [decoded.colourfulness])
-    heatmap = upsample(cams[0], decoded.gray.shape)
-    return Explanation(str(path), prediction.probability, prediction.label, heatmap,
-                       overlay(decoded.gray, heatmap, alpha), prediction.ood,
-                       prediction.ood_reason)
+def explain_image(predictor, source, alpha: float = 0.4) -> Explanation:
+    """Grad-CAM of one input (a path, bytes or an array) with a loaded ``Predictor``; raises
+    ``ImageReadError``."""
+    prediction = predictor.predict(source, heatmap=True)
+    if prediction.error:
+        raise ImageReadError(prediction.path, prediction.error)
+    return explanation_of(prediction, alpha)
+
+
+def explanation_of(prediction, alpha: float = 0.4) -> Explanation:
+    """The ``Explanation`` of a ``Prediction`` made with its heat map."""
+    return Explanation(prediction.path, prediction.probability, prediction.label,
+                       prediction.heatmap, overlay(prediction.image, prediction.heatmap, alpha),
+                       prediction.ood, prediction.ood_reason)
 
 
 def save_png(path, rgb: np.ndarray) -> None:

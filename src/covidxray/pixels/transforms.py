@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-INTENSITY_MODES = ("none", "percentile", "equalize", "clahe")
+from covidxray.config import INTENSITY_MODES
 
 
 def _checked(image: np.ndarray) -> np.ndarray:
@@ -77,18 +77,33 @@ def normalise_intensity(image: np.ndarray, mode: str) -> np.ndarray:
     raise ValueError(f"unknown intensity mode {mode!r}; choose from {INTENSITY_MODES}")
 
 
+def crop_box(shape: tuple[int, int], fraction: float) -> tuple[slice, slice]:
+    """The rows and columns ``crop_border`` keeps of an image of ``shape``."""
+    if not 0 <= fraction < 0.5:
+        raise ValueError(f"crop fraction must be in [0, 0.5), got {fraction}")
+    rows, cols = (int(round(n * fraction)) for n in shape)
+    return slice(rows, shape[0] - rows), slice(cols, shape[1] - cols)
+
+
 def crop_border(image: np.ndarray, fraction: float) -> np.ndarray:
     """The centre of the image with ``fraction`` of each side removed (0 keeps all)."""
     image = _checked(image)
-    if not 0 <= fraction < 0.5:
-        raise ValueError(f"crop fraction must be in [0, 0.5), got {fraction}")
-    rows, cols = (int(round(n * fraction)) for n in image.shape)
-    return image[rows:image.shape[0] - rows, cols:image.shape[1] - cols]
+    return image[crop_box(image.shape, fraction)]
 
 
-def _resized(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return np.asarray(Image.fromarray(image, mode="F").resize((shape[1], shape[0]),
-                                                              Image.Resampling.BILINEAR))
+def uncrop(inner: np.ndarray, shape: tuple[int, int], fraction: float) -> np.ndarray:
+    """A map of the cropped image (any size) placed back on an image of ``shape``: resized to
+    the region ``crop_border`` kept, zero on the band it removed."""
+    rows, cols = crop_box(shape, fraction)
+    out = np.zeros(shape, np.float32)
+    out[rows, cols] = resize(inner, (rows.stop - rows.start, cols.stop - cols.start))
+    return out
+
+
+def resize(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A float image resized (bilinear) to ``shape`` (rows, columns)."""
+    return np.asarray(Image.fromarray(np.asarray(image, np.float32), mode="F").resize(
+        (shape[1], shape[0]), Image.Resampling.BILINEAR))
 
 
 def random_gamma(image, rng: np.random.Generator, spread: float = 0.4) -> np.ndarray:
@@ -146,7 +161,7 @@ def random_crop_rescale(image, rng: np.random.Generator, min_scale: float = 0.8)
     scale = rng.uniform(min_scale, 1.0)
     height, width = max(2, int(rows * scale)), max(2, int(cols * scale))
     top, left = rng.integers(0, rows - height + 1), rng.integers(0, cols - width + 1)
-    return np.clip(_resized(image[top:top + height, left:left + width], (rows, cols)),
+    return np.clip(resize(image[top:top + height, left:left + width], (rows, cols)),
                    0, 1).astype(np.float32)
 
 

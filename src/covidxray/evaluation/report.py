@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from covidxray.evaluation.metrics import METRIC_NAMES
 from covidxray.fileutil import write_text_atomic
-from covidxray.metrics import METRIC_NAMES
+from covidxray.run.metadata import RunMetadata
 
 GALLERY_PER_KIND = 3
 REPORTED_KEYS = {"overall", "per_source", "calibration", "histogram", "cases"}
@@ -174,8 +175,8 @@ def gallery_cases(metrics: dict, per_kind: int = GALLERY_PER_KIND) -> dict[str, 
 
 
 def _gallery(predictor, metrics: dict) -> str:
-    from covidxray.explanation import explain_image
-    from covidxray.imageio import ImageReadError
+    from covidxray.evaluation.explain import explain_image
+    from covidxray.pixels.imageio import ImageReadError
     parts = []
     for kind, cases in gallery_cases(metrics).items():
         figures = []
@@ -200,12 +201,12 @@ def _thumbnail(rgb: np.ndarray, size: int = 320) -> np.ndarray:
     return np.asarray(image)
 
 
-def claim_items(meta: dict, config: dict, metrics: dict, audit: dict | None) -> list[tuple]:
+def claim_items(meta: RunMetadata, config: dict, metrics: dict, audit: dict | None) -> list[tuple]:
     """CLAIM checklist items (Mongan et al. 2020) this run can answer from its own records."""
     sources = sorted({c["source"] for c in metrics["cases"] if c["source"]})
     grouped = "patient id where known" if config.get("split_file") is None else \
         f"the given split file {config['split_file']}"
-    left_out = meta.get("sources_left_out") or {}
+    left_out = meta.sources_left_out
     return [
         ("Data sources", ", ".join(sources) if sources else "not recorded (no source column)"),
         ("Sources left out of training", "; ".join(f"{s}: {why}" for s, why in left_out.items())
@@ -215,10 +216,10 @@ def claim_items(meta: dict, config: dict, metrics: dict, audit: dict | None) -> 
         ("Data partitions", f"train/val/test {config['split_fractions']} (seed {config['seed']}), "
                             f"stratified by class and source, grouped by {grouped}"),
         ("Partition disjointness", "no patient in more than one split (checked at training)"),
-        ("Model", f"{meta['backbone']} backbone, global average pooling, dropout "
-                  f"{config['dropout']}, one sigmoid unit; input {meta['image_size']} px"),
-        ("Initialisation", f"weights: {meta['weights']}"),
-        ("Preprocessing", "; ".join(meta["preprocessing"]["steps"])),
+        ("Model", f"{meta.backbone} backbone, global average pooling, dropout "
+                  f"{config['dropout']}, one sigmoid unit; input {meta.image_size} px"),
+        ("Initialisation", f"weights: {meta.weights}"),
+        ("Preprocessing", "; ".join(meta.preprocessing_steps())),
         ("Training", f"phase 1 {config['head_epochs']} epochs at {config['head_learning_rate']}, "
                      f"phase 2 {config['finetune_epochs']} epochs at "
                      f"{config['finetune_learning_rate']} ({config['unfreeze_stages']} stage(s), "
@@ -227,9 +228,9 @@ def claim_items(meta: dict, config: dict, metrics: dict, audit: dict | None) -> 
                      f"{'on' if config.get('source_augment') else 'off'}; early stopping on "
                      f"validation ROC-AUC"),
         ("Test-time augmentation", f"score = mean over the image and "
-                                   f"{meta.get('test_time_views', 0)} source-cue views"
-         if meta.get("test_time_views") else "none"),
-        ("Operating point", f"threshold {meta['threshold']:.4f} by {meta['threshold_method']} "
+                                   f"{meta.test_time_views} source-cue views"
+         if meta.test_time_views else "none"),
+        ("Operating point", f"threshold {meta.threshold:.4f} by {meta.threshold_method} "
                             f"on the validation split, frozen before testing"),
         ("Performance metrics", "accuracy, sensitivity, specificity, PPV, NPV, F1, ROC-AUC, "
                                 "PR-AUC; 95% percentile bootstrap CIs"),
@@ -239,7 +240,7 @@ def claim_items(meta: dict, config: dict, metrics: dict, audit: dict | None) -> 
         ("Failure analysis", "Grad-CAM of false positives and negatives below"),
         ("Data audit", "see warnings" if audit and audit["warnings"] else
          ("no warnings" if audit else "not run")),
-        ("Software", ", ".join(f"{k} {v}" for k, v in meta["versions"].items())),
+        ("Software", ", ".join(f"{k} {v}" for k, v in meta.versions.items())),
     ]
 
 
@@ -247,7 +248,7 @@ def build_report(run_dir: str | Path, out: str | Path, predictor=None, metrics: 
                  audit: dict | None = None) -> Path:
     """Write the HTML report of ``run_dir`` to ``out``; evaluates the test split if the run has
     no ``metrics.json`` yet."""
-    from covidxray.run import Predictor
+    from covidxray.run.predictor import Predictor
     run_dir = Path(run_dir)
     predictor = predictor or Predictor.load(run_dir)
     meta = predictor.metadata
@@ -256,12 +257,12 @@ def build_report(run_dir: str | Path, out: str | Path, predictor=None, metrics: 
         metrics_file = run_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         if not REPORTED_KEYS <= set(metrics):  # none yet, or from an older version
-            from covidxray.evaluation import evaluate
+            from covidxray.evaluation.evaluate import evaluate
             metrics = evaluate(run_dir, predictor=predictor)
     esc = html.escape
     warnings = (audit or {}).get("warnings", [])
     limitations = list(warnings)
-    if meta.get("synthetic_data"):
+    if meta.synthetic_data:
         limitations.insert(0, "Trained and tested on SYNTHETIC images: no statement about real "
                               "X-rays can be made.")
     overall = metrics["overall"]
@@ -277,20 +278,20 @@ def build_report(run_dir: str | Path, out: str | Path, predictor=None, metrics: 
                          plot_calibration(metrics), plot_histogram(metrics)] if p]
     shortcut = metrics.get("shortcut")
     counts = "".join(f"<tr><td>{s}</td><td>{esc(', '.join(f'{c}={n}' for c, n in v.items()))}"
-                     f"</td></tr>" for s, v in meta["split_counts"].items())
+                     f"</td></tr>" for s, v in meta.split_counts.items())
     body = f"""
 <h1>covidxray report</h1>
-<p>Run <code>{esc(str(run_dir))}</code> · created {esc(meta['created'])} ·
-{esc(meta['backbone'])} at {meta['image_size']} px · backend {esc(meta['backend'])}</p>
-<div class="notice"><strong>{esc(meta['notice'])}</strong> This report describes a research
+<p>Run <code>{esc(str(run_dir))}</code> · created {esc(meta.created)} ·
+{esc(meta.backbone)} at {meta.image_size} px · backend {esc(meta.backend)}</p>
+<div class="notice"><strong>{esc(meta.notice)}</strong> This report describes a research
 model. It must not be read as a diagnosis or used to make clinical decisions.</div>
 {'<div class="synthetic">SYNTHETIC DATA: this run was trained on synthetic images.</div>'
- if meta.get('synthetic_data') else ''}
+ if meta.synthetic_data else ''}
 <h2>Data</h2>
 <table><tr><th>split</th><th>images per class</th></tr>{counts}</table>
-<p>Positive class: <strong>{esc(meta['positive_class'])}</strong>; negative:
-{esc(', '.join(meta['negative_classes']))}. Training data fingerprint
-<code>{meta['data_fingerprint'][:16]}…</code>.</p>
+<p>Positive class: <strong>{esc(meta.positive_class)}</strong>; negative:
+{esc(', '.join(meta.negative_classes))}. Training data fingerprint
+<code>{meta.data_fingerprint[:16]}…</code>.</p>
 <h3>Audit warnings</h3>
 {'<ul>' + ''.join(f'<li class="warn">{esc(w)}</li>' for w in warnings) + '</ul>'
  if warnings else ('<p class="ok">none</p>' if audit else '<p>audit not run</p>')}
@@ -298,7 +299,7 @@ model. It must not be read as a diagnosis or used to make clinical decisions.</d
 <p>{overall['n']} images ({overall['n_positive']} positive) at the threshold
 {metrics['threshold']:.4f}, frozen on the validation split ({esc(str(metrics['threshold_method']))}).</p>
 {_metrics_table(overall)}
-{_confusion(overall['confusion'], esc(meta['positive_class']))}
+{_confusion(overall['confusion'], esc(meta.positive_class))}
 <h3>Per source</h3>{_per_source(metrics)}
 <h2>Plots</h2><div class="plots">{''.join(_img(p, 'plot') for p in plots)}</div>
 <h2>Shortcut check</h2>

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from covidxray.data import DataError, Record
-from covidxray.imageio import ImageReadError, is_dicom, read_image
-from covidxray.split import patients_across_splits
+from covidxray.data.dataset import DataError, Record
+from covidxray.data.split import patients_across_splits
+from covidxray.pixels.imageio import ImageReadError, is_dicom, read_image
 
 DHASH_SIZE = 16  # 16x16 = 256-bit difference hash
 CONFOUNDING_GAP = 0.3  # a source whose positive share differs this much from the whole set's

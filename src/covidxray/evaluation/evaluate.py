@@ -10,13 +10,22 @@ from pathlib import Path
 
 import numpy as np
 
-from covidxray.data import DataError, Record, discover, load_images, source_from_filename
+from covidxray.data.dataset import DataError, LoadedImages, Record, discover, \
+    source_from_filename
+from covidxray.data.split import read_split_records
+from covidxray.evaluation.explain import shortcut_check
+from covidxray.evaluation.metrics import (
+    METRIC_NAMES,
+    binary_metrics,
+    bootstrap_ci,
+    calibration_bins,
+    confusion,
+    curves,
+    expected_calibration_error,
+)
 from covidxray.fileutil import write_json_atomic
-from covidxray.explanation import shortcut_check
-from covidxray.metrics import METRIC_NAMES, binary_metrics, bootstrap_ci, calibration_bins, \
-    confusion, curves, expected_calibration_error
-from covidxray.run import Predictor
-from covidxray.split import read_split_records
+from covidxray.pixels.imageio import ImageReadError
+from covidxray.run.predictor import Predictor, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,26 @@ def run_test_records(run_dir: Path, positive_class: str, source_from_prefix: boo
     if source_from_prefix:
         records = [replace(r, source=r.source or source_from_filename(r.path)) for r in records]
     return records
+
+
+def prepared_images(predictor: Predictor, records: list[Record],
+                    strict: bool = False) -> LoadedImages:
+    """``records``' images as the run's ``Predictor`` prepares them; unreadable ones are logged
+    and skipped (``strict``: the first one raises)."""
+    images, kept, failures = [], [], []
+    batches = predictor.prepare_many([r.path for r in records])
+    for record, item in zip(records, (item for batch in batches for item in batch)):
+        if isinstance(item, Prepared):
+            images.append(item.image)  # the decoded original is not kept: memory
+            kept.append(record)
+            continue
+        if strict:
+            raise ImageReadError(item.path, item.error)
+        log.warning("skipped %s: %s", item.path, item.error)
+        failures.append(ImageReadError(item.path, item.error))
+    size = predictor.image_size
+    return LoadedImages(np.stack(images) if images else np.zeros((0, size, size), np.uint8),
+                        kept, failures)
 
 
 def summarise(y_true: np.ndarray, scores: np.ndarray, threshold: float, n_bootstrap: int,
@@ -76,36 +105,34 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
     if records is not None:
         data_name = f"{len(records)} records given"
     elif data is None:
-        records = run_test_records(run_dir, meta["positive_class"], source_from_prefix)
+        records = run_test_records(run_dir, meta.positive_class, source_from_prefix)
         data_name = f"{run_dir}/split.csv (test split)"
     else:
-        dataset = discover(data, meta["positive_class"], source_from_prefix)
+        dataset = discover(data, meta.positive_class, source_from_prefix)
         records = dataset.records
         data_name = str(data)
-        if str(Path(dataset.root).resolve()) == meta.get("data_root"):
+        if str(Path(dataset.root).resolve()) == meta.data_root:
             log.warning("%s is the training data: its train and validation images are scored "
                         "too; omit DATA to evaluate on the run's test split only", data)
-    loaded = load_images(records, predictor.preprocessing, strict)
-    for error in loaded.failures:
-        log.warning("skipped %s: %s", error.path, error.reason)
+    loaded = prepared_images(predictor, records, strict)
     if not loaded.records:
         raise DataError(f"{data_name}: no readable images to evaluate")
     scores = predictor.predict_prepared(loaded.images)
     y_true = loaded.targets.astype(int)
     threshold = predictor.threshold
     result = {
-        "notice": meta["notice"],
-        "synthetic_data": bool(meta.get("synthetic_data")),
+        "notice": meta.notice,
+        "synthetic_data": meta.synthetic_data,
         "run": str(run_dir), "data": data_name,
-        "threshold": threshold, "threshold_method": meta.get("threshold_method"),
-        "positive_class": meta["positive_class"],
+        "threshold": threshold, "threshold_method": meta.threshold_method,
+        "positive_class": meta.positive_class,
         "unreadable_files": [{"path": e.path, "reason": e.reason} for e in loaded.failures],
         "overall": summarise(y_true, scores, threshold, n_bootstrap, seed),
         "per_class": {},
     }
     result["calibration"] = {"ece": expected_calibration_error(y_true, scores),
                              "bins": calibration_bins(y_true, scores),
-                             "temperature": meta.get("temperature")}
+                             "temperature": meta.temperature}
     if 0 < y_true.sum() < y_true.size:
         operating = binary_metrics(y_true, scores, threshold)
         result["curves"] = {**curves(y_true, scores),
@@ -121,7 +148,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
                        for r, score in zip(loaded.records, scores)]
     if shortcut_images:
         sample = np.random.default_rng(seed).permutation(len(labels))[:shortcut_images]
-        result["shortcut"] = shortcut_check(predictor.model, loaded.images[sample],
+        result["shortcut"] = shortcut_check(predictor, loaded.images[sample],
                                             [labels[i] for i in sample]).to_dict()
     result["per_source"] = per_source(loaded.records, scores, threshold, n_bootstrap, seed)
     by_class = defaultdict(list)

@@ -1,0 +1,1 @@
+"""Using a run elsewhere: the web page and REST API (``serve``)."""

@@ -1,0 +1,1 @@
+"""Backbones that keras.applications does not carry (EfficientNet-Lite, with offline weights)."""

@@ -1,0 +1,167 @@
+"""The run folder's contract: ``RunMetadata``, written once by training, validated on load.
+
+``metadata.json`` carries a ``schema_version``. Version 1 (runs of covidxray before the typed
+contract: no version field, the preprocessing as a dict beside ``image_size``) is read and
+converted; a version newer than this code knows is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from covidxray.config import Preprocessing
+from covidxray.fileutil import write_json_atomic
+
+SCHEMA_VERSION = 2
+RESEARCH_NOTICE = ("Research use only. Not a medical device: not for diagnosis, triage or any "
+                   "clinical decision.")
+METADATA_FILE = "metadata.json"
+
+
+class RunError(FileNotFoundError):
+    """A folder that is not a complete run, or a run this version cannot read."""
+
+
+@dataclass(frozen=True)
+class RunMetadata:
+    """What a trained run is, for everything that uses it."""
+
+    class_names: list[str]
+    positive_class: str
+    preprocessing: Preprocessing
+    backbone: str
+    weights: str  # "imagenet", "none" or the path of a weights file
+    threshold: float  # P(positive) at or above it: the positive class; frozen on validation
+    threshold_method: str
+    model_id: str  # unique per run: names the backbone, the size and a hash of the weights
+    data_fingerprint: str  # sha256 over the training and validation files
+    created: str
+    covidxray_version: str
+    backend: str
+    versions: dict[str, str] = field(default_factory=dict)
+    target_sensitivity: float | None = None
+    temperature: float | None = None  # temperature scaling fitted on validation, if any
+    test_time_views: int = 0  # source-cue views averaged with each image's own score
+    validation_metrics: dict[str, float] = field(default_factory=dict)
+    split_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    unreadable_training_files: int = 0
+    sources_left_out: dict[str, str] = field(default_factory=dict)  # source -> why
+    synthetic_data: bool = False
+    dtype_policy: str = "float32"
+    data_root: str = ""  # where the training data was; private: never served
+    notice: str = RESEARCH_NOTICE
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.image_size
+
+    @property
+    def negative_classes(self) -> list[str]:
+        return [c for c in self.class_names if c != self.positive_class]
+
+    @property
+    def negative_label(self) -> str:
+        negatives = self.negative_classes
+        return negatives[0] if len(negatives) == 1 else f"NON-{self.positive_class.upper()}"
+
+    def label_of(self, probability: float) -> str:
+        return self.positive_class if probability >= self.threshold else self.negative_label
+
+    def preprocessing_steps(self) -> list[str]:
+        """The pixel steps in words."""
+        p = self.preprocessing
+        return ["decode to grayscale in [0, 1] (DICOM: modality LUT, VOI LUT, MONOCHROME1 "
+                "inverted)",
+                *([f"crop {p.crop:.0%} off each side"] if p.crop else []),
+                *([f"intensity: {p.intensity}"] if p.intensity != "none" else []),
+                f"bilinear resize to {p.image_size}x{p.image_size}", "quantise to uint8 0..255",
+                f"in the model: gray to 3 channels, then the {self.backbone} weights' own "
+                f"input scaling"]
+
+    def to_dict(self) -> dict:
+        """The JSON form; ``image_size`` and ``negative_classes`` are repeated for readers
+        without covidxray (and ignored on load)."""
+        return {**dataclasses.asdict(self), "image_size": self.image_size,
+                "negative_classes": self.negative_classes}
+
+    def public_dict(self) -> dict:
+        """What may leave the machine (the server's model card): no local paths."""
+        values = self.to_dict()
+        del values["data_root"]
+        if Path(self.weights).is_absolute():
+            values["weights"] = Path(self.weights).name
+        return values
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "metadata") -> "RunMetadata":
+        """Validated: every required field present with the right type; version 1 converted."""
+        version = values.get("schema_version", 1)
+        if not isinstance(version, int) or version < 1:
+            raise RunError(f"{source}: schema_version {version!r} is not a version")
+        if version > SCHEMA_VERSION:
+            raise RunError(f"{source}: written by a newer covidxray (run format {version}; this "
+                           f"version reads up to {SCHEMA_VERSION}): upgrade covidxray")
+        if version == 1:
+            values = _from_version_1(values)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        missing = [name for name, f in known.items() if name not in values
+                   and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise RunError(f"{source}: not a covidxray run's metadata (missing "
+                           f"{', '.join(missing)})")
+        values = {k: v for k, v in values.items() if k in known}
+        preprocessing = values["preprocessing"]
+        try:
+            values["preprocessing"] = Preprocessing(**preprocessing) \
+                if isinstance(preprocessing, dict) else preprocessing
+            metadata = cls(**values)
+            _check_types(metadata)
+        except (TypeError, ValueError) as error:
+            raise RunError(f"{source}: invalid run metadata ({error})") from error
+        return metadata
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunMetadata":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise RunError(f"{path}: cannot read the run's metadata ({error})") from error
+        if not isinstance(values, dict):
+            raise RunError(f"{path}: not a covidxray run's metadata")
+        return cls.from_dict(values, str(path))
+
+
+def _check_types(metadata: RunMetadata) -> None:
+    checks = {"threshold": (int, float), "positive_class": str, "class_names": list,
+              "backbone": str, "model_id": str, "test_time_views": int}
+    for name, kind in checks.items():
+        if not isinstance(getattr(metadata, name), kind):
+            raise TypeError(f"{name} is {getattr(metadata, name)!r}")
+    if not 0 <= metadata.threshold <= 1:
+        raise ValueError(f"threshold {metadata.threshold} is not a probability")
+    if metadata.positive_class not in metadata.class_names:
+        raise ValueError(f"positive class {metadata.positive_class!r} is not among "
+                         f"{metadata.class_names}")
+
+
+def _from_version_1(values: dict) -> dict:
+    """A run written before the typed contract."""
+    values = dict(values)
+    steps = values.get("preprocessing") or {}
+    values["preprocessing"] = Preprocessing(int(values.get("image_size", 0)),
+                                            steps.get("intensity", "none"),
+                                            float(steps.get("crop", 0.0)))
+    # the id those versions served: not unique per run (issue 16); kept so it still matches
+    values.setdefault("model_id", f"{values.get('backbone')}-{values.get('image_size')}px-"
+                                  f"{str(values.get('data_fingerprint', ''))[:12]}")
+    values["schema_version"] = SCHEMA_VERSION
+    return values

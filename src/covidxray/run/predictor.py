@@ -1,0 +1,257 @@
+"""Load a run folder into a ``Predictor``: the one path from an input (a file, its bytes or an
+array) to a ``Prediction`` (probability, label, out-of-distribution verdict, and the heat map
+on the input's own pixels). Prediction, serving, explanation and evaluation all go through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from covidxray.config import Preprocessing
+from covidxray.pixels.imageio import ImageReadError, decode, decode_array, is_image_candidate, \
+    prepare
+from covidxray.pixels.transforms import uncrop
+from covidxray.run.metadata import METADATA_FILE, RunError, RunMetadata
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("model.keras", METADATA_FILE)
+ARRAY_NAME = "<array>"
+
+
+@dataclass
+class Prediction:
+    """One input's result; ``error`` is set (and the rest None) when it could not be read."""
+
+    path: str
+    probability: float | None = None
+    label: str | None = None
+    positive: bool | None = None
+    ood: bool | None = None  # None: the run has no out-of-distribution gate
+    ood_reason: str | None = None
+    error: str | None = None
+    # with heat maps asked for: Grad-CAM in [0, 1] on the input's own pixels (zero on the band
+    # the run's crop removes), and the input as the model read it, gray in [0, 1]
+    heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
+    image: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("heatmap", "image")}
+
+
+@dataclass
+class Prepared:
+    """An input read and prepared for the model."""
+
+    name: str
+    image: np.ndarray  # (size, size) uint8: the model's input
+    gray: np.ndarray  # the decoded input, 2-D float32 in [0, 1], bone bright
+    colourfulness: float  # an X-ray has none
+
+
+def collect_paths(inputs) -> list[str]:
+    """Files as given, folders expanded recursively to their image files, in sorted order.
+
+    Files named explicitly are kept whatever their suffix, so a bad one is reported, not ignored.
+    """
+    paths = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            paths.extend(str(p) for p in sorted(item.rglob("*")) if is_image_candidate(p))
+        else:
+            paths.append(str(item))
+    return paths
+
+
+class Predictor:
+    """A trained model with everything needed to use it: its metadata, gate and heat maps."""
+
+    def __init__(self, model, metadata: RunMetadata, run_dir: str | Path | None = None,
+                 gate=None):
+        from covidxray.model.network import feature_extractor
+        self.model = model
+        self.metadata = metadata
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.gate = gate
+        self.extractor = feature_extractor(model)  # built once: every prediction uses it
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "Predictor":
+        run_dir = Path(run_dir)
+        missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
+        if missing:
+            raise RunError(f"{run_dir}: not a complete run (missing {', '.join(missing)}); "
+                           f"train one with 'covidxray train DATA --out {run_dir}'")
+        metadata = RunMetadata.load(run_dir / METADATA_FILE)
+        import keras
+
+        import covidxray.model.network  # noqa: F401  registers the custom layers before loading
+        from covidxray.run.ood import OOD_FILE, OODGate
+        model = keras.saving.load_model(run_dir / "model.keras")
+        gate = None
+        if (run_dir / OOD_FILE).is_file():
+            try:
+                gate = OODGate.load(run_dir / OOD_FILE)
+            except (ValueError, KeyError) as error:
+                log.warning("no out-of-distribution gate, verdicts are unknown: %s", error)
+        return cls(model, metadata, run_dir, gate)
+
+    def with_test_time_views(self, views: int) -> "Predictor":
+        """The same model scoring with ``views`` test-time views (its threshold was chosen with
+        the run's own number: for measuring, not for use)."""
+        return Predictor(self.model, dataclasses.replace(self.metadata, test_time_views=views),
+                         self.run_dir, self.gate)
+
+    @property
+    def threshold(self) -> float:
+        return self.metadata.threshold
+
+    @property
+    def image_size(self) -> int:
+        return self.metadata.image_size
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.metadata.preprocessing
+
+    @property
+    def positive_class(self) -> str:
+        return self.metadata.positive_class
+
+    @property
+    def test_time_views(self) -> int:
+        return self.metadata.test_time_views
+
+    def prepare(self, source, name: str | None = None,
+                max_pixels: int | None = None) -> Prepared:
+        """The one place an input becomes the model's input: ``source`` a path, the bytes of a
+        file (``name`` names it in errors) or an array (``imageio.decode_array``). Raises
+        ``ImageReadError`` naming the input and the reason."""
+        if isinstance(source, np.ndarray):
+            name = name or ARRAY_NAME
+            try:
+                decoded = decode_array(source)
+            except ValueError as error:
+                raise ImageReadError(name, str(error)) from error
+        elif isinstance(source, (bytes, bytearray)):
+            name = name or "<bytes>"
+            decoded = decode(name, bytes(source), max_pixels)
+        else:
+            name = name or str(source)
+            decoded = decode(source, max_pixels=max_pixels)
+        return Prepared(name, prepare(decoded.gray, self.preprocessing), decoded.gray,
+                        decoded.colourfulness)
+
+    def predict_prepared(self, images: np.ndarray, batch_size: int = 32,
+                         test_time_views: int | None = None) -> np.ndarray:
+        """The run's P(positive) for (n, size, size) uint8 model inputs (``test_time_views``:
+        another number of views than the run's, e.g. 0 for the image alone)."""
+        from covidxray.model.network import forward
+        return self._final_scores(images, forward(self.model, images, batch_size,
+                                                  self.extractor).scores, batch_size,
+                                  test_time_views)
+
+    def heatmaps_prepared(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Grad-CAM maps (n, h, w) in [0, 1] of model inputs, at the last stage's resolution."""
+        from covidxray.model.network import cams_from_logit_maps, forward
+        return cams_from_logit_maps(forward(self.model, images, batch_size, self.extractor,
+                                            maps=True).logit_maps)
+
+    def _final_scores(self, images: np.ndarray, scores: np.ndarray, batch_size: int,
+                      views: int | None = None) -> np.ndarray:
+        """The run's score from the model's score of the images themselves: the mean over the
+        test-time views, then the temperature (both as the threshold was chosen)."""
+        from covidxray.evaluation.metrics import apply_temperature
+        from covidxray.model.network import predict_scores
+        from covidxray.pixels.transforms import mean_over_views
+        views = self.test_time_views if views is None else views
+        if views:
+            scores = mean_over_views(lambda x: predict_scores(self.model, x, batch_size),
+                                     images, views, first=scores)
+        temperature = self.metadata.temperature
+        return scores if not temperature else apply_temperature(scores, temperature).astype(
+            np.float32)
+
+    def predict_items(self, items: list[Prepared], heatmaps: bool = False,
+                      batch_size: int = 32) -> list[Prediction]:
+        """Predictions of prepared inputs, from one forward pass (plus one per test-time view,
+        for the score only: the heat map and the gate see the image itself)."""
+        from covidxray.model.network import cams_from_logit_maps, forward
+        if not items:
+            return []
+        images = np.stack([item.image for item in items])
+        result = forward(self.model, images, batch_size, self.extractor, maps=heatmaps)
+        scores = self._final_scores(images, result.scores, batch_size)
+        verdicts = self.gate.check(result.embeddings, images,
+                                   [item.colourfulness for item in items]) \
+            if self.gate is not None else [None] * len(items)
+        cams = cams_from_logit_maps(result.logit_maps) if heatmaps else [None] * len(items)
+        predictions = []
+        for item, score, verdict, cam in zip(items, scores, verdicts, cams):
+            prediction = Prediction(
+                path=item.name, probability=float(score),
+                label=self.metadata.label_of(float(score)), positive=bool(score >= self.threshold),
+                ood=None if verdict is None else verdict.ood,
+                ood_reason=None if verdict is None else verdict.reason or None)
+            if heatmaps:
+                prediction.heatmap = uncrop(cam, item.gray.shape, self.preprocessing.crop)
+                prediction.image = item.gray
+            predictions.append(prediction)
+        return predictions
+
+    def prepare_many(self, sources, names=None, batch_size: int = 32, workers: int = 2,
+                     max_pixels: int | None = None):
+        """Batches, in input order, of ``Prepared`` inputs and, for those that cannot be read,
+        ``Prediction``s carrying the error; ``workers`` threads decode the next batch while the
+        caller works on this one."""
+        sources = list(sources)
+        names = list(names) if names is not None else [None] * len(sources)
+
+        def load(index):
+            try:
+                return self.prepare(sources[index], names[index], max_pixels)
+            except ImageReadError as error:
+                return Prediction(path=error.path, error=error.reason)
+
+        starts = range(0, len(sources), batch_size)
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            pending = [pool.map(load, range(start, min(start + batch_size, len(sources))))
+                       for start in starts[:2]]
+            for number in range(len(starts)):
+                if number + 2 < len(starts):  # keep one batch decoding ahead
+                    start = starts[number + 2]
+                    pending.append(pool.map(load, range(start, min(start + batch_size,
+                                                                   len(sources)))))
+                yield list(pending[number])
+
+    def predict_many(self, sources, names=None, heatmaps: bool = False, batch_size: int = 32,
+                     workers: int = 2, max_pixels: int | None = None) -> list[Prediction]:
+        """Predict paths, bytes or arrays, in input order; one that cannot be read comes back
+        with ``error`` set, and the others are still predicted."""
+        results = []
+        for batch in self.prepare_many(sources, names, batch_size, workers, max_pixels):
+            predicted = iter(self.predict_items([x for x in batch if isinstance(x, Prepared)],
+                                                heatmaps, batch_size))
+            results += [next(predicted) if isinstance(x, Prepared) else x for x in batch]
+        return results
+
+    def predict_paths(self, paths, batch_size: int = 32, workers: int = 2,
+                      heatmaps: bool = False) -> list[Prediction]:
+        """Predict every file; unreadable ones come back with ``error`` set, in input order."""
+        return self.predict_many([str(p) for p in paths], heatmaps=heatmaps,
+                                 batch_size=batch_size, workers=workers)
+
+    def predict(self, item, heatmap: bool = False):
+        """P(COVID), label and verdict for a path, the bytes of a file, an array, or a list of
+        them; ``heatmap`` adds the Grad-CAM on the input's own pixels."""
+        if isinstance(item, (list, tuple)):
+            return self.predict_many(item, heatmaps=heatmap)
+        return self.predict_many([item], heatmaps=heatmap)[0]
