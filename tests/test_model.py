@@ -5,15 +5,9 @@ import keras
 import numpy as np
 import pytest
 
-from covidxray.model.network import (
-    BackboneInput,
-    WeightsUnavailableError,
-    backbone_of,
-    build_model,
-    get_backbone,
-    resolve_weights,
-    unfreeze_top_stages,
-)
+from covidxray.model.backbones import get_backbone
+from covidxray.model.network import BackboneInput, backbone_of, build_model, unfreeze_top_stages
+from covidxray.model.weights import WeightsUnavailableError, resolve_weights
 
 
 def test_model_outputs_one_probability_per_image():
@@ -86,6 +80,12 @@ def test_offline_imagenet_fails_fast_with_instructions(tmp_path, monkeypatch):
     message = str(info.value)
     assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
     assert "--weights PATH" in message and str(tmp_path) in message
+    # a user without those weights is sent to the recipe whose weights are installed
+    from covidxray.model.weights import OFFLINE_BACKBONE, offline_weights
+    if offline_weights(get_backbone(OFFLINE_BACKBONE)):
+        assert f"--backbone {OFFLINE_BACKBONE}" in message and "installed here" in message
+    else:
+        assert "covidxray[pretrained]" in message
 
 
 def test_cached_imagenet_file_needs_no_network(tmp_path, monkeypatch):

@@ -1,45 +1,219 @@
-"""The Python API; it mirrors the command line (``covidxray train|evaluate|predict``)."""
+"""The Python API; the command line is argument parsing over these functions.
+
+Importing this module is cheap: each function imports the heavy parts (Keras and its backend)
+only when it is called.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+# what the command line builds its options from: typed defaults and names, no heavy import
+from covidxray.config import DEMO, EVALUATION, INTENSITY_MODES, RESEARCH_NOTICE, SCHEDULES, \
+    SERVE, AugmentConfig, TrainConfig  # noqa: F401
+from covidxray.model.backbones import BACKBONES  # noqa: F401
+
+log = logging.getLogger("covidxray")
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean "this input cannot be used" (a message for the user, not a bug)."""
+    from covidxray.data.dataset import DataError
+    from covidxray.model.weights import WeightsUnavailableError
+    from covidxray.pixels.imageio import ImageReadError
+    from covidxray.run.metadata import RunError
+    from covidxray.training.fit import RunExistsError
+    return (DataError, ImageReadError, WeightsUnavailableError, RunError, RunExistsError,
+            FileNotFoundError, FileExistsError, ValueError)
+
+
+def metadata(run: str | Path):
+    """A run's ``RunMetadata``, read without loading its model."""
+    from covidxray.run.metadata import METADATA_FILE, RunMetadata
+    return RunMetadata.load(Path(run) / METADATA_FILE)
 
 
 def train(data: str | Path, out: str | Path, resume: bool = False, verbose: int | str = "auto",
           **options) -> Path:
-    """Train on ``data`` and write the run folder ``out``; ``options`` are ``TrainConfig`` fields.
+    """Train on ``data`` and write the run folder ``out``; ``options`` are ``TrainConfig``
+    fields. With ``resume``, an interrupted run in ``out`` continues with its own settings.
 
-    >>> covidxray.train("data/", "runs/r1", image_size=224, weights="imagenet")  # doctest: +SKIP
+    >>> covidxray.train("data/", "runs/r1", backbone="efficientnet-lite0")  # doctest: +SKIP
     """
-    from covidxray.config import TrainConfig
     from covidxray.training.fit import train as train_run
-    return train_run(TrainConfig(data=str(data), out=str(out), **options), resume=resume,
-                     verbose=verbose)
+    if resume:
+        config = TrainConfig.load(Path(out) / "config.json")
+    else:
+        config = TrainConfig(data=str(data), out=str(out), **options)
+    return train_run(config, resume=resume, verbose=verbose)
 
 
 def load(run: str | Path):
-    """Load a run folder into a ``Predictor``; ``.predict(path_or_array)`` gives P(COVID)."""
+    """Load a run folder into a ``Predictor``; ``.predict(path, bytes or array)`` gives a
+    ``Prediction`` (P(COVID), label, out-of-distribution verdict; ``heatmap=True`` adds the
+    Grad-CAM on the input's own pixels)."""
     from covidxray.run.predictor import Predictor
     return Predictor.load(run)
 
 
-def predict(run: str | Path, paths) -> list:
-    """Predict files and folders (recursive) with a run; unreadable files carry ``error``."""
-    from covidxray.run.predictor import Predictor, collect_paths
+def predict(run: str | Path, paths, batch_size: int = 32, csv: str | Path | None = None,
+            heatmaps: str | Path | None = None, alpha: float = EVALUATION.heatmap_alpha) -> list:
+    """Predict files and folders (recursive) with a run; an unreadable file comes back with
+    ``error`` set. ``csv``: also write the results there; ``heatmaps``: a folder for Grad-CAM
+    overlays (``<name>_gradcam.png``)."""
+    from covidxray.run.predictor import Predictor, collect_paths, write_predictions_csv
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    return Predictor.load(run).predict_paths(collect_paths(paths))
+    predictor = Predictor.load(run)
+    results = predictor.predict_paths(collect_paths(paths), batch_size=batch_size,
+                                      heatmaps=heatmaps is not None)
+    if csv is not None:
+        write_predictions_csv(csv, results, predictor.metadata)
+    if heatmaps is not None:
+        _write_overlays(results, heatmaps, alpha)
+    return results
 
 
-def evaluate(run: str | Path, data: str | Path | None = None, **options) -> dict:
-    """Metrics of a run at its frozen threshold on ``data`` (default: its own test split)."""
+def _write_overlays(predictions, folder: str | Path, alpha: float) -> None:
+    from covidxray.evaluation.explain import explanation_of, save_png
+    for prediction in predictions:
+        if not prediction.error:
+            save_png(Path(folder) / f"{Path(prediction.path).stem}_gradcam.png",
+                     explanation_of(prediction, alpha).overlay)
+
+
+def evaluate(run: str | Path, data: str | Path | None = None,
+             bootstrap: int = EVALUATION.bootstrap,
+             shortcut_images: int = EVALUATION.shortcut_images, source_from_prefix: bool = False,
+             out: str | Path | None = None, seed: int = 0, strict: bool = False) -> dict:
+    """Metrics of a run at its frozen threshold on ``data`` (default: its own test split), with
+    ``bootstrap`` resamples for the 95% intervals and the shortcut check on
+    ``shortcut_images`` images; written to ``out`` (default: the run's metrics file)."""
     from covidxray.evaluation.evaluate import evaluate as evaluate_run
-    return evaluate_run(run, data, **options)
+    return evaluate_run(run, data, n_bootstrap=bootstrap, source_from_prefix=source_from_prefix,
+                        out=out, seed=seed, strict=strict, shortcut_images=shortcut_images)
 
 
-def explain(run: str | Path, path: str | Path):
-    """Grad-CAM of one image: an ``Explanation`` with ``.heatmap`` (the array, [0, 1], at the
-    image's resolution), ``.overlay`` (RGB), ``.probability`` and ``.label``."""
+def explain(run: str | Path, source, alpha: float = EVALUATION.heatmap_alpha):
+    """Grad-CAM of one image (a path, bytes or an array): an ``Explanation`` with
+    ``.heatmap`` ([0, 1], on the image's own pixels), ``.overlay`` (RGB), ``.probability`` and
+    ``.label``. Raises ``ImageReadError`` for an unreadable image."""
     from covidxray.evaluation.explain import explain_image
-    from covidxray.run.predictor import Predictor
-    return explain_image(Predictor.load(run), str(path))
+    return explain_image(load(run), source, alpha)
+
+
+def explain_files(run: str | Path, paths, out: str | Path,
+                  alpha: float = EVALUATION.heatmap_alpha) -> list:
+    """Grad-CAM overlays of files and folders written into ``out`` as
+    ``<name>_gradcam.png``; returns the predictions (unreadable files carry ``error``)."""
+    from covidxray.run.predictor import collect_paths
+    results = load(run).predict_paths(collect_paths(paths), heatmaps=True)
+    _write_overlays(results, out, alpha)
+    return results
+
+
+def audit(data: str | Path, out: str | Path | None = None, split_file: str | Path | None = None,
+          near_distance: int | None = EVALUATION.near_distance,
+          positive_class: str | None = None, source_from_prefix: bool = False):
+    """Audit a data set (``split_file``: with the splits of a run's ``split.csv``): an
+    ``AuditResult``; ``out``: also write it as JSON. ``near_distance=None`` skips the
+    near-duplicate search."""
+    from covidxray.data.audit import audit as audit_records
+    from covidxray.data.dataset import discover, with_splits
+    from covidxray.data.split import read_split_csv
+    from covidxray.fileutil import write_json_atomic
+    records = discover(data, positive_class, source_from_prefix).records
+    if split_file:
+        records = with_splits(records, read_split_csv(split_file))
+    result = audit_records(records, near_distance)
+    if out is not None:
+        write_json_atomic(out, {"data": str(data), **result.to_dict()})
+    return result
+
+
+def report(run: str | Path, out: str | Path = "report.html", audit: bool = True) -> Path:
+    """One self-contained HTML report of a run (with the audit of its split unless
+    ``audit=False``)."""
+    from covidxray.evaluation.report import build_report
+    return build_report(run, out, audit=audit)
+
+
+def crossval(data: str | Path, out: str | Path, by: str = "source", random_split: bool = True,
+             bootstrap: int = EVALUATION.crossval_bootstrap, baseline_only: bool = False,
+             resume: bool = False, **options) -> dict:
+    """Leave-one-source-out: a model per held-out source (and a random split beside them),
+    each with the thumbnail baseline on the same folds; ``options`` are ``TrainConfig`` fields.
+    Written to ``out/crossval.json`` and ``crossval.csv``."""
+    from covidxray.evaluation.crossval import crossval as run_crossval
+    config = TrainConfig(data=str(data), out=str(out), **options)
+    return run_crossval(data, out, config, by=by, random_split=random_split,
+                        n_bootstrap=bootstrap, train_models=not baseline_only, resume=resume)
+
+
+def serve(run: str | Path, host: str = SERVE.host, port: int = SERVE.port,
+          max_upload_mb: float = SERVE.max_upload_mb, max_pixels: int = SERVE.max_pixels) -> None:
+    """Serve the web page and REST API of a run until interrupted."""
+    import uvicorn
+
+    from covidxray.deploy.serve.app import create_app
+    app = create_app(run, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                     max_pixels=max_pixels)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def demo(out: str | Path = "demo-run", data: str | Path | None = None,
+         image_size: int = DEMO.image_size, epochs: int = DEMO.epochs,
+         n_per_class: int = DEMO.n_per_class, seed: int = DEMO.seed,
+         verbose: int | str = "auto") -> dict:
+    """The whole pipeline on ``data`` (default: synthetic images made now) under ``out``:
+    train (the offline pretrained backbone when its weights are installed, else ResNet50 from
+    random weights), evaluate on the test split, predict a few test images, write the HTML
+    report. Returns what it made: ``data``, ``run``, ``metrics``, ``predictions``, ``report``."""
+    from covidxray.data.split import read_split_records
+    from covidxray.data.synthetic import make_synthetic_dataset
+    from covidxray.model.backbones import get_backbone
+    from covidxray.model.weights import OFFLINE_BACKBONE, offline_weights
+    out = Path(out)
+    if (out / "run" / "config.json").exists():
+        raise FileExistsError(f"{out} already holds a demo; remove it or choose another folder")
+    data = Path(data) if data else make_synthetic_dataset(
+        out / "data", n_per_class=n_per_class, size=2 * image_size, seed=seed)
+    pretrained = offline_weights(get_backbone(OFFLINE_BACKBONE))
+    recipe = (dict(backbone=OFFLINE_BACKBONE, weights="imagenet", head_epochs=epochs,
+                   finetune_epochs=max(1, epochs // 2)) if pretrained else
+              dict(weights="none", finetune_epochs=epochs))
+    log.info("demo: training %s on %s", f"{OFFLINE_BACKBONE} (ImageNet weights, offline)"
+             if pretrained else "ResNet50 from random weights", data)
+    run = train(data, out / "run", verbose=verbose, image_size=image_size, batch_size=16,
+                patience=epochs, seed=seed, **recipe)
+    metrics = evaluate(run, bootstrap=EVALUATION.crossval_bootstrap, seed=seed)
+    predictor = load(run)
+    test = [r.path for r in read_split_records(run / "split.csv", predictor.positive_class)
+            if r.split == "test"][:6]
+    return {"data": data, "run": run, "metrics": metrics, "predictor": predictor,
+            "predictions": predictor.predict_paths(test),
+            "report": report(run, out / "report.html")}
+
+
+# what the command line prints, importable without the heavy parts
+
+
+def format_evaluation(result: dict) -> str:
+    from covidxray.evaluation.evaluate import format_report
+    return format_report(result)
+
+
+def format_audit(result) -> str:
+    from covidxray.data.audit import format_audit as audit_text
+    return audit_text(result)
+
+
+def format_crossval(result: dict) -> str:
+    from covidxray.evaluation.crossval import format_crossval as crossval_text
+    return crossval_text(result)
+
+
+def format_predictions(predictions: list, metadata) -> str:
+    from covidxray.run.predictor import format_predictions as predictions_text
+    return predictions_text(predictions, metadata)

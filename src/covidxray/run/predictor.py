@@ -255,3 +255,40 @@ class Predictor:
         if isinstance(item, (list, tuple)):
             return self.predict_many(item, heatmaps=heatmap)
         return self.predict_many([item], heatmaps=heatmap)[0]
+
+
+def format_predictions(predictions: list[Prediction], metadata: RunMetadata) -> str:
+    """A table for the terminal, under the research-use notice."""
+    lines = [metadata.notice]
+    if metadata.synthetic_data:
+        lines.append("*** model trained on SYNTHETIC data: outputs mean nothing clinically ***")
+    width = max([len(p.path) for p in predictions] + [4])
+    lines.append(f"{'file':<{width}}  P(COVID)  label (threshold {metadata.threshold:.4f})")
+    for p in predictions:
+        if p.error:
+            lines.append(f"{p.path:<{width}}  {'-':>8}  ERROR: {p.error}")
+        else:
+            warning = f"  OUT OF DISTRIBUTION: {p.ood_reason}" if p.ood else ""
+            lines.append(f"{p.path:<{width}}  {p.probability:8.4f}  {p.label}{warning}")
+    if any(p.ood for p in predictions):
+        lines.append("Out-of-distribution images: their probability is shown but means nothing.")
+    return "\n".join(lines)
+
+
+def write_predictions_csv(path: str | Path, predictions: list[Prediction],
+                          metadata: RunMetadata) -> None:
+    """One row per input, written atomically."""
+    import csv
+    import io
+
+    from covidxray.fileutil import write_text_atomic
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "probability", "label", "positive", "ood", "ood_reason", "error",
+                     "model_id", "synthetic_data"])
+    for p in predictions:
+        writer.writerow([p.path, "" if p.probability is None else f"{p.probability:.6f}",
+                         p.label or "", "" if p.positive is None else int(p.positive),
+                         "" if p.ood is None else int(p.ood), p.ood_reason or "", p.error or "",
+                         metadata.model_id, int(metadata.synthetic_data)])
+    write_text_atomic(path, buffer.getvalue())

@@ -18,15 +18,13 @@ from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 from pydantic import BaseModel
 
+from covidxray.config import RESEARCH_NOTICE, SERVE
 from covidxray.evaluation.explain import overlay
 from covidxray.run.predictor import Predictor
 
 STATIC = Path(__file__).parent / "static"
-DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 60_000_000  # a 7000x8000 film; far beyond any real radiograph
 PREVIEW_SIZE = 512
-INTENDED_USE = ("Research on chest X-ray classification. Not a medical device: not for "
-                "diagnosis, triage, screening or any decision about a patient.")
+INTENDED_USE = "Research on chest X-ray classification. " + RESEARCH_NOTICE
 
 
 class OODVerdict(BaseModel):
@@ -127,8 +125,8 @@ def _heatmap_rgba(heat: np.ndarray) -> np.ndarray:
 
 
 def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = None,
-               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> FastAPI:
+               max_upload_bytes: int = int(SERVE.max_upload_mb * 1024 * 1024),
+               max_pixels: int = SERVE.max_pixels) -> FastAPI:
     """The app for one run; the model is loaded once, here."""
     predictor = predictor or Predictor.load(run_dir)
     meta = predictor.metadata

