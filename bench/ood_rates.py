@@ -158,7 +158,7 @@ def main(argv=None) -> None:
 
     from covidxray.data.split import read_split_records
     from covidxray.run.predictor import Predictor
-    from covidxray.training.fit import refit_ood_gate
+    from covidxray.training.finalize import refit_ood_gate
 
     if args.refit:
         refit_ood_gate(args.run)

@@ -8,7 +8,8 @@ from conftest import TINY_TRAIN
 import covidxray
 from covidxray.config import TrainConfig
 from covidxray.data.dataset import DataError
-from covidxray.training.fit import RunExistsError, loss_weights
+from covidxray.training.fit import RunExistsError
+from covidxray.training.phases import loss_weights
 
 
 def test_run_folder_contract(tiny_run):
@@ -98,7 +99,7 @@ def test_loss_weights_balance_classes_and_optionally_each_sources_classes():
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
-    from covidxray.training.fit import learning_rate_schedule
+    from covidxray.training.phases import learning_rate_schedule
     assert learning_rate_schedule(1e-3, "constant", 100) == 1e-3
     rate = learning_rate_schedule(1e-3, "cosine", 100)
     at = [float(rate(step)) for step in (0, 5, 10, 55, 100)]
@@ -164,40 +165,68 @@ def test_recipe_preprocessing_travels_with_the_run(tiny_data, tmp_path):
                                                 abs=1e-5)
 
 
+def _model_weights(run):
+    import keras
+    return [keras.ops.convert_to_numpy(w) for w in
+            keras.saving.load_model(run / "model.keras").weights]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("cached_head", [True, False])
-def test_resume_continues_an_interrupted_run(tiny_data, tmp_path, monkeypatch, cached_head):
-    """Uncached, phase 1 continues from its last backed-up epoch; cached (seconds of work),
-    it is run again from its start. Either way history.csv shows each epoch once."""
-    from covidxray.training import fit as training
+@pytest.mark.parametrize("stops", [[(1, 1, 0)], [(2, 0, 1), (2, 2, 0)], [(2, 1, -1)]],
+                         ids=["head epoch 1", "finetune twice", "finetune after epoch 1"])
+def test_resume_equals_never_stopped(tiny_data, tmp_path, monkeypatch, stops):
+    """Killed at any of several points ((phase, epoch, batch); batch -1: once the epoch's
+    state is saved) and resumed each time, a run ends with the weights, threshold and history
+    of the run that was never stopped."""
+    from covidxray.training import phases
+    options = {**TINY_TRAIN, "head_epochs": 2, "finetune_epochs": 3, "patience": 3,
+               "source_augment": True, "test_time_views": 0}
+    covidxray.train(tiny_data, tmp_path / "whole", verbose=0, **options)
 
-    def interrupt_during_second_epoch(self, epoch, logs=None):
-        if self.phase == 1 and epoch == 1:
-            raise KeyboardInterrupt  # Keras has backed up epoch 0
+    pending = list(stops)
+    original_end = phases.EpochCheckpoint.on_epoch_end
 
-    monkeypatch.setattr(training._PhaseColumn, "on_epoch_begin", interrupt_during_second_epoch)
-    options = {**TINY_TRAIN, "head_epochs": 2, "cached_head": cached_head}
+    def watch_batches(self, batch, logs=None):
+        if pending and pending[0] == (self.phase, self.epoch_now, batch):
+            pending.pop(0)
+            raise KeyboardInterrupt
+
+    def watch_epochs(self, epoch, logs=None):
+        original_end(self, epoch, logs)
+        phase = int(self.state_file.stem.removeprefix("phase"))
+        if pending and pending[0] == (phase, epoch, -1):
+            pending.pop(0)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(phases._PhaseColumn, "on_epoch_begin",
+                        lambda self, epoch, logs=None: setattr(self, "epoch_now", epoch))
+    monkeypatch.setattr(phases._PhaseColumn, "on_train_batch_end", watch_batches)
+    monkeypatch.setattr(phases.EpochCheckpoint, "on_epoch_end", watch_epochs)
     with pytest.raises(KeyboardInterrupt):
-        covidxray.train(tiny_data, tmp_path / "run", **options)
-    assert not (tmp_path / "run" / "model.keras").exists()
-    monkeypatch.undo()
-    split_before = (tmp_path / "run" / "split.csv").read_text()
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    config["seed"] = 12345  # a resumed run must keep the split it trained on, whatever this says
-    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
-    covidxray.train(tiny_data, tmp_path / "run", resume=True, verbose=0)
-    assert (tmp_path / "run" / "split.csv").read_text() == split_before
-    rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    epochs_and_phases = [(int(r.split(",")[0]), float(r.split(",")[header.index("phase")]))
-                         for r in rows[1:]]
-    assert epochs_and_phases == [(0, 1.0), (1, 1.0), (0, 2.0)]
-    assert (tmp_path / "run" / "model.keras").is_file()
+        covidxray.train(tiny_data, tmp_path / "run", verbose=0, **options)
+    while not (tmp_path / "run" / "model.keras").exists():
+        try:
+            covidxray.train(tiny_data, tmp_path / "run", resume=True, verbose=0)
+        except KeyboardInterrupt:
+            continue
+    assert not pending  # every stop happened
+    for whole, resumed in zip(_model_weights(tmp_path / "whole"),
+                              _model_weights(tmp_path / "run")):
+        np.testing.assert_allclose(resumed, whole, rtol=1e-5, atol=1e-6)
+    meta = {name: json.loads((tmp_path / name / "metadata.json").read_text())
+            for name in ("whole", "run")}
+    assert meta["run"]["threshold"] == pytest.approx(meta["whole"]["threshold"], abs=1e-6)
+    assert meta["run"]["validation_metrics"] == pytest.approx(
+        meta["whole"]["validation_metrics"], abs=1e-6)
+    history = {name: (tmp_path / name / "history.csv").read_text().splitlines()
+               for name in ("whole", "run")}
+    assert [row.split(",")[0] for row in history["run"]] == \
+        [row.split(",")[0] for row in history["whole"]]  # each epoch logged once
 
 
 def test_gate_refitted_from_the_split_matches_the_one_training_wrote(tiny_run, tmp_path):
     from covidxray.run.ood import OOD_FILE, OODGate
-    from covidxray.training.fit import refit_ood_gate
+    from covidxray.training.finalize import refit_ood_gate
     run = shutil.copytree(tiny_run, tmp_path / "run")
     written = OODGate.load(run / OOD_FILE)
     refitted = refit_ood_gate(run)

@@ -3,12 +3,13 @@
 ``ImageSequence`` is a ``keras.utils.PyDataset``: Keras runs ``__getitem__`` in ``workers``
 threads while the model trains, on every backend. Each image goes through the one preprocessing
 path (``imageio.load_for_model``); with ``cache_dir`` the prepared image is kept as a small
-``.npy`` named by the file's sha256 under a folder named by the preprocessing, so later epochs and later runs skip decoding
-and resizing, and an edited file is a new entry.
+``.npy`` named by the file's sha256 under a folder named by the preprocessing, so later epochs
+and later runs skip decoding and resizing, and an edited file is a new entry.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from pathlib import Path
@@ -20,6 +21,13 @@ from covidxray.config import Preprocessing
 from covidxray.fileutil import atomic_path
 from covidxray.pixels.imageio import as_preprocessing, load_for_model
 from covidxray.pixels.transforms import augment_prepared
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of ``n`` items in ``epoch``: drawn from the seed and the epoch alone,
+    so a resumed run sees the batches the interrupted one would have."""
+    return np.random.default_rng((seed, epoch)).permutation(n)
 
 
 class ImageSequence(keras.utils.PyDataset):
@@ -48,13 +56,14 @@ class ImageSequence(keras.utils.PyDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.cache_dir = Path(cache_dir) / self.preprocessing.name if cache_dir else None
-        self.epoch = 0
-        self.order = self._order()
+        self.epoch = 0  # set it to start at another epoch (a resumed run)
 
-    def _order(self) -> np.ndarray:
+    @property
+    def order(self) -> np.ndarray:
+        """This epoch's order of the items."""
         if not self.shuffle:
             return np.arange(len(self.targets))
-        return np.random.default_rng((self.seed, self.epoch)).permutation(len(self.targets))
+        return epoch_order(len(self.targets), self.seed, self.epoch)
 
     def __len__(self) -> int:
         return math.ceil(len(self.targets) / self.batch_size)
@@ -75,7 +84,6 @@ class ImageSequence(keras.utils.PyDataset):
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
-        self.order = self._order()
 
     def load(self, path: str) -> np.ndarray:
         """One prepared image, from the decoded-image cache when it holds it."""
@@ -109,13 +117,13 @@ class ViewBatches(keras.utils.PyDataset):
         self.sample_weights = sample_weights
         self.batch_size = batch_size
         self.seed = seed
-        self.epoch = 0
+        self.epoch = 0  # set it to start at another epoch (a resumed run)
 
     def __len__(self) -> int:
         return math.ceil(len(self.targets) / self.batch_size)
 
     def __getitem__(self, index: int):
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.targets))
+        order = epoch_order(len(self.targets), self.seed, self.epoch)
         chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
         batch = (self.views[min(self.epoch, len(self.views) - 1)][chosen], self.targets[chosen])
         return batch if self.sample_weights is None else (*batch, self.sample_weights[chosen])
