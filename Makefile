@@ -23,7 +23,7 @@ demo: $(BIN)/.installed
 	$(BIN)/covidxray demo --out demo-run
 
 test: $(BIN)/.installed chromium
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
 
 # Debian's Chromium for the browser tests (they skip where it cannot be installed)
 chromium:

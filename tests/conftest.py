@@ -9,9 +9,10 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CXR_DEV = SHARED_DATA / "cxr-dev"
 DICOM_DIR = SHARED_DATA / "dicom"
 
-# the smallest training that still exercises both phases of the real code path
-TINY_TRAIN = dict(image_size=64, weights="none", head_epochs=1, finetune_epochs=1,
-                  unfreeze_stages=1, batch_size=8, patience=1)
+# the smallest training that still exercises both phases of the real code path; ResNet50, the
+# reference design, has its own end-to-end test (test_cli.test_train_evaluate_predict)
+TINY_TRAIN = dict(image_size=64, backbone="mobilenetv3small", weights="none", head_epochs=1,
+                  finetune_epochs=1, unfreeze_stages=1, batch_size=8, patience=1)
 
 
 @pytest.fixture(scope="session")
@@ -21,12 +22,27 @@ def tiny_data(tmp_path_factory) -> Path:
                                   size=96, seed=1)
 
 
+def _listing(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
-    """One small trained run shared by the tests that only read it."""
+    """One small trained run shared by the tests that only read it (a test that writes into
+    a run takes ``own_run``); the session fails if any test changed it."""
     import covidxray
-    return covidxray.train(tiny_data, tmp_path_factory.mktemp("runs") / "tiny", verbose=0,
-                           **TINY_TRAIN)
+    run = covidxray.train(tiny_data, tmp_path_factory.mktemp("runs") / "tiny", verbose=0,
+                          **TINY_TRAIN)
+    before = _listing(run)
+    yield run
+    assert _listing(run) == before, "a test wrote into the shared tiny_run"
+
+
+@pytest.fixture
+def own_run(tiny_run, tmp_path) -> Path:
+    """A copy of ``tiny_run`` that the test may write into."""
+    import shutil
+    return Path(shutil.copytree(tiny_run, tmp_path / "run"))
 
 
 def predictor_of(model, image_size: int, threshold: float = 0.5, crop: float = 0.0):

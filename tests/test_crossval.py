@@ -39,7 +39,8 @@ def test_leave_one_source_out(tiny_data, tmp_path, capsys):
     manifest = three_source_manifest(tiny_data, tmp_path / "m.csv")
     out = tmp_path / "cv"
     code = main(["crossval", str(manifest), "--by", "source", "--out", str(out),
-                 "--image-size", "64", "--weights", "none", "--finetune-epochs", "1",
+                 "--image-size", "64", "--backbone", "mobilenetv3small", "--weights", "none",
+                 "--finetune-epochs", "1",
                  "--batch-size", "8", "--bootstrap", "50", "--no-augment"])
     assert code == 0
     result = json.loads((out / "crossval.json").read_text())
@@ -102,7 +103,7 @@ def test_interrupted_crossval_resumes_with_the_same_recipe(tiny_data, tmp_path, 
     from covidxray.training.fit import RunExistsError
     manifest = three_source_manifest(tiny_data, tmp_path / "m.csv")
     config = TrainConfig(data=str(manifest), out="", image_size=32, weights="none",
-                         finetune_epochs=1, batch_size=8)
+                         backbone="mobilenetv3small", finetune_epochs=1, batch_size=8)
     real_train, trained = cv.train, []
 
     def train_then_stop(run_config, **kwargs):
@@ -146,7 +147,8 @@ def test_training_sources_chosen_folds_share_their_run(tiny_data, tmp_path):
     from covidxray.evaluation.crossval import crossval, format_crossval
     manifest = three_source_manifest(tiny_data, tmp_path / "m.csv")
     config = TrainConfig(data=str(manifest), out="", image_size=32, weights="none",
-                         finetune_epochs=1, batch_size=8, sources=("mixed",),
+                         backbone="mobilenetv3small", finetune_epochs=1, batch_size=8,
+                         sources=("mixed",),
                          test_time_views=0)
     result = crossval(manifest, tmp_path / "cv", config, random_split=False, n_bootstrap=20)
     by_fold = {f["fold"]: f for f in result["folds"]}

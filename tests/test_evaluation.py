@@ -17,10 +17,10 @@ def test_evaluate_on_other_data_with_sources(tiny_run, tiny_data, tmp_path):
     assert "SYNTHETIC" in text and "per source" in text and "Not a medical device" in text
 
 
-def test_default_is_the_run_test_split(tiny_run):
-    result = covidxray.evaluate(tiny_run, bootstrap=0)
+def test_default_is_the_run_test_split(own_run):
+    result = covidxray.evaluate(own_run, bootstrap=0)
     assert "test split" in result["data"]
-    assert (tiny_run / "metrics.json").is_file()
+    assert (own_run / "metrics.json").is_file()
 
 
 def test_unreadable_files_are_listed(tiny_run, tiny_data, tmp_path):

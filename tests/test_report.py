@@ -19,9 +19,9 @@ def test_gallery_picks_confident_cases_of_each_kind():
 
 
 @pytest.mark.slow
-def test_report_is_self_contained_and_renders(tiny_run, tmp_path, capsys):
+def test_report_is_self_contained_and_renders(own_run, tmp_path, capsys):
     out = tmp_path / "report.html"
-    assert main(["report", str(tiny_run), "--out", str(out)]) == 0
+    assert main(["report", str(own_run), "--out", str(out)]) == 0
     page = out.read_text()
     for section in ("Not a medical device", "Audit warnings", "95% CI", "Per source",
                     "Shortcut check", "Grad-CAM gallery", "Model card", "CLAIM", "SYNTHETIC"):
@@ -31,4 +31,4 @@ def test_report_is_self_contained_and_renders(tiny_run, tmp_path, capsys):
     errors, broken = open_page(out.as_uri(), tmp_path / "report.png")
     assert errors == [] and broken == []
     assert (tmp_path / "report.png").stat().st_size > 10_000
-    assert (tiny_run / "audit.json").is_file()
+    assert (own_run / "audit.json").is_file()
