@@ -40,7 +40,7 @@ def test_leave_one_source_out(tiny_data, tmp_path, capsys):
     out = tmp_path / "cv"
     code = main(["crossval", str(manifest), "--by", "source", "--out", str(out),
                  "--image-size", "64", "--backbone", "mobilenetv3small", "--weights", "none",
-                 "--finetune-epochs", "1",
+                 "--finetune-epochs", "1", "--no-exclude-confounded",
                  "--batch-size", "8", "--bootstrap", "50", "--no-augment"])
     assert code == 0
     result = json.loads((out / "crossval.json").read_text())
@@ -103,7 +103,8 @@ def test_interrupted_crossval_resumes_with_the_same_recipe(tiny_data, tmp_path, 
     from covidxray.training.fit import RunExistsError
     manifest = three_source_manifest(tiny_data, tmp_path / "m.csv")
     config = TrainConfig(data=str(manifest), out="", image_size=32, weights="none",
-                         backbone="mobilenetv3small", finetune_epochs=1, batch_size=8)
+                         backbone="mobilenetv3small", finetune_epochs=1, batch_size=8,
+                         exclude_confounded=False)
     real_train, trained = cv.train, []
 
     def train_then_stop(run_config, **kwargs):

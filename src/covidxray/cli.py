@@ -52,10 +52,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                             f"(random), or the path of a weights file (default {d['weights']})")
     model.add_argument("--intensity", choices=INTENSITY_MODES, default=GIVEN,
                        help="grey-level normalisation of every image, in training and use "
-                            f"(default {d['intensity']})")
+                            "(default: none with pretrained weights, equalize from scratch)")
     model.add_argument("--crop", type=float, default=GIVEN,
                        help="fraction of each side cut off every image before resizing, away "
-                            f"from text and markers (default {d['crop']})")
+                            "from text and markers (default: 0 pretrained, 0.08 from scratch)")
     model.add_argument("--dropout", type=float, default=GIVEN, help=f"default {d['dropout']}")
     model.add_argument("--mixed-precision", choices=("auto", "on", "off"), default=GIVEN,
                        help="bfloat16 compute: auto = on a GPU only (default auto)")
@@ -69,7 +69,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--finetune-epochs", type=int, default=GIVEN,
                      help="phase 2, top stage(s) unfrozen; 0 skips it (default: by the weights)")
     fit.add_argument("--finetune-lr", dest="finetune_learning_rate", type=float, default=GIVEN,
-                     help="phase 2 learning rate (default: by the weights)")
+                     help="phase 2 learning rate (default: 1e-4 pretrained, 1e-3 from scratch)")
     fit.add_argument("--unfreeze-stages", type=_stages, default=GIVEN,
                      help="backbone stages trained in phase 2, from the top, or 'all' "
                           "(default: 1 pretrained, all from scratch)")
@@ -117,12 +117,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                      help="also flip left-right (off by default: anatomy is not symmetric)")
     fit.add_argument("--source-augment", action=argparse.BooleanOptionalAction, default=GIVEN,
                      help="randomise gamma, blur, noise, JPEG quality, borders and crops while "
-                          "training: cues that tell sources apart (default "
-                          f"{'on' if d['source_augment'] else 'off'})")
+                          "training: cues that tell sources apart (default: off pretrained, "
+                          "on from scratch)")
     fit.add_argument("--test-time-views", type=int, default=GIVEN, metavar="K",
                      help="score every image as the mean over it and K seeded source-cue "
-                          "views (K+1 forward passes per image; default "
-                          f"{d['test_time_views']}, 0: the image alone)")
+                          "views (K+1 forward passes per image; default: 0 pretrained, 16 "
+                          "from scratch)")
     split = parser.add_argument_group("data and split")
     split.add_argument("--positive-class", default=GIVEN,
                        help="class folder/label that is COVID (default: the one named *covid*)")
@@ -139,10 +139,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="train (and validate, test) on these sources only")
     split.add_argument("--exclude-sources", nargs="+", metavar="SOURCE", default=GIVEN,
                        help="leave these sources out")
-    split.add_argument("--exclude-confounded", action="store_true", default=GIVEN,
-                       help="leave out the sources the audit flags as confounded: one class "
-                            "only, or a COVID share far from the whole set's (they teach the "
-                            "source, not the disease)")
+    split.add_argument("--exclude-confounded", action=argparse.BooleanOptionalAction,
+                       default=GIVEN,
+                       help="leave out of training the sources the audit flags as confounded: "
+                            "one class only, or a COVID share far from the whole set's (they "
+                            "teach the source, not the disease); each is named in the log and "
+                            "the run's metadata (default: on, where the data names sources)")
     split.add_argument("--strict", action="store_true", default=GIVEN,
                        help="stop at the first unreadable file instead of skipping it")
     split.add_argument("--allow-leaks", action="store_true", default=GIVEN,

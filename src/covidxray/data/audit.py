@@ -167,9 +167,11 @@ def select_sources(records: list[Record], include=None, exclude=(),
     """The records of the sources chosen for training, and each source left out with why.
 
     ``include``: only these sources (None: all); ``exclude``: not these; ``exclude_confounded``:
-    not those ``confounded_sources`` names, judged on the whole data set.
+    not those ``confounded_sources`` names, judged on the whole data set (nothing to judge when
+    no record names its source).
     """
-    if include is None and not exclude and not exclude_confounded:
+    if include is None and not exclude and (not exclude_confounded
+                                            or not any(r.source for r in records)):
         return records, {}
     unsourced = [r.path for r in records if not r.source]
     if unsourced:

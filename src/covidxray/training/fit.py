@@ -126,6 +126,9 @@ def prepare_splits(config: TrainConfig, run: Path) -> tuple[Dataset, list, dict[
     dataset = discover(config.data, config.positive_class, config.source_from_prefix)
     for path, reason in dataset.skipped:
         log.warning("skipped %s: %s", path, reason)
+    if config.exclude_confounded and not any(r.source for r in dataset.records):
+        log.info("the data names no image's source: no source could be checked for "
+                 "confounding (a source column or --source-from-prefix lets it)")
     kept, left_out = select_sources(dataset.records, config.sources, config.exclude_sources,
                                     config.exclude_confounded)
     for source, reason in left_out.items():
