@@ -13,13 +13,14 @@ def gradient(height=40, width=30):
 
 
 def write_dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.0,
-                window=None, bits=16):
+                window=None, bits=16, deflated=False, pixel_data=None, **elements):
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, \
+        SecondaryCaptureImageStorage, generate_uid
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID = "CR", "test-patient"
@@ -29,7 +30,10 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     if window:
         ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16 if bits == 16 else np.uint8).tobytes()
+    for name, value in elements.items():
+        setattr(ds, name, value)
+    ds.PixelData = pixel_data if pixel_data is not None else \
+        pixels.astype(np.uint16 if bits == 16 else np.uint8).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -161,3 +165,72 @@ def test_prepare_is_the_one_path(tmp_path):
     assert out.shape == (32, 32) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, prepare(read_image(tmp_path / "a.png"), 32))
     assert out[:, 0].mean() < 20 and out[:, -1].mean() > 235
+
+
+def test_a_deflated_dicom_is_read(tmp_path):
+    raw = np.rint(gradient() * 4095).astype(np.uint16)
+    plain = read_image(write_dicom(tmp_path / "p.dcm", raw))
+    np.testing.assert_array_equal(read_image(write_dicom(tmp_path / "d.dcm", raw,
+                                                         deflated=True)), plain)
+
+
+def test_a_deflate_bomb_is_refused_before_it_inflates(tmp_path):
+    """A few hundred KB that inflate to 200 MB, behind a header that declares 64 x 64 pixels:
+    refused having inflated no more than the header promises."""
+    import tracemalloc
+    path = write_dicom(tmp_path / "bomb.dcm", np.zeros((64, 64), np.uint16), deflated=True,
+                       pixel_data=bytes(200_000_000))
+    assert path.stat().st_size < 1_000_000
+    tracemalloc.start()
+    with pytest.raises(ImageReadError, match="inflates beyond"):
+        read_image(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20_000_000
+
+
+def test_an_oversized_declaration_is_refused_from_the_header(tmp_path):
+    path = write_dicom(tmp_path / "huge.dcm", np.zeros((64, 64), np.uint16), deflated=True,
+                       Rows=30000, Columns=30000)
+    with pytest.raises(ImageReadError, match="over the limit"):
+        read_image(path, max_pixels=60_000_000)
+
+
+@pytest.mark.parametrize("elements,reason", [
+    ({"WindowCenter": 500.0, "WindowWidth": 0.0}, "window width"),
+    ({"WindowCenter": 500.0, "WindowWidth": -10.0}, "window width"),
+    ({"WindowCenter": 500.0, "WindowWidth": 0.0, "VOILUTFunction": "SIGMOID"}, "window width"),
+    ({"WindowCenter": 12345.0, "WindowWidth": 100.0}, "invalid"),  # made text below
+    ({"RescaleSlope": 12345.0}, "invalid"),
+])
+def test_malformed_header_values_are_an_error_naming_the_file(tmp_path, monkeypatch, elements,
+                                                             reason):
+    from pydicom import config
+    raw = np.rint(gradient() * 1000).astype(np.uint16)
+    # write what a careless PACS might
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.IGNORE)
+    path = write_dicom(tmp_path / "bad.dcm", raw, **elements)
+    path.write_bytes(path.read_bytes().replace(b"12345.0", b"text!!!"))  # a DS that is no number
+    with pytest.raises(ImageReadError, match=reason) as info:
+        read_image(path)
+    assert info.value.path == str(path)
+
+
+def test_a_huge_png_is_reduced_not_refused(tmp_path, recwarn):
+    """10000 x 10000 pixels (under the command line's limit): reduced while decoding to at
+    most 4096 a side, without Pillow's bomb warning reaching the user."""
+    Image.new("L", (10000, 10000), 0).save(tmp_path / "huge.png")
+    gray = read_image(tmp_path / "huge.png")
+    assert max(gray.shape) <= 4096 and gray.shape[0] == gray.shape[1]
+    assert not [w for w in recwarn if "DecompressionBomb" in str(w.category)]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = (gradient(40, 30) * 255).astype(np.uint8)  # dark left, bright right
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # stored rotated: a viewer turns it 90 degrees clockwise
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    gray = read_image(tmp_path / "rotated.jpg")
+    assert gray.shape == (30, 40)  # as shown, not as stored
+    assert gray[0].mean() < gray[-1].mean()  # the dark side is now on top

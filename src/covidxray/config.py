@@ -201,6 +201,15 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ReadLimits:
+    """What a file may declare before it is decoded (the command line and API; the server
+    has its own, smaller, in ``ServeConfig``)."""
+
+    # per image, from the header; below Pillow's own decompression-bomb error (179 M)
+    max_pixels: int = 150_000_000
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     """Defaults of evaluate, crossval, explain and report."""
 
@@ -220,7 +229,12 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_mb: float = 20.0  # request size limit, answered 413
-    max_pixels: int = 60_000_000  # refused from the header, before decoding (a 7000x8000 film)
+    max_pixels: int = 60_000_000  # per image, from the header, before decoding (7000x8000)
+    max_files: int = 16  # per request, answered 413
+    # per request, the sum of what the headers declare, answered 413: a few large films
+    max_request_pixels: int = 120_000_000
+    # requests waiting for the model beyond the one it runs; more are answered 503
+    queue: int = 4
 
 
 @dataclass(frozen=True)
@@ -233,6 +247,7 @@ class DemoConfig:
     seed: int = 0
 
 
+READ = ReadLimits()
 EVALUATION = EvaluationConfig()
 SERVE = ServeConfig()
 DEMO = DemoConfig()

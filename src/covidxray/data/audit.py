@@ -9,7 +9,6 @@ than one split. The cheap parts (exact duplicates and patients across splits) al
 from __future__ import annotations
 
 import hashlib
-import io
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from PIL import Image
 from covidxray.config import EVALUATION
 from covidxray.data.dataset import DataError, Record
 from covidxray.data.split import patients_across_splits
-from covidxray.pixels.imageio import ImageReadError, is_dicom, read_image
+from covidxray.pixels.imageio import ImageReadError, header_facts, read_image
 
 DHASH_SIZE = 16  # 16x16 = 256-bit difference hash
 CONFOUNDING_GAP = 0.3  # a source whose positive share differs this much from the whole set's
@@ -48,18 +47,6 @@ def difference_hash(gray: np.ndarray, size: int = DHASH_SIZE) -> np.ndarray:
     return np.packbits(pixels[:, 1:] > pixels[:, :-1])
 
 
-def _header_facts(data: bytes) -> tuple[int, int, str, int]:
-    """(width, height, mode, bits) from the header, without the pixel data."""
-    if is_dicom(data):
-        import pydicom
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-        return (int(ds.get("Columns", 0)), int(ds.get("Rows", 0)),
-                str(ds.get("PhotometricInterpretation", "")), int(ds.get("BitsStored", 0)))
-    with Image.open(io.BytesIO(data)) as image:
-        bits = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(image.mode, 8)
-        return image.width, image.height, image.mode, bits
-
-
 def image_facts(path: str) -> ImageFacts:
     try:
         data = Path(path).read_bytes()
@@ -68,7 +55,7 @@ def image_facts(path: str) -> ImageFacts:
     facts = ImageFacts(sha256=hashlib.sha256(data).hexdigest())
     try:
         facts.dhash = difference_hash(read_image(path, data))
-        facts.width, facts.height, facts.mode, facts.bit_depth = _header_facts(data)
+        facts.width, facts.height, facts.mode, facts.bit_depth = header_facts(path, data)
     except ImageReadError as error:
         facts.error = error.reason
     return facts

@@ -8,13 +8,20 @@ prepared pixels.
 from __future__ import annotations
 
 import io
+import struct
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from covidxray.config import Preprocessing
+from covidxray.config import READ, Preprocessing
+
+# larger images are reduced (JPEG: while decoding) by a whole factor to at most this side
+# before anything else: no radiograph needs more, and a 10000 px file would need gigabytes
+DECODE_MAX_SIDE = 4096
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
@@ -56,7 +63,7 @@ def colourfulness(rgb: np.ndarray) -> float:
 
 
 def read_image(path: str | Path, data: bytes | None = None,
-               max_pixels: int | None = None) -> np.ndarray:
+               max_pixels: int | None = READ.max_pixels) -> np.ndarray:
     """Decode ``path`` (or ``data``, its bytes) into a 2-D float32 array in [0, 1], bone bright.
 
     The format is decided by the content, not the name. Raises ``ImageReadError`` naming the path
@@ -67,8 +74,23 @@ def read_image(path: str | Path, data: bytes | None = None,
 
 
 def decode(path: str | Path, data: bytes | None = None,
-           max_pixels: int | None = None) -> Decoded:
-    """``read_image`` that also keeps the file's colourfulness (an X-ray has none)."""
+           max_pixels: int | None = READ.max_pixels) -> Decoded:
+    """``read_image`` that also keeps the file's colourfulness (an X-ray has none).
+
+    The one boundary every file crosses: whatever goes wrong inside (a header value, a
+    decoder, memory) leaves it as an ``ImageReadError`` naming the file and the reason.
+    """
+    try:
+        return _decode(path, data, max_pixels)
+    except ImageReadError:
+        raise
+    except MemoryError as exc:
+        raise ImageReadError(path, "not enough memory to decode this image") from exc
+    except Exception as exc:  # any decoder, any header value: this file, not the caller's bug
+        raise ImageReadError(path, f"cannot decode ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode(path, data: bytes | None, max_pixels: int | None) -> Decoded:
     if data is None:
         try:
             data = Path(path).read_bytes()
@@ -85,6 +107,28 @@ def decode(path: str | Path, data: bytes | None = None,
     if not np.all(np.isfinite(gray)):
         raise ImageReadError(path, "image contains NaN or infinite values")
     return Decoded(gray, colour)
+
+
+def header_facts(path: str | Path, data: bytes) -> tuple[int, int, str, int]:
+    """(width, height, mode, bits) as the header declares them, read without decoding the
+    pixel data; raises ``ImageReadError`` when there is no readable header."""
+    try:
+        if is_dicom(data) or Path(str(path)).suffix.lower() in DICOM_SUFFIXES:
+            header = _dicom_header(path, data)
+            return (int(header.get("Columns", 0) or 0), int(header.get("Rows", 0) or 0),
+                    str(header.get("PhotometricInterpretation", "")),
+                    int(header.get("BitsStored", 0) or 0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                bits = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32,
+                        "F": 32}.get(image.mode, 8)
+                return image.width, image.height, image.mode, bits
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(path, f"no readable image header ({type(exc).__name__}: "
+                                   f"{exc})") from exc
 
 
 def decode_array(array: np.ndarray) -> Decoded:
@@ -141,6 +185,8 @@ def load_for_model(path: str | Path, spec: int | Preprocessing,
 
 
 def _check_pixels(path, width: int, height: int, max_pixels: int | None) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageReadError(path, f"the header declares no image ({width}x{height} pixels)")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageReadError(path, f"image of {width}x{height} pixels is over the limit of "
                                    f"{max_pixels} pixels")
@@ -148,10 +194,20 @@ def _check_pixels(path, width: int, height: int, max_pixels: int | None) -> None
 
 def _read_pillow(path, data: bytes, max_pixels: int | None = None) -> tuple[np.ndarray, float]:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            _check_pixels(path, image.width, image.height, max_pixels)
-            image.load()  # decodes now, so truncated files fail here
-            return _pillow_to_gray(image)
+        with warnings.catch_warnings():  # our own limit is checked first, from the header
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                _check_pixels(path, image.width, image.height, max_pixels)
+                if image.format == "JPEG" and max(image.size) > DECODE_MAX_SIDE:
+                    # decode a JPEG at a fraction of its size: never the whole huge image
+                    image.draft(image.mode, (image.width * DECODE_MAX_SIDE // max(image.size),
+                                             image.height * DECODE_MAX_SIDE // max(image.size)))
+                image.load()  # decodes now, so truncated files fail here
+                image = ImageOps.exif_transpose(image)  # as a viewer shows it
+                factor = -(-max(image.size) // DECODE_MAX_SIDE)
+                if factor > 1 and image.mode in ("L", "RGB", "RGBA", "I", "F", "LA"):
+                    image = image.reduce(factor)
+                return _pillow_to_gray(image)
     except UnidentifiedImageError as exc:
         raise ImageReadError(path, "not a recognised image format") from exc
     except Image.DecompressionBombError as exc:
@@ -194,22 +250,70 @@ def _scale_high_bit_depth(array: np.ndarray) -> np.ndarray:
     return (array / top).astype(np.float32)
 
 
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+DICOM_HEADER_BYTES = 1 << 20  # inflated before the header is read: far more than any header
+
+
+def _dicom_header(path, data: bytes):
+    """The data set without its pixel data, read without inflating or decoding them."""
+    import pydicom
+    if _is_deflated(data):
+        return _inflated_dataset(path, data, DICOM_HEADER_BYTES, whole=False)
+    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+
+
+def _is_deflated(data: bytes) -> bool:
+    return DEFLATED.encode() in data[:4096]  # the transfer syntax, in the file meta group
+
+
+def _inflated_dataset(path, data: bytes, limit: int, whole: bool):
+    """A deflated data set inflated up to ``limit`` bytes (the header alone, or ``whole``: all
+    of it, refused beyond the limit), as a pydicom ``Dataset`` of explicit VR little endian."""
+    import pydicom
+    from pydicom.filereader import read_dataset
+    if not is_dicom(data):
+        raise ImageReadError(path, "deflated DICOM without the DICM preamble")
+    (group_length,) = struct.unpack("<I", data[140:144])  # (0002,0000) UL: meta group length
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    body = inflater.decompress(data[144 + group_length:], limit)
+    if whole and (inflater.unconsumed_tail or not inflater.eof):
+        raise ImageReadError(path, f"the deflated data set inflates beyond the {limit} bytes its "
+                                   f"header declares (a decompression bomb?)")
+    stop = None if whole else (lambda tag, vr, length: tag == 0x7FE00010)
+    dataset = read_dataset(io.BytesIO(body), is_implicit_VR=False, is_little_endian=True,
+                           stop_when=stop)
+    dataset.file_meta = pydicom.dataset.FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    return dataset
+
+
 def _read_dicom(path, data: bytes, max_pixels: int | None = None) -> tuple[np.ndarray, float]:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
+    header = _dicom_header(path, data)
+    rows, columns = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+    if not rows or not columns:
+        raise ImageReadError(path, "the DICOM header declares no image (no Rows and Columns)")
+    _check_pixels(path, columns, rows, max_pixels)
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    bits = int(header.get("BitsAllocated", 16) or 16)
+    if samples not in (1, 3) or bits not in (1, 8, 16, 32):
+        raise ImageReadError(path, f"unsupported DICOM pixel layout ({samples} samples of "
+                                   f"{bits} bits)")
+    frames = max(1, int(header.get("NumberOfFrames", 1) or 1))
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data), force=True)
-        _check_pixels(path, int(dataset.get("Columns", 0) or 0), int(dataset.get("Rows", 0) or 0),
-                      max_pixels)
-        pixels = dataset.pixel_array
+        if _is_deflated(data):  # what the header declares, and not a byte more
+            dataset = _inflated_dataset(path, data, DICOM_HEADER_BYTES + frames * rows * columns
+                                        * samples * max(1, bits // 8), whole=True)
+        else:
+            dataset = pydicom.dcmread(io.BytesIO(data), force=True)
+        pixels = pixel_array(dataset, index=0) if frames > 1 else dataset.pixel_array
     except ImageReadError:
         raise
     except Exception as exc:  # pydicom raises many types for bad or undecodable data
         raise ImageReadError(path, f"cannot decode DICOM pixel data ({exc})") from exc
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]  # first frame of a multi-frame object
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         if pixels.ndim == 3 and pixels.shape[-1] == 3:
             if photometric.startswith("YBR"):
@@ -217,14 +321,31 @@ def _read_dicom(path, data: bytes, max_pixels: int | None = None) -> tuple[np.nd
                 pixels = convert_color_space(pixels, photometric, "RGB")
             rgb = _min_max(pixels.astype(np.float32))
             return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32), colourfulness(rgb)
-        raise ImageReadError(path, f"unsupported DICOM photometric interpretation {photometric}")
-    values = apply_modality_lut(pixels, dataset).astype(np.float64)
-    if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
-        values = apply_voi_lut(values, dataset).astype(np.float64)
+        raise ImageReadError(path, f"unsupported DICOM photometric interpretation "
+                                   f"{photometric[:40]!r}")
+    try:
+        values = apply_modality_lut(pixels, dataset).astype(np.float64)
+        if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
+            _check_window(path, dataset)
+            values = apply_voi_lut(values, dataset).astype(np.float64)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(path, f"invalid rescale or window values in the DICOM header "
+                                   f"({type(exc).__name__}: {exc})") from exc
     gray = _min_max(values)
     if photometric == "MONOCHROME1":  # low values are bright in MONOCHROME1
         gray = 1.0 - gray
     return gray, 0.0
+
+
+def _check_window(path, dataset) -> None:
+    """A VOI window must have a positive width (PS3.3 C.11.2.1.2)."""
+    if "WindowWidth" not in dataset:
+        return
+    for width in np.atleast_1d(dataset.WindowWidth):
+        if not float(width) > 0:
+            raise ImageReadError(path, f"invalid DICOM window width {width!r} (must be > 0)")
 
 
 def _min_max(values: np.ndarray) -> np.ndarray:
