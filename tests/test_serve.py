@@ -2,21 +2,23 @@
 schemathesis against the OpenAPI schema."""
 
 import io
+import re
 import socket
 import struct
 import subprocess
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi")
-from browser import open_page  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from covidxray.config import ServeConfig  # noqa: E402
 from covidxray.deploy.serve.app import create_app  # noqa: E402
 
 
@@ -35,9 +37,17 @@ def bomb_png(width=6000, height=6000) -> bytes:
     return bytes(data)
 
 
+def settings_for(tmp_path, **changes) -> ServeConfig:
+    """Small limits, the test client's host allowed, the record in ``tmp_path``."""
+    values = dict(max_upload_mb=1.0, max_pixels=20_000_000, max_request_pixels=40_000_000,
+                  allowed_hosts=("testserver", "127.0.0.1", "localhost"),
+                  audit_db=f"sqlite:///{tmp_path / 'predictions.sqlite'}")
+    return ServeConfig(**{**values, **changes})
+
+
 @pytest.fixture(scope="module")
-def app(tiny_run):
-    return create_app(tiny_run, max_upload_bytes=1_000_000, max_pixels=20_000_000)
+def app(tiny_run, tmp_path_factory):
+    return create_app(tiny_run, settings=settings_for(tmp_path_factory.mktemp("serve")))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +125,7 @@ def test_bad_file_beside_good_ones_is_reported_per_image(client, xray):
 
 
 def test_request_over_the_limit_is_413(client, xray):
-    response = client.post("/api/predict", files=[("files", ("big.png", b"\0" * 1_500_000))])
+    response = client.post("/api/predict", files=[("files", ("big.png", b"\0" * 1_100_000))])
     assert response.status_code == 413
 
     def chunks():  # no Content-Length: the limit must hold on the stream too
@@ -147,10 +157,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run):
+def server(tiny_run, tmp_path_factory):
+    """The command as a user runs it, with two worker processes."""
     port = free_port()
+    record = tmp_path_factory.mktemp("server") / "predictions.sqlite"
     process = subprocess.Popen([sys.executable, "-m", "covidxray", "serve", str(tiny_run),
-                                "--port", str(port)], stdout=subprocess.PIPE,
+                                "--port", str(port), "--workers", "2",
+                                "--audit-db", f"sqlite:///{record}"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -173,10 +186,14 @@ def server(tiny_run):
 def test_real_server_over_http(server, xray):
     import httpx
     assert httpx.get(server + "/health").json()["status"] == "ok"
-    response = httpx.post(server + "/api/predict", files=[("files", ("a.png", xray))],
-                          timeout=60)
-    assert response.status_code == 200
+    for _ in range(4):  # spread over both workers
+        response = httpx.post(server + "/api/predict", files=[("files", ("a.png", xray))],
+                              timeout=60)
+        assert response.status_code == 200
     assert httpx.get(server + "/").text.count("Not a medical device") == 1
+    metrics = httpx.get(server + "/metrics").text  # counted across the worker processes
+    assert re.search(r'covidxray_requests_total\{status="200"\} 4\.0', metrics)
+    assert httpx.get(server + "/health", headers={"host": "evil.example"}).status_code == 400
 
 
 @pytest.mark.slow
@@ -199,9 +216,24 @@ def test_page_in_headless_chromium(server, tiny_data, tmp_path):
         page.wait_for_selector("#result:not([hidden])", timeout=60_000)
         assert "the model calls this image" in page.inner_text("#verdict")
         page.wait_for_function("document.getElementById('heat').naturalWidth > 0")
-        assert "SYNTHETIC" in page.inner_text("#model")
+        assert page.is_visible("#synthetic") and "model" in page.inner_text("#model").lower()
         page.fill("#opacity", "20")
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+        # a file whose header carries markup: its error message quotes it, shown as text
+        from pydicom import config
+
+        from test_imageio import write_dicom
+        config.settings.writing_validation_mode = config.IGNORE
+        try:
+            payload = write_dicom(tmp_path / "payload.dcm", np.zeros((16, 16), np.uint16),
+                                  photometric="<img src=x onerror=alert(1)>")
+        finally:
+            config.settings.writing_validation_mode = config.WARN
+        page.set_input_files("#file", str(payload))
+        page.wait_for_selector("#status .error", timeout=60_000)
+        assert "<img src=x" in page.inner_text("#status").lower()  # the text, not an element
+        assert page.locator("#status img").count() == 0
         browser.close()
     assert errors == []
 
@@ -225,3 +257,152 @@ def test_schemathesis_finds_no_server_error(app):
         from hypothesis import given
         given(operation.as_strategy())(check)()
     assert failures == []
+
+
+def test_every_answer_carries_the_security_headers(client, xray):
+    for response in (client.get("/"), client.get("/api/model"), client.get("/docs"),
+                     client.post("/api/predict", files=[("files", ("a.png", xray))])):
+        assert "script-src 'self'" in response.headers["content-security-policy"]
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["referrer-policy"] == "no-referrer"
+
+
+def test_page_and_docs_load_nothing_from_outside(client):
+    for path in ("/", "/docs", "/static/app.js"):
+        text = client.get(path).text
+        assert not re.search(r"""(src|href)=["']?https?:""", text), path
+        assert "<script>" not in text  # no inline script: the CSP allows none
+    assert "/api/predict" in client.get("/docs").text
+
+
+def test_public_endpoints_show_no_training_paths(client, tiny_run, tiny_data):
+    text = client.get("/api/model").text
+    assert str(tiny_data) not in text and str(tiny_run) not in text
+    assert "data_root" not in text
+
+
+def test_other_hosts_and_cross_site_posts_are_refused(client, xray):
+    assert client.get("/health", headers={"host": "evil.example"}).status_code == 400
+    files = [("files", ("a.png", xray))]
+    cross = client.post("/api/predict", files=files, headers={"origin": "http://evil.example"})
+    assert cross.status_code == 403
+    form = client.post("/api/predict", files=files, headers={"sec-fetch-site": "cross-site"})
+    assert form.status_code == 403
+    own = client.post("/api/predict", files=files, headers={"origin": "http://testserver"})
+    assert own.status_code == 200
+
+
+def test_too_many_files_or_pixels_in_one_request_are_413(client, xray):
+    many = [("files", (f"{i}.png", xray)) for i in range(17)]
+    assert client.post("/api/predict", files=many).status_code == 413
+    # each under the per-image limit (20 M), together over the request's (40 M)
+    blank = png_bytes(np.zeros((4000, 4000), np.uint8))
+    three = [("files", (f"{i}.png", blank)) for i in range(3)]
+    response = client.post("/api/predict", files=three)
+    assert response.status_code == 413 and "48000000 pixels" in response.json()["detail"]
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny_run, tmp_path, xray):
+    import threading
+    from covidxray.run.predictor import Predictor
+    predictor = Predictor.load(tiny_run)
+    release = threading.Event()
+    real = predictor.predict_many
+
+    def slow(*args, **kwargs):
+        release.wait(30)
+        return real(*args, **kwargs)
+    predictor.predict_many = slow
+    client = TestClient(create_app(predictor=predictor, run_dir=tiny_run,
+                                   settings=settings_for(tmp_path, queue=0)))
+    statuses = []
+    first = threading.Thread(target=lambda: statuses.append(client.post(
+        "/api/predict", files=[("files", ("a.png", xray))]).status_code))
+    first.start()
+    time.sleep(1.0)  # the first request holds the model
+    busy = client.post("/api/predict", files=[("files", ("b.png", xray))])
+    release.set()
+    first.join(60)
+    assert busy.status_code == 503 and int(busy.headers["retry-after"]) > 0
+    assert statuses == [200]
+
+
+def test_api_keys_are_required_and_stored_hashed(tiny_run, tmp_path, xray):
+    from covidxray.deploy.serve.records import PredictionLog
+    from covidxray.deploy.serve.security import new_api_key
+    keys = tmp_path / "keys"
+    key = new_api_key(keys, "radiology-pilot")
+    assert key not in keys.read_text()  # only its hash is kept
+    settings = settings_for(tmp_path, api_keys=str(keys))
+    client = TestClient(create_app(tiny_run, settings=settings))
+    files = [("files", ("a.png", xray))]
+    assert client.post("/api/predict", files=files).status_code == 401
+    assert client.post("/api/predict", files=files,
+                       headers={"x-api-key": "wrong"}).status_code == 401
+    assert client.get("/api/model").status_code == 401
+    response = client.post("/api/predict", files=files, headers={"x-api-key": key})
+    assert response.status_code == 200
+    rows = PredictionLog(settings.audit_db).rows()
+    assert [r["api_key_id"] for r in rows] == ["radiology-pilot"]
+
+
+def test_every_served_prediction_is_on_record(client, app, xray):
+    import hashlib
+    from covidxray.deploy.serve.records import PredictionLog
+    response = client.post("/api/predict", files=[("files", ("a.png", xray)),
+                                                  ("files", ("bad.png", b"xx"))])
+    request_id = response.headers["x-request-id"]
+    assert response.json()["request_id"] == request_id
+    record = PredictionLog(app.state.record_url).rows()
+    mine = [r for r in record if r["request_id"] == request_id]
+    assert [r["filename"] for r in mine] == ["a.png", "bad.png"]
+    good, bad = mine
+    assert good["input_sha256"] == hashlib.sha256(xray).hexdigest()
+    assert good["probability"] == pytest.approx(response.json()["results"][0]["probability"])
+    assert good["label"] and good["ood"] is False and good["model_id"]
+    assert bad["error"] and bad["probability"] is None
+    metrics = client.get("/metrics").text
+    assert "covidxray_image_errors_total" in metrics and "covidxray_request_seconds" in metrics
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    """A PostgreSQL server of Debian's package, started for this test run (as the postgres
+    user where the tests run as root); skipped where it is not installed."""
+    import getpass
+    import glob
+    import shutil
+    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    initdb = shutil.which("initdb") or (binaries and f"{binaries[-1]}/initdb")
+    if not initdb or not Path(initdb).exists():
+        pytest.skip("PostgreSQL is not installed (make test installs Debian's package)")
+    pytest.importorskip("psycopg")
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="covidxray-postgres-"))  # reachable by postgres
+    run_as = []
+    if getpass.getuser() == "root":  # the server refuses to run as root
+        shutil.chown(folder, "postgres")
+        run_as = ["runuser", "-u", "postgres", "--"]
+    bin_dir = Path(initdb).parent
+    subprocess.run([*run_as, str(initdb), "-D", str(folder / "data"), "-A", "trust", "-U",
+                    "covidxray"], check=True, capture_output=True)
+    port = free_port()
+    subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(folder / "data"), "-w", "-l",
+                    str(folder / "log"), "-o", f"-p {port} -k {folder} -c listen_addresses="
+                    f"127.0.0.1", "start"], check=True, capture_output=True)
+    yield f"postgresql+psycopg://covidxray@127.0.0.1:{port}/postgres"
+    subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(folder / "data"), "-m", "fast",
+                    "stop"], capture_output=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_record_goes_to_postgresql(tiny_run, tmp_path, xray, postgres):
+    from covidxray.deploy.serve.records import PredictionLog
+    client = TestClient(create_app(tiny_run, settings=settings_for(tmp_path,
+                                                                   audit_db=postgres)))
+    response = client.post("/api/predict", files=[("files", ("a.png", xray))])
+    assert response.status_code == 200
+    rows = PredictionLog(postgres).rows()
+    assert rows[-1]["request_id"] == response.headers["x-request-id"]
+    assert rows[-1]["probability"] == pytest.approx(response.json()["results"][0]["probability"])

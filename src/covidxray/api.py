@@ -151,15 +151,40 @@ def crossval(data: str | Path, out: str | Path, by: str = "source", random_split
                         n_bootstrap=bootstrap, train_models=not baseline_only, resume=resume)
 
 
-def serve(run: str | Path, host: str = SERVE.host, port: int = SERVE.port,
-          max_upload_mb: float = SERVE.max_upload_mb, max_pixels: int = SERVE.max_pixels) -> None:
-    """Serve the web page and REST API of a run until interrupted."""
-    import uvicorn
+def serve(run: str | Path, **settings) -> None:
+    """Serve the web page and REST API of a run until interrupted; ``settings`` are
+    ``ServeConfig`` fields (host, port, limits, API keys, audit database, workers)."""
+    import dataclasses
+    import json
+    import os
+    import tempfile
 
-    from covidxray.deploy.serve.app import create_app
-    app = create_app(run, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                     max_pixels=max_pixels)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise RuntimeError("serving needs the serve extra: pip install 'covidxray[serve]'") \
+            from exc
+
+    from covidxray.config import ServeConfig
+    from covidxray.deploy.serve.app import SETTINGS_ENV, app_from_environment, create_app
+    config = ServeConfig(**settings)
+    load(run)  # a bad run fails here, once, before any worker starts
+    if config.workers == 1:
+        uvicorn.run(create_app(run, settings=config), host=config.host, port=config.port,
+                    log_level="info")
+        return
+    os.environ[SETTINGS_ENV] = json.dumps({"run": str(run), **dataclasses.asdict(config)})
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="covidxray-"))
+    uvicorn.run(f"{app_from_environment.__module__}:{app_from_environment.__name__}",
+                factory=True, workers=config.workers, host=config.host, port=config.port,
+                log_level="info")
+
+
+def new_api_key(keys_file: str | Path, key_id: str) -> str:
+    """A new API key for ``serve --api-keys``: its hash is added to ``keys_file`` under
+    ``key_id``; the key itself is returned, once."""
+    from covidxray.deploy.serve.security import new_api_key as make
+    return make(keys_file, key_id)
 
 
 def demo(out: str | Path = "demo-run", data: str | Path | None = None,

@@ -245,11 +245,26 @@ def cmd_crossval(args) -> int:
     return 0
 
 
+SERVE_OPTIONS = ("host", "port", "max_upload_mb", "max_pixels", "max_files",
+                 "max_request_pixels", "queue", "allowed_hosts", "cors_origins", "api_keys",
+                 "audit_db", "workers")
+
+
 def cmd_serve(args) -> int:
-    print(f"{RESEARCH_NOTICE}\nserving {args.run} on http://{args.host}:{args.port}/ "
-          f"(API docs at /docs)")
-    api.serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-              max_pixels=args.max_pixels)
+    settings = _given(args, *SERVE_OPTIONS)
+    for name in ("allowed_hosts", "cors_origins"):
+        if name in settings:
+            settings[name] = tuple(settings[name])
+    host, port = settings.get("host", SERVE.host), settings.get("port", SERVE.port)
+    print(f"{RESEARCH_NOTICE}\nserving {args.run} on http://{host}:{port}/ "
+          f"(API docs at /docs, metrics at /metrics)")
+    api.serve(args.run, **settings)
+    return 0
+
+
+def cmd_apikey(args) -> int:
+    key = api.new_api_key(args.keys_file, args.id)
+    print(f"new API key '{args.id}' (shown once; {args.keys_file} keeps only its hash):\n{key}")
     return 0
 
 
@@ -386,14 +401,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("serve", help="web page and REST API for a run")
     p.add_argument("run")
-    p.add_argument("--host", default=SERVE.host, help="default %(default)s")
-    p.add_argument("--port", type=int, default=SERVE.port, help="default %(default)s")
-    p.add_argument("--max-upload-mb", type=float, default=SERVE.max_upload_mb,
-                   help="request size limit, answered 413 (default %(default)s)")
-    p.add_argument("--max-pixels", type=int, default=SERVE.max_pixels,
-                   help="refuse images with more pixels (decompression bombs; default "
-                        "%(default)s)")
+    p.add_argument("--host", default=GIVEN, help=f"default {SERVE.host}")
+    p.add_argument("--port", type=int, default=GIVEN, help=f"default {SERVE.port}")
+    p.add_argument("--workers", type=int, default=GIVEN,
+                   help=f"processes, each with the model loaded once (default {SERVE.workers})")
+    p.add_argument("--max-upload-mb", type=float, default=GIVEN,
+                   help=f"request size limit, answered 413 (default {SERVE.max_upload_mb})")
+    p.add_argument("--max-pixels", type=int, default=GIVEN,
+                   help="refuse an image whose header declares more pixels, before decoding "
+                        f"it (default {SERVE.max_pixels})")
+    p.add_argument("--max-files", type=int, default=GIVEN,
+                   help=f"files per request, more answered 413 (default {SERVE.max_files})")
+    p.add_argument("--max-request-pixels", type=int, default=GIVEN,
+                   help="pixels declared by all the files of a request, more answered 413 "
+                        f"(default {SERVE.max_request_pixels})")
+    p.add_argument("--queue", type=int, default=GIVEN,
+                   help="requests that may wait for the model, more answered 503 with "
+                        f"Retry-After (default {SERVE.queue})")
+    p.add_argument("--allowed-hosts", nargs="+", default=GIVEN, metavar="HOST",
+                   help="Host headers answered; others 400 (default: loopback only; add the "
+                        "server's name when it is reached over a network)")
+    p.add_argument("--cors-origin", dest="cors_origins", nargs="+", default=GIVEN,
+                   metavar="ORIGIN", help="other sites whose pages may call the API "
+                                          "(default: none)")
+    p.add_argument("--api-keys", default=GIVEN, metavar="FILE",
+                   help="every API call needs one of these keys (X-API-Key header); make "
+                        "them with 'covidxray apikey FILE --id NAME'")
+    p.add_argument("--audit-db", default=GIVEN, metavar="URL",
+                   help="SQLAlchemy URL of the record of every prediction, e.g. "
+                        "postgresql+psycopg://user@host/db (default: SQLite in RUN/serve/)")
     p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("apikey", help="make an API key for serve --api-keys")
+    p.add_argument("keys_file", metavar="FILE", help="the keys file (hashes only)")
+    p.add_argument("--id", required=True, help="a name for the key (who uses it)")
+    p.set_defaults(func=cmd_apikey)
 
     p = commands.add_parser("demo", help="the whole pipeline in a few minutes, offline")
     p.add_argument("data", nargs="?", help="a data set (default: synthetic images made now)")

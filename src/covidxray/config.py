@@ -235,6 +235,12 @@ class ServeConfig:
     max_request_pixels: int = 120_000_000
     # requests waiting for the model beyond the one it runs; more are answered 503
     queue: int = 4
+    # Host headers answered (DNS rebinding): loopback unless the server is meant to be reached
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "[::1]")
+    cors_origins: tuple[str, ...] = ()  # other sites' pages that may call the API: none
+    api_keys: str | None = None  # a file of "id:sha256" lines: every API call needs a key
+    audit_db: str | None = None  # SQLAlchemy URL of the prediction record (default: SQLite)
+    workers: int = 1  # processes, each with the model loaded once
 
 
 @dataclass(frozen=True)

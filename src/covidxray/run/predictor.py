@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from covidxray.config import Preprocessing
-from covidxray.pixels.imageio import ImageReadError, decode, decode_array, is_image_candidate, \
-    prepare
+from covidxray.pixels.imageio import ImageReadError, decode, decode_array, header_facts, \
+    is_image_candidate, prepare
 from covidxray.pixels.transforms import uncrop
 from covidxray.run.metadata import METADATA_FILE, RunError, RunMetadata
 
@@ -149,6 +149,15 @@ class Predictor:
             decoded = decode(source, max_pixels=max_pixels)
         return Prepared(name, prepare(decoded.gray, self.preprocessing), decoded.gray,
                         decoded.colourfulness)
+
+    def declared_pixels(self, data: bytes, name: str = "<bytes>") -> int:
+        """The pixel count a file's header declares, without decoding it (0: no readable
+        header; reading the file will say why)."""
+        try:
+            width, height, _, _ = header_facts(name, data)
+        except ImageReadError:
+            return 0
+        return width * height
 
     def predict_prepared(self, images: np.ndarray, batch_size: int = 32,
                          test_time_views: int | None = None) -> np.ndarray:

@@ -1,30 +1,48 @@
 """The web app: a REST API and a page for one trained run.
 
-Uploads are read in memory (never written under a name the client chose), their type is taken
-from their content, their pixel count is checked before decoding, and every failure is a 4xx
-answer naming the reason; nothing a client sends can stop the server serving the next request.
+Uploads are read from the request (Starlette keeps a file of up to 1 MB in memory and spools a
+larger one to a temporary file, deleted after the request; no file is ever written under a name
+the client chose). Each is typed by its content and sized from its header before it is decoded;
+a request may carry ``max_files`` files and ``max_request_pixels`` declared pixels in all; the
+model runs one request at a time and ``queue`` more may wait (then 503). Every failure to read a
+file is answered for that file alone, naming the reason; nothing a client sends can stop the
+server serving the next request. Every prediction is put on record.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import html
 import io
+import logging
+import os
 import threading
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel
 
-from covidxray.config import RESEARCH_NOTICE, SERVE
+from covidxray.config import RESEARCH_NOTICE, SERVE, ServeConfig
+from covidxray.deploy.serve.records import Metrics, PredictionLog, Served, default_audit_url
+from covidxray.deploy.serve.security import API_KEY_HEADER, APIKeys, RequestSizeLimit, \
+    SameOriginPost, SecurityHeaders
 from covidxray.evaluation.explain import overlay
 from covidxray.run.predictor import Predictor
 
+log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 PREVIEW_SIZE = 512
 INTENDED_USE = "Research on chest X-ray classification. " + RESEARCH_NOTICE
+RETRY_AFTER_SECONDS = 5
 
 
 class OODVerdict(BaseModel):
@@ -49,57 +67,8 @@ class ImageResult(BaseModel):
 class PredictResponse(BaseModel):
     notice: str
     synthetic_data: bool
+    request_id: str
     results: list[ImageResult]
-
-
-class RequestSizeLimit:
-    """ASGI middleware: answer 413 to a request body over ``max_bytes``, declared or streamed."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large(send)
-        received = 0
-        state = {"started": False, "rejected": False}
-
-        async def limited_receive():
-            nonlocal received
-            if state["rejected"]:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes and not state["started"]:
-                    # answer now; the app sees the client gone and its answer is dropped
-                    state["rejected"] = True
-                    await self._too_large(send)
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message):
-            if state["rejected"]:
-                return
-            state["started"] = state["started"] or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, guarded_send)
-        except Exception:
-            if not state["rejected"]:
-                raise
-
-    async def _too_large(self, send):
-        body = (b'{"detail":"request body over the limit of %d bytes"}' % self.max_bytes)
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
 
 
 def _png(rgb_or_rgba: np.ndarray) -> str:
@@ -124,24 +93,66 @@ def _heatmap_rgba(heat: np.ndarray) -> np.ndarray:
     return np.rint(rgba * 255).astype(np.uint8)
 
 
+def api_docs(openapi: dict) -> str:
+    """The API documented in one self-contained page (the usual docs pages load their scripts
+    from a CDN)."""
+    esc = html.escape
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>"
+             f"{esc(openapi['info']['title'])} API</title><link rel='stylesheet' "
+             f"href='static/app.css'></head><body><h1>{esc(openapi['info']['title'])} API "
+             f"{esc(openapi['info']['version'])}</h1>"
+             f"<p>{esc(openapi['info'].get('description', ''))}</p>"
+             f"<p>Machine-readable: <a href='openapi.json'>openapi.json</a>.</p>"]
+    for path, methods in openapi["paths"].items():
+        for method, operation in methods.items():
+            responses = ", ".join(f"{code} {esc(r.get('description', ''))}"
+                                  for code, r in operation.get("responses", {}).items())
+            parts.append(f"<h2><code>{esc(method.upper())} {esc(path)}</code></h2>"
+                         f"<p>{esc(operation.get('summary', ''))}</p>"
+                         f"<p>{esc(operation.get('description', ''))}</p>"
+                         f"<p>Responses: {responses}</p>")
+    return "".join(parts) + "</body></html>"
+
+
 def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = None,
-               max_upload_bytes: int = int(SERVE.max_upload_mb * 1024 * 1024),
-               max_pixels: int = SERVE.max_pixels) -> FastAPI:
+               settings: ServeConfig = SERVE) -> FastAPI:
     """The app for one run; the model is loaded once, here."""
     predictor = predictor or Predictor.load(run_dir)
+    run_dir = run_dir or predictor.run_dir
     meta = predictor.metadata
-    identifier = meta.model_id
+    keys = APIKeys.load(settings.api_keys) if settings.api_keys else None
+    records = PredictionLog(settings.audit_db or default_audit_url(run_dir))
+    metrics = Metrics()
     inference_lock = threading.Lock()  # one forward pass at a time; each request is a batch
-    app = FastAPI(title="covidxray", version=meta.covidxray_version,
+    admission = threading.BoundedSemaphore(settings.queue + 1)  # running + waiting
+    app = FastAPI(title="covidxray", version=meta.covidxray_version, docs_url=None,
+                  redoc_url=None,
                   description=f"COVID-19 vs non-COVID chest X-ray classifier. {meta.notice}")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.state.record_url = records.url
+
+    def caller(request: Request) -> str | None:
+        """The API key id of the request (None without keys); 401 when a key is needed."""
+        if keys is None:
+            return None
+        given = request.headers.get(API_KEY_HEADER)
+        bearer = request.headers.get("authorization", "")
+        if not given and bearer.lower().startswith("bearer "):
+            given = bearer[7:]
+        key_id = keys.identify(given)
+        if key_id is None:
+            raise HTTPException(401, detail="an API key is needed (header X-API-Key)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return key_id
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model_id": identifier}
+        return {"status": "ok", "model_id": meta.model_id}
 
     @app.get("/api/model")
-    def model_card() -> dict:
-        return {"model_id": identifier, "metadata": meta.public_dict(),
+    def model_card(request: Request) -> dict:
+        caller(request)
+        return {"model_id": meta.model_id, "metadata": meta.public_dict(),
                 "model_card": {"intended_use": INTENDED_USE, "notice": meta.notice,
                                "synthetic_data": meta.synthetic_data,
                                "threshold": meta.threshold,
@@ -150,23 +161,68 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
                                "training_data": meta.split_counts,
                                "ood_gate": predictor.gate is not None}}
 
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus(request: Request) -> Response:
+        caller(request)
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @app.post("/api/predict", response_model=PredictResponse,
-              responses={413: {"description": "request too large"},
-                         422: {"description": "no uploaded file could be used as an image"}})
-    def predict(files: list[UploadFile] = File(..., description="PNG, JPEG or DICOM images")):
+              responses={401: {"description": "an API key is needed"},
+                         403: {"description": "a cross-site request"},
+                         413: {"description": "request too large (bytes, files or pixels)"},
+                         422: {"description": "no uploaded file could be used as an image"},
+                         503: {"description": "busy: try again after Retry-After seconds"}})
+    def predict(request: Request,
+                files: list[UploadFile] = File(..., description="PNG, JPEG or DICOM images")):
+        started = time.monotonic()
+        key_id = caller(request)
+        if len(files) > settings.max_files:
+            metrics.requests.labels("413").inc()
+            raise HTTPException(413, detail=f"{len(files)} files: at most {settings.max_files} "
+                                            f"per request")
         names = [Path(upload.filename or "upload").name[:200] for upload in files]
-        with inference_lock:
-            predictions = predictor.predict_many([upload.file.read() for upload in files],
-                                                 names, heatmaps=True, max_pixels=max_pixels)
+        contents = [upload.file.read() for upload in files]
+        declared = sum(predictor.declared_pixels(data, name)
+                       for name, data in zip(names, contents))
+        if declared > settings.max_request_pixels:
+            metrics.requests.labels("413").inc()
+            raise HTTPException(413, detail=f"the images declare {declared} pixels in all: at "
+                                            f"most {settings.max_request_pixels} per request")
+        if not admission.acquire(blocking=False):
+            metrics.requests.labels("503").inc()
+            raise HTTPException(503, detail="the model is busy; try again shortly",
+                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        try:
+            with inference_lock:
+                predictions = predictor.predict_many(contents, names, heatmaps=True,
+                                                     max_pixels=settings.max_pixels)
+        finally:
+            admission.release()
+        request_id = uuid.uuid4().hex
+        records.record([Served(request_id, meta.model_id, hashlib.sha256(data).hexdigest(),
+                               p.path, p.probability, p.label, p.ood, p.error, key_id)
+                        for p, data in zip(predictions, contents)])
+        for p in predictions:
+            if p.error:
+                metrics.errors.inc()
+            else:
+                metrics.images.labels(p.label, str(bool(p.ood)).lower()).inc()
+        metrics.latency.observe(time.monotonic() - started)
         if all(p.error for p in predictions):
+            metrics.requests.labels("422").inc()
             raise HTTPException(422, detail="; ".join(f"{p.path}: {p.error}"
-                                                      for p in predictions) or "no file")
-        return PredictResponse(notice=meta.notice, synthetic_data=meta.synthetic_data,
-                               results=[_result(p) for p in predictions])
+                                                      for p in predictions) or "no file",
+                                headers={"X-Request-ID": request_id})
+        metrics.requests.labels("200").inc()
+        return JSONResponse(PredictResponse(
+            notice=meta.notice, synthetic_data=meta.synthetic_data, request_id=request_id,
+            results=[_result(p) for p in predictions]).model_dump(),
+            headers={"X-Request-ID": request_id})
 
     def _result(prediction) -> ImageResult:
         common = dict(filename=prediction.path, threshold=predictor.threshold,
-                      model_id=identifier)
+                      model_id=meta.model_id)
         if prediction.error:
             return ImageResult(**common, error=prediction.error)
         preview, heat = _preview(prediction.image), _preview(prediction.heatmap)
@@ -181,9 +237,34 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
     def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return HTMLResponse(api_docs(app.openapi()))
+
     @app.exception_handler(Exception)
     def unexpected(request, exc):  # never a traceback to the client; the server keeps serving
+        log.exception("unexpected error serving %s", request.url.path)
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
-    app.add_middleware(RequestSizeLimit, max_bytes=max_upload_bytes)
+    # outermost last: hosts are checked first, and every answer carries the security headers
+    app.add_middleware(SameOriginPost, allowed_origins=settings.cors_origins)
+    app.add_middleware(RequestSizeLimit, max_bytes=int(settings.max_upload_mb * 1024 * 1024))
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=[API_KEY_HEADER, "authorization"])
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts))
+    app.add_middleware(SecurityHeaders)
     return app
+
+
+SETTINGS_ENV = "COVIDXRAY_SERVE"
+
+
+def app_from_environment() -> FastAPI:
+    """The app of ``covidxray serve --workers N``: each worker process builds its own from the
+    settings the parent put in the environment."""
+    import json
+    values = json.loads(os.environ[SETTINGS_ENV])
+    run_dir = values.pop("run")
+    return create_app(run_dir, settings=ServeConfig(**values))

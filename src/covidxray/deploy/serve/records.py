@@ -1,0 +1,98 @@
+"""A record of every served prediction (SQLite in the run's serve folder by default, any
+database SQLAlchemy reaches by URL, PostgreSQL included) and Prometheus metrics."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Boolean, Column, DateTime, Float, Integer, MetaData, String, Table, \
+    create_engine
+
+METADATA = MetaData()
+PREDICTIONS = Table(
+    "covidxray_predictions", METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Column("request_id", String(64), nullable=False, index=True),
+    Column("model_id", String(128), nullable=False),
+    Column("input_sha256", String(64), nullable=False),
+    Column("filename", String(200)),
+    Column("probability", Float),
+    Column("label", String(128)),
+    Column("ood", Boolean),
+    Column("error", String(500)),
+    Column("api_key_id", String(128)),
+)
+
+
+def default_audit_url(run_dir: Path) -> str:
+    folder = Path(run_dir) / "serve"
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(folder / 'predictions.sqlite').resolve()}"
+
+
+@dataclass
+class Served:
+    """One prediction as it is put on record."""
+
+    request_id: str
+    model_id: str
+    input_sha256: str
+    filename: str
+    probability: float | None
+    label: str | None
+    ood: bool | None
+    error: str | None
+    api_key_id: str | None
+
+
+class PredictionLog:
+    """Appends every served prediction to the ``covidxray_predictions`` table."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = create_engine(url, pool_pre_ping=True)
+        METADATA.create_all(self.engine)
+
+    def record(self, served: list[Served]) -> None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        with self.engine.begin() as connection:
+            connection.execute(PREDICTIONS.insert(), [
+                {"time": now, **{k: getattr(s, k) for k in Served.__dataclass_fields__}}
+                for s in served])
+
+    def rows(self) -> list[dict]:
+        with self.engine.connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(
+                PREDICTIONS.select().order_by(PREDICTIONS.c.id))]
+
+
+class Metrics:
+    """Prometheus counters and a latency histogram; across worker processes when
+    ``PROMETHEUS_MULTIPROC_DIR`` is set (``covidxray serve --workers N`` sets it)."""
+
+    def __init__(self):
+        import os
+
+        from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
+        self.registry = CollectorRegistry()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            multiprocess.MultiProcessCollector(self.registry)
+            registry = None  # the processes' files are read at scrape time
+        else:
+            registry = self.registry
+        self.requests = Counter("covidxray_requests_total", "Prediction requests by outcome",
+                                ["status"], registry=registry)
+        self.images = Counter("covidxray_images_total", "Images scored, by label and verdict",
+                              ["label", "ood"], registry=registry)
+        self.errors = Counter("covidxray_image_errors_total", "Images that could not be read",
+                              registry=registry)
+        self.latency = Histogram("covidxray_request_seconds", "Time to answer a prediction "
+                                 "request", registry=registry,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+    def exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

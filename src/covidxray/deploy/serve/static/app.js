@@ -1,0 +1,74 @@
+// Every string from the server is shown with textContent, never parsed as HTML: an error
+// message can quote text from inside an uploaded file.
+"use strict";
+const $ = id => document.getElementById(id);
+
+function headers() {
+  const key = $("key").value || sessionStorage.getItem("covidxray-key") || "";
+  return key ? {"X-API-Key": key} : {};
+}
+
+function showError(text) {
+  const span = document.createElement("span");
+  span.className = "error";
+  span.textContent = text;
+  $("status").replaceChildren(span);
+}
+
+async function loadModel() {
+  const response = await fetch("api/model", {headers: headers()});
+  if (response.status === 401) { $("keyrow").hidden = false; return; }
+  const m = await response.json();
+  const card = m.model_card;
+  $("synthetic").hidden = !card.synthetic_data;
+  $("model").textContent = "Model " + m.model_id + " · threshold " + card.threshold.toFixed(3) +
+    " (" + card.threshold_method + ") · out-of-distribution gate: " + (card.ood_gate ? "on" : "off");
+}
+
+function show(r) {
+  $("result").hidden = false;
+  const p = r.probability, t = r.threshold;
+  $("prob").textContent = p.toFixed(3);
+  $("thr").textContent = t.toFixed(3);
+  $("fill").style.width = (100 * p) + "%";
+  $("mark").style.left = (100 * t) + "%";
+  $("marklabel").style.left = (100 * t) + "%";
+  $("verdict").textContent = (r.positive ? "Above" : "Below") + " the threshold: the model calls this image " + r.label +
+    ". A research score, not a diagnosis.";
+  const ood = r.ood && r.ood.flag;
+  $("oodbox").hidden = !ood;
+  if (ood) $("oodbox").textContent = "Warning: this does not look like a frontal chest X-ray of the kind the model was trained on (" +
+    r.ood.reason + "). The probability above is meaningless for it.";
+  $("image").src = r.image_png;
+  $("base").src = r.image_png;
+  $("heat").src = r.heatmap_png;
+  $("heat").style.opacity = $("opacity").value / 100;
+}
+
+async function upload(file) {
+  $("status").textContent = "Analysing " + file.name + " …";
+  const form = new FormData();
+  form.append("files", file);
+  try {
+    const response = await fetch("api/predict", {method: "POST", body: form, headers: headers()});
+    const body = await response.json();
+    if (!response.ok) { showError(String(body.detail || response.statusText)); return; }
+    const r = body.results[0];
+    if (r.error) { showError(String(r.error)); return; }
+    $("status").textContent = file.name;
+    show(r);
+  } catch (e) {
+    showError("The server could not be reached.");
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("key").onchange = () => { sessionStorage.setItem("covidxray-key", $("key").value); loadModel(); };
+  $("drop").onclick = () => $("file").click();
+  $("file").onchange = e => e.target.files.length && upload(e.target.files[0]);
+  $("drop").ondragover = e => { e.preventDefault(); $("drop").classList.add("over"); };
+  $("drop").ondragleave = () => $("drop").classList.remove("over");
+  $("drop").ondrop = e => { e.preventDefault(); $("drop").classList.remove("over"); if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]); };
+  $("opacity").oninput = e => $("heat").style.opacity = e.target.value / 100;
+  loadModel();
+});
