@@ -175,3 +175,34 @@ def test_audit_text_says_which_sources_teach_the_source(tmp_path):
     text = format_audit(audit(records, near_distance=None))
     assert "learns which source it sees" in text and "web: one class only" in text
     assert "--exclude-confounded" in text
+
+
+def test_groups_are_named_on_screen_and_fail_on_sets_the_exit_code(tmp_path, capsys):
+    """An unsplit folder with a label conflict: the files are named, --fail-on-leak passes
+    (nothing crosses splits) and --fail-on conflict fails."""
+    for label in ("COVID", "NORMAL"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(smooth_image(i)).save(tmp_path / "data" / ("COVID", "NORMAL")[i % 2]
+                                              / f"{i}.png")
+    twin = tmp_path / "data" / "NORMAL" / "twin.png"
+    twin.write_bytes((tmp_path / "data" / "COVID" / "0.png").read_bytes())
+    args = ["audit", str(tmp_path / "data"), "--out", str(tmp_path / "a.json")]
+    assert main(args + ["--fail-on-leak"]) == 0
+    out = capsys.readouterr().out
+    assert "0.png" in out and "twin.png" in out and "labels COVID/NORMAL" in out
+    assert main(args + ["--fail-on", "conflict"]) == 1
+    assert "conflict" in capsys.readouterr().err
+
+
+def test_a_manifest_names_what_it_cannot_find_and_warns_of_a_misspelt_label(tmp_path, caplog):
+    from covidxray.data.dataset import discover
+    for i in range(4):
+        Image.fromarray(smooth_image(i)).save(tmp_path / f"{i}.png")
+    (tmp_path / "m.csv").write_text("file,label\n0.png,COVID\n1.png,NORMAL\n2.png,COVD\n"
+                                    "3.png,NORMAL\nmissing.png,COVID\n")
+    dataset = discover(tmp_path / "m.csv", positive_class="COVID")
+    assert [r.path.endswith("missing.png") for r in dataset.records] == [False] * 4
+    assert any(path.endswith("missing.png") and "not found" in reason
+               for path, reason in dataset.skipped)
+    assert "'COVD' (1 images) looks like a misspelling" in caplog.text

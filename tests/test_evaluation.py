@@ -32,3 +32,12 @@ def test_unreadable_files_are_listed(tiny_run, tiny_data, tmp_path):
     assert [u["path"].endswith("broken.png") for u in result["unreadable_files"]] == [True]
     with pytest.raises(Exception, match="broken.png"):
         covidxray.evaluate(tiny_run, data, bootstrap=0, out=tmp_path / "m2.json", strict=True)
+
+
+def test_evaluating_other_data_keeps_the_runs_own_test_metrics(own_run, tiny_data):
+    own = covidxray.evaluate(own_run, bootstrap=0, shortcut_images=0)
+    other = covidxray.evaluate(own_run, tiny_data, bootstrap=0, shortcut_images=0)
+    assert own["metrics_file"] == str(own_run / "metrics.json")
+    assert other["metrics_file"] != own["metrics_file"]
+    assert "evaluations" in other["metrics_file"]
+    assert json.loads((own_run / "metrics.json").read_text())["data"] == own["data"]

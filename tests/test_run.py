@@ -112,3 +112,17 @@ def test_a_file_and_its_pixels_as_an_array_give_one_probability(tiny_run, tiny_d
 def test_an_unusable_array_is_an_error_naming_it(tiny_run):
     result = Predictor.load(tiny_run).predict(np.zeros((4, 4, 5), np.uint8))
     assert result.path == "<array>" and "shape" in result.error and result.probability is None
+
+
+def test_every_row_is_written_whatever_the_file_name(tiny_run, tiny_data, tmp_path):
+    import csv
+    import os
+    import shutil
+    odd = os.fsdecode(bytes(tmp_path) + b"/scan-\xff\xfe.png")  # not valid UTF-8
+    shutil.copy(sorted((tiny_data / "COVID").glob("*.png"))[0], odd)
+    normal = tmp_path / "plain.png"
+    shutil.copy(sorted((tiny_data / "COVID").glob("*.png"))[1], normal)
+    results = covidxray.predict(tiny_run, [tmp_path], csv=tmp_path / "out.csv")
+    rows = list(csv.DictReader(open(tmp_path / "out.csv", encoding="utf-8")))
+    assert len(rows) == len(results) == 2 and all(r["probability"] for r in rows)
+    assert any("scan-" in r["path"] and "\\udcff" in r["path"] for r in rows)

@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 
 # what the command line builds its options from: typed defaults and names, no heavy import
-from covidxray.config import DEMO, EVALUATION, INTENSITY_MODES, RESEARCH_NOTICE, SCHEDULES, \
-    SERVE, AugmentConfig, TrainConfig  # noqa: F401
+from covidxray.config import AUDIT_FINDINGS, DEMO, EVALUATION, INTENSITY_MODES, \
+    RESEARCH_NOTICE, SCHEDULES, SERVE, AugmentConfig, TrainConfig  # noqa: F401
 from covidxray.model.backbones import BACKBONES  # noqa: F401
 
 log = logging.getLogger("covidxray")
@@ -130,6 +130,12 @@ def audit(data: str | Path, out: str | Path | None = None, split_file: str | Pat
     if out is not None:
         write_json_atomic(out, {"data": str(data), **result.to_dict()})
     return result
+
+
+def audit_failures(result, fail_on) -> list[str]:
+    """The findings among ``fail_on`` (of ``AUDIT_FINDINGS``) that an audit made."""
+    from covidxray.data.audit import failures
+    return failures(result, fail_on)
 
 
 def report(run: str | Path, out: str | Path = "report.html", audit: bool = True) -> Path:

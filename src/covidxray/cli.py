@@ -200,7 +200,7 @@ def cmd_evaluate(args) -> int:
                                                         "source_from_prefix", "out", "seed",
                                                         "strict"))
     print(api.format_evaluation(result))
-    print(f"\nmetrics written to {args.out if 'out' in args else Path(args.run) / 'metrics.json'}")
+    print(f"\nmetrics written to {result['metrics_file']}")
     return 0
 
 
@@ -210,7 +210,10 @@ def cmd_audit(args) -> int:
                        **_given(args, "split_file", "positive_class", "source_from_prefix"))
     print(api.format_audit(result))
     print(f"\naudit written to {args.out}")
-    return 1 if args.fail_on_leak and result.leak else 0
+    failed = api.audit_failures(result, args.fail_on + (["leak"] if args.fail_on_leak else []))
+    if failed:
+        print(f"audit failed on: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _report_failures(predictions) -> int:
@@ -352,8 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="near duplicate: difference-hash distance <= this, of 256 bits "
                         "(default %(default)s)")
     p.add_argument("--no-near", action="store_true", help="skip the near-duplicate search")
-    p.add_argument("--fail-on-leak", action="store_true",
-                   help="exit 1 when duplicates or patients cross splits")
+    p.add_argument("--fail-on", nargs="+", default=[], choices=api.AUDIT_FINDINGS,
+                   metavar="FINDING",
+                   help="exit 1 when the audit finds any of these: leak (duplicates or patients "
+                        "across splits), conflict (one image with two labels), duplicate, "
+                        "confounding (a source that predicts the class)")
+    p.add_argument("--fail-on-leak", action="store_true", help="the same as --fail-on leak")
     p.add_argument("--positive-class", default=GIVEN)
     p.add_argument("--source-from-prefix", action="store_true", default=GIVEN,
                    help="source = file name before the first '_'")

@@ -52,6 +52,9 @@ class AugmentConfig:
                     self.contrast, self.horizontal_flip])
 
 
+# what `covidxray audit --fail-on` can fail on
+AUDIT_FINDINGS = ("leak", "conflict", "duplicate", "confounding")
+
 # "cosine": warm-up over the first tenth of a phase's steps, then cosine decay to zero
 SCHEDULES = ("constant", "cosine")
 

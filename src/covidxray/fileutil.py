@@ -38,9 +38,11 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_text_atomic(path: str | Path, text: str, errors: str = "strict") -> None:
+    """UTF-8 text; ``errors="backslashreplace"`` writes any str (file names that are not
+    valid UTF-8 arrive as surrogates) as valid UTF-8."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", errors=errors)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

@@ -302,14 +302,51 @@ def format_audit(result: AuditResult) -> str:
         lines += ["", "a model trained on these sources learns which source it sees, not the "
                   "disease:"]
         lines += [f"  {source}: {reason}" for source, reason in s["confounded_sources"].items()]
-        lines.append("  '--exclude-confounded' (train, crossval) trains on the others only ("
-                     + (", ".join(kept) or "none left") + "); judge a model on a source it never"
-                     " saw with 'covidxray crossval --by source'")
-    lines += ["", f"exact duplicate groups: {len(s['exact_duplicates'])}",
-              f"near-duplicate pairs: {len(s['near_duplicates'])}"
-              + ("" if s["near_distance"] is not None else " (not searched)"),
-              f"label conflicts: {len(s['label_conflicts'])}",
-              f"duplicates across splits: {len(s['cross_split_duplicates'])}",
-              f"patients in more than one split: {len(s['patient_leaks'])}", ""]
+        lines.append("  train and crossval leave them out by default (--exclude-confounded) and "
+                     "train on the others (" + (", ".join(kept) or "none left") + "); judge a "
+                     "model on a source it never saw with 'covidxray crossval --by source'")
+    lines.append("")
+    groups = [("exact duplicate groups", s["exact_duplicates"]),
+              ("near-duplicate pairs" + ("" if s["near_distance"] is not None
+                                         else " (not searched)"), s["near_duplicates"]),
+              ("label conflicts", s["label_conflicts"]),
+              ("duplicates across splits", s["cross_split_duplicates"])]
+    for title, found in groups:
+        lines.append(f"{title}: {len(found)}")
+        lines += _listed(found)
+    lines.append(f"patients in more than one split: {len(s['patient_leaks'])}")
+    lines += [f"  {patient}: {', '.join(splits)}"
+              for patient, splits in list(s["patient_leaks"].items())[:SHOWN_GROUPS]]
+    if len(s["patient_leaks"]) > SHOWN_GROUPS:
+        lines.append(f"  ... and {len(s['patient_leaks']) - SHOWN_GROUPS} more (all in the JSON)")
+    lines.append("")
     lines += [f"WARNING: {w}" for w in result.warnings] or ["no warnings"]
     return "\n".join(lines)
+
+
+SHOWN_GROUPS = 5  # groups named on screen per finding; the JSON has them all
+SHOWN_FILES = 4  # files named per group
+
+
+def _listed(groups: list[dict]) -> list[str]:
+    """The first groups, each with its first files, labels and splits; then how many more."""
+    lines = []
+    for group in groups[:SHOWN_GROUPS]:
+        paths = group["paths"]
+        more = f" (+{len(paths) - SHOWN_FILES} more)" if len(paths) > SHOWN_FILES else ""
+        detail = ", ".join(filter(None, ["labels " + "/".join(group["labels"]),
+                                         "splits " + "/".join(group["splits"])
+                                         if group["splits"] else ""]))
+        lines.append(f"  {' = '.join(paths[:SHOWN_FILES])}{more}  [{detail}]")
+    if len(groups) > SHOWN_GROUPS:
+        lines.append(f"  ... and {len(groups) - SHOWN_GROUPS} more (all in the JSON)")
+    return lines
+
+
+def failures(result: AuditResult, fail_on) -> list[str]:
+    """The findings among ``fail_on`` (of ``config.AUDIT_FINDINGS``) that the audit made."""
+    s = result.summary
+    found = {"leak": result.leak, "conflict": bool(s["label_conflicts"]),
+             "duplicate": bool(s["exact_duplicates"] or s["near_duplicates"]),
+             "confounding": bool(s.get("confounded_sources"))}
+    return [name for name in fail_on if found[name]]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,8 @@ from covidxray.config import Preprocessing
 from covidxray.fileutil import file_sha256
 from covidxray.pixels.imageio import ImageReadError, as_preprocessing, is_image_candidate, \
     load_for_model
+
+log = logging.getLogger(__name__)
 
 SYNTHETIC_MARKER = "SYNTHETIC.txt"
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -75,6 +78,15 @@ def default_positive_class(class_names: list[str]) -> str:
     return candidates[0]
 
 
+def _near_miss(label: str, positive: str) -> bool:
+    """A label a typing slip away from the positive class's name, not a negation of it."""
+    import difflib
+    a, b = label.lower(), positive.lower()
+    if re.search(r"(non|no|not)[\W_]*" + re.escape(b), a):
+        return False
+    return difflib.SequenceMatcher(None, a, b).ratio() >= 0.75
+
+
 def source_from_filename(path: str | Path) -> str:
     """The file-name prefix before the first '_' (``ieee_123.png`` -> ``ieee``)."""
     return Path(path).name.split("_", 1)[0]
@@ -107,6 +119,12 @@ def discover(data: str | Path, positive_class: str | None = None,
     if not matches:
         raise DataError(f"positive class {positive_class!r} is not among {class_names}")
     positive_class = matches[0]
+    for name in class_names:
+        if name != positive_class and _near_miss(name, positive_class):
+            count = sum(row["label"] == name for row in rows)
+            log.warning("the label %r (%d images) looks like a misspelling of the positive "
+                        "class %r: it is counted as negative; correct it, or name the positive "
+                        "class with --positive-class", name, count, positive_class)
     records = []
     for row in rows:
         source = row.get("source", "")
@@ -171,6 +189,9 @@ def _rows_from_manifest(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
             continue
         file = Path(row["file"])
         file = file if file.is_absolute() else path.parent / file
+        if not file.is_file():
+            skipped.append((str(file), f"listed in {path.name} (line {line}) but not found"))
+            continue
         entry = {"path": str(file), "label": row["label"],
                  "patient_id": row.get("patient_id", ""), "source": row.get("source", "")}
         if row.get("split"):
@@ -229,14 +250,21 @@ def load_images(records: list[Record], spec: int | Preprocessing,
     return LoadedImages(images=array, records=kept, failures=failures)
 
 
-def file_hashes(records: list[Record]) -> dict[str, str]:
-    """path -> sha256 of the file's bytes, read once for every check that needs them."""
-    return {r.path: file_sha256(r.path) for r in records}
+def file_hashes(records: list[Record]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """path -> sha256 of the file's bytes, read once for every check that needs them; and the
+    (path, reason) of each file that cannot be read."""
+    hashes, unreadable = {}, []
+    for r in records:
+        try:
+            hashes[r.path] = file_sha256(r.path)
+        except OSError as exc:
+            unreadable.append((r.path, f"cannot read file ({exc.strerror or exc})"))
+    return hashes, unreadable
 
 
 def fingerprint(records: list[Record], hashes: dict[str, str] | None = None) -> str:
     """A hash of the training data: every file's content, label and split."""
-    hashes = hashes if hashes is not None else file_hashes(records)
+    hashes = hashes if hashes is not None else file_hashes(records)[0]
     digest = hashlib.sha256()
     for record in sorted(records, key=lambda r: r.path):
         digest.update(f"{hashes[record.path]}\t{record.label}\t{record.split}\n".encode())

@@ -3,6 +3,7 @@ matrix, and the same per source and per original class."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from dataclasses import replace
@@ -94,7 +95,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
              strict: bool = False, predictor: Predictor | None = None,
              shortcut_images: int = 200, records: list[Record] | None = None) -> dict:
     """Evaluate a run on ``data`` (default: its own test split; ``records``: these labelled
-    images, with their ``target`` as the run's positive class) and write ``metrics.json``.
+    images, with their ``target`` as the run's positive class) and write the result to ``out``
+    (default: ``evaluation_file``).
 
     Besides the metrics: calibration, curves, score histograms, per-image scores, and the
     border-shortcut check on up to ``shortcut_images`` images (0 skips it).
@@ -102,6 +104,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
     run_dir = Path(run_dir)
     predictor = predictor or Predictor.load(run_dir)
     meta = predictor.metadata
+    own_test_split = records is None and data is None
     if records is not None:
         data_name = f"{len(records)} records given"
     elif data is None:
@@ -159,8 +162,22 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
         result["per_class"][label] = {"n": len(index),
                                       "called_positive": int(called_positive.sum()),
                                       "called_positive_rate": float(called_positive.mean())}
-    write_json_atomic(Path(out) if out else run_dir / "metrics.json", result)
+    out = Path(out) if out else evaluation_file(run_dir, None if own_test_split
+                                                else data or data_name)
+    result["metrics_file"] = str(out)
+    write_json_atomic(out, result)
     return result
+
+
+def evaluation_file(run_dir: Path, data: str | Path | None) -> Path:
+    """Where an evaluation is written by default: the run's own test split to
+    ``RUN/metrics.json`` (what the report shows); other data beside it, under
+    ``RUN/evaluations/``, named by the data, so no evaluation overwrites another."""
+    if data is None:
+        return run_dir / "metrics.json"
+    resolved = str(Path(data).resolve())
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:8]
+    return run_dir / "evaluations" / f"{Path(resolved).stem or 'data'}-{digest}.json"
 
 
 def _fmt(metric: dict) -> str:

@@ -286,7 +286,8 @@ def format_predictions(predictions: list[Prediction], metadata: RunMetadata) -> 
 
 def write_predictions_csv(path: str | Path, predictions: list[Prediction],
                           metadata: RunMetadata) -> None:
-    """One row per input, written atomically."""
+    """One row per input, written atomically; a file name that is not valid UTF-8 is written
+    with backslash escapes for its odd bytes, so no row is ever lost to it."""
     import csv
     import io
 
@@ -300,4 +301,4 @@ def write_predictions_csv(path: str | Path, predictions: list[Prediction],
                          p.label or "", "" if p.positive is None else int(p.positive),
                          "" if p.ood is None else int(p.ood), p.ood_reason or "", p.error or "",
                          metadata.model_id, int(metadata.synthetic_data)])
-    write_text_atomic(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue(), errors="backslashreplace")

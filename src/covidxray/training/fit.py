@@ -145,7 +145,10 @@ def prepare_splits(config: TrainConfig, run: Path) -> tuple[Dataset, list, dict[
         example = ", ".join(f"{p} in {'/'.join(s)}" for p, s in list(leaks.items())[:3])
         raise DataError(f"{len(leaks)} patients appear in more than one split ({example}); "
                         f"fix the split so that no patient crosses splits")
-    hashes = file_hashes(records)
+    hashes, unreadable = file_hashes(records)
+    for path, reason in unreadable:
+        log.warning("skipped %s: %s", path, reason)
+    records = [r for r in records if r.path in hashes]
     duplicates = exact_duplicates_across_splits(records, hashes)
     if duplicates:
         example = "; ".join(" = ".join(d["paths"][:2]) for d in duplicates[:2])
