@@ -126,3 +126,16 @@ def test_every_row_is_written_whatever_the_file_name(tiny_run, tiny_data, tmp_pa
     rows = list(csv.DictReader(open(tmp_path / "out.csv", encoding="utf-8")))
     assert len(rows) == len(results) == 2 and all(r["probability"] for r in rows)
     assert any("scan-" in r["path"] and "\\udcff" in r["path"] for r in rows)
+
+
+def test_a_hostile_header_beside_good_files_loses_nothing(tiny_run, tiny_data, tmp_path,
+                                                          monkeypatch):
+    from pydicom import config
+
+    from test_imageio import gradient, write_dicom
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.IGNORE)
+    bad = write_dicom(tmp_path / "bad.dcm", np.rint(gradient() * 1000), window=(500.0, 0.0))
+    good = sorted((tiny_data / "COVID").glob("*.png"))[:2]
+    results = covidxray.predict(tiny_run, [good[0], bad, good[1]])
+    assert [r.error is None for r in results] == [True, False, True]
+    assert "window width" in results[1].error and results[1].path == str(bad)
