@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 # torch is the fastest Keras backend on CPU; set KERAS_BACKEND=jax on a GPU. Must precede keras.
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from covidxray.api import audit, crossval, evaluate, explain, load, predict, report, \
+from covidxray.api import audit, crossval, evaluate, explain, export, load, predict, report, \
     train  # noqa: E402
 
 __all__ = ["train", "load", "predict", "evaluate", "explain", "audit", "report", "crossval",
-           "__version__"]
+           "export", "__version__"]

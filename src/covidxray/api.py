@@ -186,6 +186,14 @@ def serve(run: str | Path, **settings) -> None:
                 log_level="info")
 
 
+def export(run: str | Path, out: str | Path, format: str = "onnx") -> dict:
+    """The run as a model that runs with onnxruntime alone, in the folder ``out`` (the model,
+    its metadata and gate); ``predict``, ``load`` and ``serve`` take that folder as a run.
+    Returns what ``out/export.json`` records (the parity with the run included)."""
+    from covidxray.deploy.export import export as export_run
+    return export_run(run, out, format)
+
+
 def new_api_key(keys_file: str | Path, key_id: str) -> str:
     """A new API key for ``serve --api-keys``: its hash is added to ``keys_file`` under
     ``key_id``; the key itself is returned, once."""

@@ -265,6 +265,15 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    record = api.export(args.run, args.out, args.format)
+    print(f"exported to {args.out}: P(COVID) within {record['parity_max_abs_difference']:.1e} "
+          f"of the run's on {record['parity_images']} of its validation images; "
+          f"'covidxray predict {args.out} ...' and 'covidxray serve {args.out}' run it with "
+          f"onnxruntime alone")
+    return 0
+
+
 def cmd_apikey(args) -> int:
     key = api.new_api_key(args.keys_file, args.id)
     print(f"new API key '{args.id}' (shown once; {args.keys_file} keeps only its hash):\n{key}")
@@ -438,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SQLAlchemy URL of the record of every prediction, e.g. "
                         "postgresql+psycopg://user@host/db (default: SQLite in RUN/serve/)")
     p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("export", help="the run as an ONNX model that needs no Keras")
+    p.add_argument("run")
+    p.add_argument("--out", required=True, help="folder for model.onnx, its metadata and gate")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.set_defaults(func=cmd_export)
 
     p = commands.add_parser("apikey", help="make an API key for serve --api-keys")
     p.add_argument("keys_file", metavar="FILE", help="the keys file (hashes only)")

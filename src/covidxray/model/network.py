@@ -3,14 +3,13 @@ unit = P(COVID); one forward pass to the last stage gives scores, embeddings and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import keras
 import numpy as np
 from keras import ops
 
 from covidxray.config import AugmentConfig
 from covidxray.model.backbones import get_backbone
+from covidxray.model.outputs import Forward, cams_from_logit_maps
 from covidxray.model.weights import WeightsUnavailableError, offline_message, resolve_weights
 
 OUTPUT_NAME = "p_covid"
@@ -150,15 +149,6 @@ def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int = 32)
     return np.asarray(scores, dtype=np.float32).ravel()
 
 
-@dataclass
-class Forward:
-    """One forward pass up to the last convolutional stage, and what follows from it."""
-
-    embeddings: np.ndarray  # (n, channels): the pooled features
-    scores: np.ndarray  # (n,): P(positive), before any calibration
-    logit_maps: np.ndarray | None  # (n, h, w): each location's term of the logit, if asked
-
-
 def feature_extractor(model: keras.Model) -> keras.Model:
     """The classifier up to its last convolutional stage (the input of the pooling layer)."""
     return keras.Model(model.inputs, model.get_layer("pool").input)
@@ -191,23 +181,25 @@ def forward(model: keras.Model, images: np.ndarray, batch_size: int = 32,
     return Forward(embeddings, scores, np.concatenate(logit_maps) if maps else None)
 
 
-def cams_from_logit_maps(logit_maps: np.ndarray) -> np.ndarray:
-    """Grad-CAM in closed form: ReLU of each location's logit term, scaled to [0, 1] per image.
-
-    Grad-CAM weights each channel k of the last convolutional stage by the mean gradient of the
-    logit z (before the sigmoid, as in Selvaraju et al.; the probability's gradient vanishes
-    once the model is confident), alpha_k = mean_ij dz/dF_k(i, j), and keeps
-    ReLU(sum_k alpha_k F_k). Our head is global average pooling -> dropout -> one sigmoid unit,
-    so that gradient is exactly w_k / (h * w): Grad-CAM is the class activation map of Zhou et
-    al. (2016), and needs no backend's autograd (a test checks it against torch's).
-    """
-    cams = np.maximum(logit_maps, 0)
-    peak = cams.max(axis=(1, 2), keepdims=True)
-    return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0)
-
-
 def gradcam(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Grad-CAM maps (n, h, w) of the last convolutional stage for P(positive), on the model's
     input (n, size, size) uint8 images, each in [0, 1]."""
     return cams_from_logit_maps(forward(model, np.asarray(images), batch_size, maps=True)
                                 .logit_maps)
+
+
+def inference_graph(model: keras.Model) -> keras.Model:
+    """The classifier as one graph with every output a prediction needs: P(positive) (n, 1),
+    the pooled embeddings (n, c) for the out-of-distribution gate, and each location's term of
+    the logit (n, h, w) for Grad-CAM; for export, where no Keras is left to compute the rest."""
+    # a new input straight into the backbone: the augmentation layers (identity at inference)
+    # would leave random-number generators in an exported graph
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    features = backbone_of(model)(model.get_layer("backbone_input")(inputs), training=False)
+    head = model.get_layer(OUTPUT_NAME)
+    embeddings = model.get_layer("pool")(features)
+    score = head(embeddings)
+    terms = keras.layers.Lambda(
+        lambda f: keras.ops.einsum("nhwc,c->nhw", f, head.kernel[:, 0])
+        / float(f.shape[1] * f.shape[2]), name="logit_terms")(features)
+    return keras.Model(inputs, [score, embeddings, terms], name=f"{model.name}_inference")

@@ -14,14 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from covidxray.config import Preprocessing
+from covidxray.model.outputs import cams_from_logit_maps
 from covidxray.pixels.imageio import ImageReadError, decode, decode_array, header_facts, \
     is_image_candidate, prepare
 from covidxray.pixels.transforms import uncrop
+from covidxray.run.engines import KERAS_FILE, ONNX_FILE, KerasEngine, OnnxEngine, load_engine
 from covidxray.run.metadata import METADATA_FILE, RunError, RunMetadata
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("model.keras", METADATA_FILE)
 ARRAY_NAME = "<array>"
 
 
@@ -74,40 +75,47 @@ def collect_paths(inputs) -> list[str]:
 class Predictor:
     """A trained model with everything needed to use it: its metadata, gate and heat maps."""
 
-    def __init__(self, model, metadata: RunMetadata, run_dir: str | Path | None = None,
-                 gate=None):
-        from covidxray.model.network import feature_extractor
-        self.model = model
+    def __init__(self, model_or_engine, metadata: RunMetadata,
+                 run_dir: str | Path | None = None, gate=None):
+        """``model_or_engine``: a Keras classifier, or an engine of ``run.engines``."""
+        self.engine = model_or_engine if isinstance(model_or_engine, (KerasEngine, OnnxEngine)) \
+            else KerasEngine(model_or_engine)
         self.metadata = metadata
         self.run_dir = Path(run_dir) if run_dir else None
         self.gate = gate
-        self.extractor = feature_extractor(model)  # built once: every prediction uses it
+
+    @property
+    def model(self):
+        """The Keras classifier (None for an exported model)."""
+        return self.engine.model
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Predictor":
+        """A run folder (``model.keras``), or an exported model's folder (``model.onnx``, run
+        with onnxruntime alone)."""
         run_dir = Path(run_dir)
-        missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
-        if missing:
-            raise RunError(f"{run_dir}: not a complete run (missing {', '.join(missing)}); "
-                           f"train one with 'covidxray train DATA --out {run_dir}'")
+        has_model = (run_dir / KERAS_FILE).is_file() or (run_dir / ONNX_FILE).is_file()
+        if not has_model or not (run_dir / METADATA_FILE).is_file():
+            missing = ", ".join(name for name, present in (
+                (f"{KERAS_FILE} or {ONNX_FILE}", has_model),
+                (METADATA_FILE, (run_dir / METADATA_FILE).is_file())) if not present)
+            raise RunError(f"{run_dir}: not a complete run (missing {missing}); train one with "
+                           f"'covidxray train DATA --out {run_dir}'")
         metadata = RunMetadata.load(run_dir / METADATA_FILE)
-        import keras
-
-        import covidxray.model.network  # noqa: F401  registers the custom layers before loading
         from covidxray.run.ood import OOD_FILE, OODGate
-        model = keras.saving.load_model(run_dir / "model.keras")
+        engine = load_engine(run_dir)
         gate = None
         if (run_dir / OOD_FILE).is_file():
             try:
                 gate = OODGate.load(run_dir / OOD_FILE)
             except (ValueError, KeyError) as error:
                 log.warning("no out-of-distribution gate, verdicts are unknown: %s", error)
-        return cls(model, metadata, run_dir, gate)
+        return cls(engine, metadata, run_dir, gate)
 
     def with_test_time_views(self, views: int) -> "Predictor":
         """The same model scoring with ``views`` test-time views (its threshold was chosen with
         the run's own number: for measuring, not for use)."""
-        return Predictor(self.model, dataclasses.replace(self.metadata, test_time_views=views),
+        return Predictor(self.engine, dataclasses.replace(self.metadata, test_time_views=views),
                          self.run_dir, self.gate)
 
     @property
@@ -163,28 +171,24 @@ class Predictor:
                          test_time_views: int | None = None) -> np.ndarray:
         """The run's P(positive) for (n, size, size) uint8 model inputs (``test_time_views``:
         another number of views than the run's, e.g. 0 for the image alone)."""
-        from covidxray.model.network import forward
-        return self._final_scores(images, forward(self.model, images, batch_size,
-                                                  self.extractor).scores, batch_size,
-                                  test_time_views)
+        return self._final_scores(images, self.engine.forward(images, batch_size).scores,
+                                  batch_size, test_time_views)
 
     def heatmaps_prepared(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Grad-CAM maps (n, h, w) in [0, 1] of model inputs, at the last stage's resolution."""
-        from covidxray.model.network import cams_from_logit_maps, forward
-        return cams_from_logit_maps(forward(self.model, images, batch_size, self.extractor,
-                                            maps=True).logit_maps)
+        return cams_from_logit_maps(self.engine.forward(images, batch_size, maps=True)
+                                    .logit_maps)
 
     def _final_scores(self, images: np.ndarray, scores: np.ndarray, batch_size: int,
                       views: int | None = None) -> np.ndarray:
         """The run's score from the model's score of the images themselves: the mean over the
         test-time views, then the temperature (both as the threshold was chosen)."""
         from covidxray.evaluation.metrics import apply_temperature
-        from covidxray.model.network import predict_scores
         from covidxray.pixels.transforms import mean_over_views
         views = self.test_time_views if views is None else views
         if views:
-            scores = mean_over_views(lambda x: predict_scores(self.model, x, batch_size),
-                                     images, views, first=scores)
+            scores = mean_over_views(lambda x: self.engine.scores(x, batch_size), images, views,
+                                     first=scores)
         temperature = self.metadata.temperature
         return scores if not temperature else apply_temperature(scores, temperature).astype(
             np.float32)
@@ -193,11 +197,10 @@ class Predictor:
                       batch_size: int = 32) -> list[Prediction]:
         """Predictions of prepared inputs, from one forward pass (plus one per test-time view,
         for the score only: the heat map and the gate see the image itself)."""
-        from covidxray.model.network import cams_from_logit_maps, forward
         if not items:
             return []
         images = np.stack([item.image for item in items])
-        result = forward(self.model, images, batch_size, self.extractor, maps=heatmaps)
+        result = self.engine.forward(images, batch_size, maps=heatmaps)
         scores = self._final_scores(images, result.scores, batch_size)
         verdicts = self.gate.check(result.embeddings, images,
                                    [item.colourfulness for item in items]) \

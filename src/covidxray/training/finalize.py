@@ -21,7 +21,8 @@ from covidxray.evaluation.metrics import apply_temperature, binary_metrics, choo
     fit_temperature
 from covidxray.fileutil import atomic_path
 from covidxray.model.backbones import get_backbone
-from covidxray.model.network import Forward, feature_extractor, forward, predict_scores
+from covidxray.model.network import feature_extractor, forward, predict_scores
+from covidxray.model.outputs import Forward
 from covidxray.pixels.transforms import mean_over_views
 from covidxray.run.metadata import METADATA_FILE, RunMetadata
 from covidxray.run.ood import OOD_FILE, OODGate
@@ -116,7 +117,7 @@ def refit_ood_gate(run_dir: str | Path, batch_size: int = 32) -> OODGate:
     records = read_split_records(run_dir / "split.csv", predictor.positive_class)
     split = {name: load_images([r for r in records if r.split == name], predictor.preprocessing)
              for name in ("train", "val")}
-    passes = {name: forward(predictor.model, images.images, batch_size, predictor.extractor)
+    passes = {name: predictor.engine.forward(images.images, batch_size)
               for name, images in split.items()}
     gate = fit_ood_gate(passes["train"], split["train"], passes["val"], split["val"])
     gate.save(run_dir / OOD_FILE)

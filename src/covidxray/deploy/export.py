@@ -1,0 +1,77 @@
+"""A run as a model that needs no Keras: ``RUN`` -> ``OUT/model.onnx`` (the whole classifier
+with its input preprocessing, outputs P(COVID), the embeddings for the out-of-distribution
+gate and the logit terms for Grad-CAM), beside the run's ``metadata.json`` and ``ood.npz``.
+``covidxray predict`` and ``covidxray serve`` take that folder as they take a run, and run it
+with onnxruntime alone.
+
+Export goes through Keras' own ``Model.export(format="onnx")``: on the torch backend by
+``torch.onnx`` (with ``onnxscript``), on jax by ``jax2onnx``, on tensorflow by ``tf2onnx``.
+The parity of the exported model with the run (largest difference of P(COVID) on the run's
+validation images) is measured at export and written to ``OUT/export.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from covidxray.fileutil import atomic_path, write_json_atomic
+from covidxray.run.engines import ONNX_FILE, OnnxEngine
+from covidxray.run.metadata import METADATA_FILE
+from covidxray.run.ood import OOD_FILE
+from covidxray.run.predictor import Predictor
+
+FORMATS = ("onnx",)
+PARITY_IMAGES = 32
+
+
+def export(run_dir: str | Path, out: str | Path, format: str = "onnx") -> dict:
+    """Export ``run_dir`` to the folder ``out``; returns what ``export.json`` records."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose from {FORMATS}")
+    run_dir, out = Path(run_dir), Path(out)
+    predictor = Predictor.load(run_dir)
+    if predictor.model is None:
+        raise ValueError(f"{run_dir} is an exported model already; export its run folder")
+    out.mkdir(parents=True, exist_ok=True)
+    graph = predictor.engine.inference_graph()
+    import keras
+    size = predictor.image_size
+    with atomic_path(out / ONNX_FILE, suffix=".onnx") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on shapes it fixes, not ours
+        graph.export(str(tmp), format="onnx", verbose=False,
+                     input_signature=[keras.InputSpec(shape=(None, size, size, 1),
+                                                      dtype="float32")])
+    for name in (METADATA_FILE, OOD_FILE):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, out / name)
+    images = parity_images(predictor)
+    keras_scores = predictor.engine.forward(images).scores
+    onnx_scores = OnnxEngine(out / ONNX_FILE).forward(images).scores
+    record = {"format": format, "source_run": str(run_dir.resolve()),
+              "model_id": predictor.metadata.model_id,
+              "backend": keras.backend.backend(), "keras": keras.__version__,
+              "parity_images": len(images),
+              "parity_max_abs_difference": float(np.max(np.abs(keras_scores - onnx_scores)))}
+    write_json_atomic(out / "export.json", record)
+    return record
+
+
+def parity_images(predictor: Predictor) -> np.ndarray:
+    """Up to ``PARITY_IMAGES`` of the run's validation images as the model gets them (random
+    pixels where the run's images cannot be read here)."""
+    split = predictor.run_dir / "split.csv"
+    with open(split, newline="") if split.is_file() else io.StringIO("path,split\n") as rows:
+        paths = [row["path"] for row in csv.DictReader(rows)
+                 if row["split"] == "val"][:PARITY_IMAGES]
+    images = [x.image for batch in predictor.prepare_many(paths) for x in batch
+              if not hasattr(x, "error")]
+    if images:
+        return np.stack(images)
+    size = predictor.image_size
+    return np.random.default_rng(0).integers(0, 256, (8, size, size), dtype=np.uint8)
