@@ -59,7 +59,7 @@ def test_train_evaluate_predict(tiny_data, tmp_path, capsys):
     assert len(good) == 1 + len(list((tiny_data / "COVID").glob("*.png")))
     assert all(0 <= float(r["probability"]) <= 1 and r["label"] in ("COVID", "NON-COVID")
                for r in good)
-    assert {r["synthetic_data"] for r in rows} == {"1"}
+    assert {r["synthetic_data"] for r in rows} == {"True"}
 
     code, out, _ = run_cli(["predict", run, inputs / "good.png", "--json"], capsys)
     assert code == 0

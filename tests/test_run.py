@@ -122,9 +122,12 @@ def test_every_row_is_written_whatever_the_file_name(tiny_run, tiny_data, tmp_pa
     shutil.copy(sorted((tiny_data / "COVID").glob("*.png"))[0], odd)
     normal = tmp_path / "plain.png"
     shutil.copy(sorted((tiny_data / "COVID").glob("*.png"))[1], normal)
-    results = covidxray.predict(tiny_run, [tmp_path], csv=tmp_path / "out.csv")
+    from covidxray.api import score
+    done = score(tiny_run, [tmp_path], tmp_path / "out.csv")
     rows = list(csv.DictReader(open(tmp_path / "out.csv", encoding="utf-8")))
-    assert len(rows) == len(results) == 2 and all(r["probability"] for r in rows)
+    assert len(rows) == done["scored"] == 2 and all(r["probability"] for r in rows)
+    again = score(tiny_run, [tmp_path], tmp_path / "out.csv")  # the odd name is found again
+    assert again["scored"] == 0 and again["already_done"] == 2
     assert any("scan-" in r["path"] and "\\udcff" in r["path"] for r in rows)
 
 

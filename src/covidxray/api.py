@@ -57,22 +57,31 @@ def load(run: str | Path):
     return Predictor.load(run)
 
 
-def predict(run: str | Path, paths, batch_size: int = 32, csv: str | Path | None = None,
+def predict(run: str | Path, paths, batch_size: int = 32,
             heatmaps: str | Path | None = None, alpha: float = EVALUATION.heatmap_alpha) -> list:
-    """Predict files and folders (recursive) with a run; an unreadable file comes back with
-    ``error`` set. ``csv``: also write the results there; ``heatmaps``: a folder for Grad-CAM
-    overlays (``<name>_gradcam.png``)."""
-    from covidxray.run.predictor import Predictor, collect_paths, write_predictions_csv
+    """Predict files and folders (recursive) with a run (or an exported model); an unreadable
+    file comes back with ``error`` set. ``heatmaps``: a folder for Grad-CAM overlays
+    (``<name>_gradcam.png``). For an archive, ``score`` writes results as it goes instead."""
+    from covidxray.run.predictor import Predictor, collect_paths
     if isinstance(paths, (str, Path)):
         paths = [paths]
     predictor = Predictor.load(run)
     results = predictor.predict_paths(collect_paths(paths), batch_size=batch_size,
                                       heatmaps=heatmaps is not None)
-    if csv is not None:
-        write_predictions_csv(csv, results, predictor.metadata)
     if heatmaps is not None:
         _write_overlays(results, heatmaps, alpha)
     return results
+
+
+def score(run: str | Path, sources, out: str | Path, engine: str = "local",
+          address: str | None = None, workers: int = 2, batch_size: int = 32,
+          quiet: bool = False, chunk: int = 256) -> dict:
+    """Score every file of ``sources`` (folders, CSV lists of paths, files) into ``out`` (a
+    .csv file or a .parquet folder), ``chunk`` rows at a time as it goes; run again, it skips
+    the files already there. ``engine``: "local" (this process) or "ray" (Ray Data: this
+    machine, or the cluster at ``address``; ``workers`` actors each load the model once)."""
+    from covidxray.deploy.batch import score as score_archive
+    return score_archive(run, sources, out, engine, address, workers, batch_size, quiet, chunk)
 
 
 def _write_overlays(predictions, folder: str | Path, alpha: float) -> None:

@@ -281,7 +281,25 @@ def cmd_apikey(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    results = api.predict(args.run, args.paths, batch_size=args.batch_size, csv=args.csv,
+    out = args.out or args.csv
+    if out is not None:
+        if args.explain or args.json:
+            raise UsageError("--out/--csv writes an archive's results to a file; --explain and "
+                             "--json are for a table of a few images")
+        done = api.score(args.run, args.paths, out, engine=args.engine, address=args.address,
+                         workers=args.workers, batch_size=args.batch_size)
+        print(f"{done['files']} files: {done['scored']} scored now ({done['errors']} could not "
+              f"be read), {done['already_done']} already in {out}; {done['files_per_s']} "
+              f"files/s")
+        for path, reason in done["error_examples"]:
+            print(f"error: {path}: {reason}", file=sys.stderr)
+        if done["errors"] > len(done["error_examples"]):
+            print(f"error: {done['errors']} files in all could not be read: their rows in {out} "
+                  f"say why", file=sys.stderr)
+        return 1 if done["errors"] else 0
+    if args.engine != "local":
+        raise UsageError("--engine ray scores an archive into a file: give --out")
+    results = api.predict(args.run, args.paths, batch_size=args.batch_size,
                           heatmaps=args.explain)
     if not results:
         raise UsageError(f"no image files found in {' '.join(map(str, args.paths))}")
@@ -392,11 +410,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     p.set_defaults(func=cmd_crossval)
 
-    p = commands.add_parser("predict", help="P(COVID) and label for images and folders")
-    p.add_argument("run")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (recursive)")
+    p = commands.add_parser("predict", help="P(COVID) and label for images, folders, archives")
+    p.add_argument("run", help="a run folder, or a model exported with 'covidxray export'")
+    p.add_argument("paths", nargs="+", metavar="SOURCE",
+                   help="image files, folders (recursive), or CSV lists of paths")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--csv", metavar="FILE", help="also write the results to a CSV file")
+    p.add_argument("--out", metavar="FILE",
+                   help="write one row per file to a .csv file or a .parquet folder as it goes "
+                        "(no table); run again, it scores only the files not there yet")
+    p.add_argument("--csv", metavar="FILE", help="the same as --out FILE.csv")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="with --out: this process (default), or Ray Data "
+                        "(pip install 'covidxray[ray]')")
+    p.add_argument("--address", help="with --engine ray: a Ray cluster (default: this machine)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="with --engine ray: scoring actors, each with the model loaded once "
+                        "(default %(default)s)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--explain", metavar="DIR", help="also write Grad-CAM overlays to DIR")
     p.set_defaults(func=cmd_predict)

@@ -6,6 +6,7 @@ on the input's own pixels). Prediction, serving, explanation and evaluation all 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Prediction:
     ood: bool | None = None  # None: the run has no out-of-distribution gate
     ood_reason: str | None = None
     error: str | None = None
+    input_sha256: str | None = None  # of the file's bytes (an array's pixels); None: unread
     # with heat maps asked for: Grad-CAM in [0, 1] on the input's own pixels (zero on the band
     # the run's crop removes), and the input as the model read it, gray in [0, 1]
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -55,6 +57,40 @@ class Prepared:
     image: np.ndarray  # (size, size) uint8: the model's input
     gray: np.ndarray  # the decoded input, 2-D float32 in [0, 1], bone bright
     colourfulness: float  # an X-ray has none
+    sha256: str  # of the file's bytes, or of an array's pixels
+
+
+def prepare_input(source, preprocessing: Preprocessing, name: str | None = None,
+                  max_pixels: int | None = None) -> Prepared:
+    """The one place an input becomes a model's input: ``source`` a path, the bytes of a file
+    (``name`` names it in errors) or an array (``imageio.decode_array``). Raises
+    ``ImageReadError`` naming the input and the reason (with the ``sha256`` of what was read,
+    when something was)."""
+    if isinstance(source, np.ndarray):
+        name = name or ARRAY_NAME
+        sha256 = hashlib.sha256(np.ascontiguousarray(source).tobytes()).hexdigest()
+        try:
+            decoded = decode_array(source)
+        except ValueError as error:
+            raise ImageReadError(name, str(error)) from error
+        return Prepared(name, prepare(decoded.gray, preprocessing), decoded.gray,
+                        decoded.colourfulness, sha256)
+    if isinstance(source, (bytes, bytearray)):
+        name, data = name or "<bytes>", bytes(source)
+    else:
+        name = name or str(source)
+        try:
+            data = Path(source).read_bytes()
+        except OSError as exc:
+            raise ImageReadError(name, f"cannot read file ({exc.strerror or exc})") from exc
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        decoded = decode(name, data, max_pixels)
+    except ImageReadError as error:
+        error.sha256 = sha256
+        raise
+    return Prepared(name, prepare(decoded.gray, preprocessing), decoded.gray,
+                    decoded.colourfulness, sha256)
 
 
 def collect_paths(inputs) -> list[str]:
@@ -140,23 +176,8 @@ class Predictor:
 
     def prepare(self, source, name: str | None = None,
                 max_pixels: int | None = None) -> Prepared:
-        """The one place an input becomes the model's input: ``source`` a path, the bytes of a
-        file (``name`` names it in errors) or an array (``imageio.decode_array``). Raises
-        ``ImageReadError`` naming the input and the reason."""
-        if isinstance(source, np.ndarray):
-            name = name or ARRAY_NAME
-            try:
-                decoded = decode_array(source)
-            except ValueError as error:
-                raise ImageReadError(name, str(error)) from error
-        elif isinstance(source, (bytes, bytearray)):
-            name = name or "<bytes>"
-            decoded = decode(name, bytes(source), max_pixels)
-        else:
-            name = name or str(source)
-            decoded = decode(source, max_pixels=max_pixels)
-        return Prepared(name, prepare(decoded.gray, self.preprocessing), decoded.gray,
-                        decoded.colourfulness)
+        """``prepare_input`` with this run's preprocessing: the one path to its model."""
+        return prepare_input(source, self.preprocessing, name, max_pixels)
 
     def declared_pixels(self, data: bytes, name: str = "<bytes>") -> int:
         """The pixel count a file's header declares, without decoding it (0: no readable
@@ -212,7 +233,8 @@ class Predictor:
                 path=item.name, probability=float(score),
                 label=self.metadata.label_of(float(score)), positive=bool(score >= self.threshold),
                 ood=None if verdict is None else verdict.ood,
-                ood_reason=None if verdict is None else verdict.reason or None)
+                ood_reason=None if verdict is None else verdict.reason or None,
+                input_sha256=item.sha256)
             if heatmaps:
                 prediction.heatmap = uncrop(cam, item.gray.shape, self.preprocessing.crop)
                 prediction.image = item.gray
@@ -231,7 +253,8 @@ class Predictor:
             try:
                 return self.prepare(sources[index], names[index], max_pixels)
             except ImageReadError as error:
-                return Prediction(path=error.path, error=error.reason)
+                return Prediction(path=error.path, error=error.reason,
+                                  input_sha256=getattr(error, "sha256", None))
 
         starts = range(0, len(sources), batch_size)
         with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -285,23 +308,3 @@ def format_predictions(predictions: list[Prediction], metadata: RunMetadata) -> 
     if any(p.ood for p in predictions):
         lines.append("Out-of-distribution images: their probability is shown but means nothing.")
     return "\n".join(lines)
-
-
-def write_predictions_csv(path: str | Path, predictions: list[Prediction],
-                          metadata: RunMetadata) -> None:
-    """One row per input, written atomically; a file name that is not valid UTF-8 is written
-    with backslash escapes for its odd bytes, so no row is ever lost to it."""
-    import csv
-    import io
-
-    from covidxray.fileutil import write_text_atomic
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "probability", "label", "positive", "ood", "ood_reason", "error",
-                     "model_id", "synthetic_data"])
-    for p in predictions:
-        writer.writerow([p.path, "" if p.probability is None else f"{p.probability:.6f}",
-                         p.label or "", "" if p.positive is None else int(p.positive),
-                         "" if p.ood is None else int(p.ood), p.ood_reason or "", p.error or "",
-                         metadata.model_id, int(metadata.synthetic_data)])
-    write_text_atomic(path, buffer.getvalue(), errors="backslashreplace")

@@ -200,8 +200,9 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
         finally:
             admission.release()
         request_id = uuid.uuid4().hex
-        records.record([Served(request_id, meta.model_id, hashlib.sha256(data).hexdigest(),
-                               p.path, p.probability, p.label, p.ood, p.error, key_id)
+        records.record([Served(request_id, meta.model_id,
+                               p.input_sha256 or hashlib.sha256(data).hexdigest(), p.path,
+                               p.probability, p.label, p.ood, p.error, key_id)
                         for p, data in zip(predictions, contents)])
         for p in predictions:
             if p.error:

@@ -1,0 +1,284 @@
+"""Scoring an archive: every file of some folders and lists, one result row each, written as it
+goes and resumed where it stopped.
+
+Results go to a CSV file (appended and flushed a chunk at a time) or a Parquet dataset (a folder
+of part files, each written to a temporary name and renamed). Running the same command again
+reads the paths already there and scores only the others, so a killed job resumes and each
+file ends up in the output exactly once. Memory does not grow with the archive: results leave
+a chunk at a time.
+
+``engine="local"``: this process, decoding in threads while the model runs. ``engine="ray"``:
+Ray Data (``pip install covidxray[ray]``) on this machine (``ray.init()``) or on a cluster
+(``address``): decoding in parallel tasks, scoring in a pool of actors that each load the model
+once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import time
+from pathlib import Path
+
+from covidxray.fileutil import atomic_path
+from covidxray.run.predictor import Prediction, Predictor, collect_paths, prepare_input
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("path", "input_sha256", "probability", "label", "positive", "ood", "ood_reason",
+           "error", "model_id", "synthetic_data")
+CHUNK = 256  # rows written at a time
+ERROR_EXAMPLES = 20  # unreadable files named in the summary (all are in the output)
+
+
+def input_paths(sources) -> list[str]:
+    """The files of ``sources``: folders (searched recursively), CSV lists of paths (column
+    ``path`` or ``file``, relative to the list), or image files."""
+    paths = []
+    for source in map(Path, sources):
+        if source.is_file() and source.suffix.lower() == ".csv":
+            with open(source, newline="") as handle:
+                for row in csv.DictReader(handle):
+                    value = row.get("path") or row.get("file") or ""
+                    if value:
+                        path = Path(value)
+                        paths.append(str(path if path.is_absolute() else source.parent / path))
+        else:
+            paths += collect_paths([source])
+    return paths
+
+
+def key(path: str) -> str:
+    """A path as it can be stored (a name that is not valid UTF-8 keeps its odd bytes as
+    backslash escapes): what resuming compares."""
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def row_of(prediction: Prediction, metadata) -> dict:
+    """A result row: the prediction, and which model made it (trained on synthetic data?)."""
+    values = prediction.to_dict()
+    return {**{name: values.get(name) for name in COLUMNS}, "path": key(prediction.path),
+            "model_id": metadata.model_id, "synthetic_data": metadata.synthetic_data}
+
+
+class CsvResults:
+    """Results appended to a CSV file; a line cut short by a kill is dropped on resume."""
+
+    def __init__(self, path: Path, model_id: str):
+        self.path = path
+        self.done = set()
+        if path.is_file() and path.stat().st_size:
+            data = path.read_bytes()
+            if not data.endswith(b"\n"):  # the last row was being written when it stopped
+                with open(path, "r+b") as handle:
+                    handle.truncate(data.rfind(b"\n") + 1)
+            with open(path, newline="", encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle))
+            _check_model(path, {r["model_id"] for r in rows}, model_id)
+            self.done = {r["path"] for r in rows}
+        else:
+            with atomic_path(path) as tmp:
+                tmp.write_text(",".join(COLUMNS) + "\n", encoding="utf-8")
+
+    def write(self, rows: list[dict]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+class ParquetResults:
+    """Results as a Parquet dataset: a folder of ``part-NNNNNN.parquet`` files, each complete
+    once it has its name."""
+
+    def __init__(self, folder: Path, model_id: str):
+        import pyarrow.parquet as pq
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = sorted(folder.glob("part-*.parquet"))
+        tables = [pq.read_table(part, columns=["path", "model_id"]) for part in parts]
+        _check_model(folder, {m for t in tables for m in t.column("model_id").to_pylist()},
+                     model_id)
+        self.done = {p for t in tables for p in t.column("path").to_pylist()}
+        self.next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=-1)
+
+    def write(self, rows: list[dict]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        table = pa.Table.from_pylist(rows, schema=result_schema())
+        target = self.folder / f"part-{self.next_part:06d}.parquet"
+        with atomic_path(target, suffix=".parquet") as tmp:
+            pq.write_table(table, tmp)
+        self.next_part += 1
+
+
+def result_schema():
+    import pyarrow as pa
+    return pa.schema([("path", pa.string()), ("input_sha256", pa.string()),
+                      ("probability", pa.float64()), ("label", pa.string()),
+                      ("positive", pa.bool_()), ("ood", pa.bool_()),
+                      ("ood_reason", pa.string()), ("error", pa.string()),
+                      ("model_id", pa.string()), ("synthetic_data", pa.bool_())])
+
+
+def _check_model(where: Path, found: set, model_id: str) -> None:
+    others = found - {model_id}
+    if others:
+        raise ValueError(f"{where} holds results of another model ({', '.join(sorted(others))}"
+                         f"); write this model's to another file")
+
+
+def open_results(out: str | Path, model_id: str):
+    out = Path(out)
+    if out.suffix.lower() == ".csv":
+        return CsvResults(out, model_id)
+    if out.suffix.lower() == ".parquet":
+        return ParquetResults(out, model_id)
+    raise ValueError(f"{out}: results go to a .csv file or a .parquet folder")
+
+
+class Progress:
+    """Files done and files/s, on a terminal as a bar (tqdm), else a log line a minute."""
+
+    def __init__(self, total: int, quiet: bool):
+        import sys
+        self.total, self.done, self.started, self.logged = total, 0, time.monotonic(), 0.0
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="file", desc="scored")
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif time.monotonic() - self.logged > 60 or self.done == self.total:
+            self.logged = time.monotonic()
+            rate = self.done / max(1e-9, self.logged - self.started)
+            log.info("scored %d of %d files (%.1f files/s)", self.done, self.total, rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def score(run: str | Path, sources, out: str | Path, engine: str = "local",
+          address: str | None = None, workers: int = 2, batch_size: int = 32,
+          quiet: bool = False, chunk: int = CHUNK) -> dict:
+    """Score every file of ``sources`` with ``run`` (a run folder or an exported model) into
+    ``out``, skipping the files already there, ``chunk`` rows written at a time; returns the
+    counts and the rate."""
+    from covidxray.run.metadata import METADATA_FILE, RunMetadata
+    model_id = RunMetadata.load(Path(run) / METADATA_FILE).model_id
+    results = open_results(out, model_id)
+    paths = input_paths(sources)
+    todo = [p for p in paths if key(p) not in results.done]
+    progress = Progress(len(todo), quiet)
+    started = time.monotonic()
+    counts = {"files": len(paths), "already_done": len(paths) - len(todo), "scored": 0,
+              "errors": 0}
+    examples = []  # the first files that could not be read, to name them
+    chunks = (_score_on_ray(run, todo, address, workers, batch_size, chunk) if engine == "ray"
+              else _score_locally(run, todo, batch_size, chunk) if engine == "local"
+              else _unknown(engine))
+    try:
+        for rows in chunks:
+            results.write(rows)
+            counts["scored"] += len(rows)
+            failed = [(r["path"], r["error"]) for r in rows if r["error"]]
+            counts["errors"] += len(failed)
+            examples += failed[:ERROR_EXAMPLES - len(examples)]
+            progress.update(len(rows))
+    finally:
+        progress.close()
+    seconds = time.monotonic() - started
+    return {**counts, "error_examples": examples, "seconds": round(seconds, 1),
+            "files_per_s": round(counts["scored"] / seconds, 2) if seconds else None,
+            "out": str(out), "model_id": model_id}
+
+
+def _unknown(engine: str):
+    raise ValueError(f"unknown engine {engine!r}: local or ray")
+
+
+def _score_locally(run, todo: list[str], batch_size: int, chunk: int):
+    predictor = Predictor.load(run)
+    for start in range(0, len(todo), chunk):
+        yield [row_of(p, predictor.metadata) for p in predictor.predict_many(
+            todo[start:start + chunk], batch_size=batch_size)]
+
+
+def _score_on_ray(run, todo: list[str], address: str | None, workers: int, batch_size: int,
+                  chunk: int):
+    try:
+        import ray
+    except ImportError as exc:
+        raise RuntimeError("--engine ray needs Ray: pip install 'covidxray[ray]'") from exc
+    from covidxray.run.metadata import METADATA_FILE, RunMetadata
+    metadata = RunMetadata.load(Path(run) / METADATA_FILE)
+    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False,
+             log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        dataset = ray.data.from_items([{"path": p} for p in todo])
+        decoded = dataset.map_batches(_decode, fn_kwargs={
+            "preprocessing": metadata.preprocessing}, batch_size=batch_size,
+            batch_format="pyarrow")
+        scored = decoded.map_batches(_Score, fn_constructor_kwargs={"run": str(run)},
+                                     batch_size=batch_size, concurrency=workers,
+                                     batch_format="pyarrow")
+        for batch in scored.iter_batches(batch_size=chunk, batch_format="pyarrow"):
+            yield batch.to_pylist()
+    finally:
+        ray.shutdown()
+
+
+def _decode(batch, preprocessing):
+    """Ray stage 1, in parallel tasks: files -> the model's input (or why they cannot be
+    read)."""
+    import pyarrow as pa
+    rows = []
+    for path in batch.column("path").to_pylist():
+        try:
+            item = prepare_input(path, preprocessing)
+            rows.append({"path": path, "image": item.image.tobytes(),
+                         "colourfulness": item.colourfulness, "sha256": item.sha256,
+                         "error": None})
+        except Exception as error:  # ImageReadError; anything else is this file's too
+            rows.append({"path": path, "image": None, "colourfulness": 0.0,
+                         "sha256": getattr(error, "sha256", None),
+                         "error": getattr(error, "reason", str(error))})
+    return pa.Table.from_pylist(rows)
+
+
+class _Score:
+    """Ray stage 2: an actor that loads the model once and scores every batch it is given."""
+
+    def __init__(self, run: str):
+        self.predictor = Predictor.load(run)
+
+    def __call__(self, batch):
+        import numpy as np
+        import pyarrow as pa
+
+        from covidxray.run.predictor import Prepared
+        size = self.predictor.image_size
+        rows, items, positions = batch.to_pylist(), [], []
+        for index, row in enumerate(rows):
+            if row["error"] is None:
+                image = np.frombuffer(row["image"], np.uint8).reshape(size, size)
+                # the decoded original stays in the task: no heat maps are made here
+                items.append(Prepared(row["path"], image, image / 255.0, row["colourfulness"],
+                                      row["sha256"]))
+                positions.append(index)
+        predictions = dict(zip(positions, self.predictor.predict_items(items)))
+        metadata = self.predictor.metadata
+        out = [row_of(predictions[i], metadata) if i in predictions else
+               row_of(Prediction(path=row["path"], error=row["error"],
+                                 input_sha256=row["sha256"]), metadata)
+               for i, row in enumerate(rows)]
+        return pa.Table.from_pylist(out, schema=result_schema())

@@ -1,0 +1,103 @@
+"""Scoring an archive: one row per file, written as it goes, resumed after a kill with each file
+scored exactly once; locally and on a local Ray."""
+
+import csv
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import CXR_DEV
+
+from covidxray.api import score
+
+
+def archive(folder, tiny_data, n_real=24):
+    """Real X-rays (where the shared data is present) and drawn ones, with broken files among
+    them, in nested folders; and a CSV list naming some of them."""
+    folder.mkdir()
+    (folder / "a").mkdir()
+    (folder / "b" / "c").mkdir(parents=True)
+    real = sorted(CXR_DEV.glob("*/*.png"))[::97][:n_real] if CXR_DEV.exists() else []
+    for index, path in enumerate(real + sorted(tiny_data.rglob("*.png"))):
+        shutil.copy(path, folder / ("a", "b/c")[index % 2] / f"{index:03d}.png")
+    (folder / "a" / "notes.png").write_text("not an image")
+    (folder / "b" / "empty.dcm").write_bytes(b"")
+    return folder
+
+
+def rows_of(out):
+    if out.suffix == ".csv":
+        return list(csv.DictReader(open(out, encoding="utf-8")))
+    import pyarrow.dataset as ds
+    return ds.dataset(out, format="parquet").to_table().to_pylist()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_local_scoring_resumes_after_a_cut(tiny_run, tiny_data, tmp_path, suffix):
+    files = archive(tmp_path / "in", tiny_data)
+    out = tmp_path / f"results{suffix}"
+    first = score(tiny_run, [files], out, chunk=8)
+    rows = rows_of(out)
+    assert len(rows) == first["scored"] == first["files"] and first["errors"] == 2
+    assert {r["path"].rsplit("/", 1)[1] for r in rows if r["error"]} == {"notes.png",
+                                                                           "empty.dcm"}
+    assert all(len(r["input_sha256"]) == 64 for r in rows if r["path"].endswith("0.png"))
+    if suffix == ".csv":  # a kill while a row was written: its line is cut short
+        text = out.read_text()
+        out.write_text(text[:text.rstrip("\n").rfind("\n") + 20])
+    else:  # a kill before the last part was renamed into place
+        sorted(out.glob("part-*.parquet"))[-1].unlink()
+    again = score(tiny_run, [files], out, chunk=8)
+    assert 0 < again["scored"] < first["scored"]
+    assert again["already_done"] + again["scored"] == again["files"]
+    paths = [r["path"] for r in rows_of(out)]
+    assert sorted(paths) == sorted(set(paths)) and len(paths) == first["files"]
+
+
+def test_a_list_of_paths_and_another_models_results(tiny_run, tiny_data, tmp_path):
+    files = sorted((tiny_data / "COVID").glob("*.png"))[:3]
+    listing = tmp_path / "list.csv"
+    listing.write_text("path\n" + "\n".join(str(f) for f in files) + "\n")
+    out = tmp_path / "r.csv"
+    assert score(tiny_run, [listing], out)["scored"] == 3
+    text = out.read_text().replace(rows_of(out)[0]["model_id"], "another-model")
+    out.write_text(text)
+    with pytest.raises(ValueError, match="another model"):
+        score(tiny_run, [listing], out)
+
+
+KILLABLE = """
+import sys
+from covidxray.api import score
+score(sys.argv[1], [sys.argv[2]], sys.argv[3], engine="ray", workers=2, batch_size=4, chunk=8,
+      quiet=True)
+"""
+
+
+@pytest.mark.slow
+def test_ray_scoring_killed_half_way_resumes_each_file_once(tiny_run, tiny_data, tmp_path):
+    pytest.importorskip("ray")
+    files = archive(tmp_path / "in", tiny_data)
+    out = tmp_path / "results.parquet"
+    process = subprocess.Popen([sys.executable, "-c", KILLABLE, str(tiny_run), str(files),
+                                str(out)], start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(list(out.glob("part-*.parquet"))) < 2:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)  # the job, half way
+    process.wait()
+    # the local Ray cluster the killed job started, left behind
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+                   capture_output=True, check=False)
+    written = len(rows_of(out))
+    done = score(tiny_run, [files], out, engine="ray", workers=2, batch_size=4, chunk=8,
+                 quiet=True)
+    rows = rows_of(out)
+    paths = [r["path"] for r in rows]
+    assert written > 0 and done["already_done"] == written
+    assert len(paths) == len(set(paths)) == done["files"]  # each file exactly once
+    assert sum(bool(r["error"]) for r in rows) == 2
+    assert all(0 <= r["probability"] <= 1 for r in rows if not r["error"])
