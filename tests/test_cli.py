@@ -95,29 +95,6 @@ def test_offline_imagenet_error_from_cli(tiny_data, tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.slow
-def test_end_to_end_under_jax_backend(tiny_data, tmp_path):
-    pytest.importorskip("jax")
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
-    run = tmp_path / "run"
-    cli = [sys.executable, "-m", "covidxray"]
-    # XLA compiles once per batch shape and layer mix: full batches (10 of 20 training
-    # images), no augmentation layers and no head phase keep the compiling to seconds
-    jax_args = [*TRAIN_ARGS, "--batch-size", "10", "--head-epochs", "0", "--no-augment"]
-    subprocess.run([*cli, "train", str(tiny_data), "--out", str(run), *jax_args], env=env,
-                   check=True, capture_output=True, timeout=900)
-    assert json.loads((run / "metadata.json").read_text())["backend"] == "jax"
-    evaluated = subprocess.run([*cli, "evaluate", str(run), "--bootstrap", "50"], env=env,
-                               capture_output=True, text=True, timeout=300)
-    assert evaluated.returncode == 0, evaluated.stderr
-    bad = add_bad_files(tmp_path / "in")
-    predicted = subprocess.run([*cli, "predict", str(run), str(bad), str(tiny_data / "COVID"),
-                                "--json"], env=env, capture_output=True, text=True, timeout=300)
-    assert predicted.returncode == 1
-    results = json.loads(predicted.stdout)["predictions"]
-    assert sum(r["error"] is None for r in results) == len(list((tiny_data / "COVID").iterdir()))
-
-
-@pytest.mark.slow
 @pytest.mark.skipif(not CXR_DEV.exists(), reason="../shared/data/cxr-dev not present")
 def test_end_to_end_on_real_xrays(tmp_path, capsys):
     """A small stratified sample of cxr-dev through train -> evaluate -> predict."""

@@ -59,6 +59,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dropout", type=float, default=GIVEN, help=f"default {d['dropout']}")
     model.add_argument("--mixed-precision", choices=("auto", "on", "off"), default=GIVEN,
                        help="bfloat16 compute: auto = on a GPU only (default auto)")
+    model.add_argument("--distribute", action="store_true", default=GIVEN,
+                       help="train data parallel on every accelerator (and every host with "
+                            "jax's multi-process settings) on the jax backend; --batch-size is "
+                            "the global batch")
     fit = parser.add_argument_group("training")
     fit.add_argument("--batch-size", type=int, default=GIVEN, help=f"default {d['batch_size']}")
     fit.add_argument("--head-epochs", type=int, default=GIVEN,

@@ -112,6 +112,8 @@ class TrainConfig:
     image_cache: str | None = None  # with stream: keep decoded, resized images here
     workers: int = 2
     mixed_precision: str = "auto"  # bfloat16 on a GPU; "on" or "off" to choose
+    # data parallel over every accelerator (and host) on the jax backend; batch_size is global
+    distribute: bool = False
     class_weights: bool = True  # each class weighs the same in the loss
     # and, first, each source's classes weigh the same within that source
     source_balance: bool = False

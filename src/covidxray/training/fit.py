@@ -24,6 +24,7 @@ from covidxray.data.split import assign_splits, patients_across_splits, read_spl
     write_split_csv
 from covidxray.model.accelerator import precision_for_hardware
 from covidxray.model.network import build_model, stage_prefixes, unfreeze_top_stages
+from covidxray.training.distribute import data_parallel
 from covidxray.training.features import trunk_split
 from covidxray.training.finalize import finalize_run
 from covidxray.training.phases import Phase, best_weights_file, checkpoint_folder, fit_phase, \
@@ -73,17 +74,18 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     config.save(run / "config.json")
     splits = Splits(dataset, records, hashes, _load_split(records, "train", config),
                     _load_split(records, "val", config))
-    with precision_for_hardware(config.mixed_precision) as policy:
+    with precision_for_hardware(config.mixed_precision) as policy, \
+            data_parallel(config.distribute, config.batch_size) as devices:
         model = build_model(config.image_size, config.backbone, config.weights, config.dropout,
                             config.augment, config.seed)
-        _train_phases(model, config, splits, run, verbose)
+        _train_phases(model, config, splits, run, verbose, whole_batches=devices > 1)
         finalize_run(model, config, splits, run, policy)
     shutil.rmtree(checkpoint_folder(run), ignore_errors=True)
     return run
 
 
 def _train_phases(model: keras.Model, config: TrainConfig, splits: Splits, run: Path,
-                  verbose) -> None:
+                  verbose, whole_batches: bool = False) -> None:
     """Phase 1 (head, frozen backbone) then phase 2 (top stages); the model ends with the
     weights of its best validation epoch. A phase checkpointed as done is not run again."""
     best = None
@@ -98,8 +100,11 @@ def _train_phases(model: keras.Model, config: TrainConfig, splits: Splits, run: 
                                 freeze_batchnorm=config.weights.lower() != "none")
         log.info("phase %d (%s): %d epochs at learning rate %g", phase.number, phase.name,
                  phase.epochs, phase.learning_rate)
-        best = fit_phase(_fitting(model, phase, config, splits), phase, classifier=model,
-                         config=config, run=run, best_so_far=best, verbose=verbose)
+        fitting = _fitting(model, phase, config, splits)
+        # split over devices, every batch must be whole: the rest of an epoch waits its turn
+        fitting.batches.drop_remainder = whole_batches
+        best = fit_phase(fitting, phase, classifier=model, config=config, run=run,
+                         best_so_far=best, verbose=verbose)
     if best_weights_file(run).exists():
         with warnings.catch_warnings():  # the saved optimizer state is of no use from here on
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")

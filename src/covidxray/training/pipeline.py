@@ -30,7 +30,48 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng((seed, epoch)).permutation(n)
 
 
-class ImageSequence(keras.utils.PyDataset):
+class EpochBatches(keras.utils.PyDataset):
+    """Batches of items drawn in an order that depends on the seed and the epoch alone (or
+    in the given order, without ``shuffle``), with their targets and optional sample weights;
+    ``batch(chosen)`` says what the items are."""
+
+    def __init__(self, targets, batch_size: int, seed: int, shuffle: bool = True,
+                 sample_weights: np.ndarray | None = None, **pydataset_options):
+        super().__init__(**pydataset_options)
+        self.targets = np.asarray(targets, dtype=np.float32)
+        self.sample_weights = sample_weights
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0  # set it to start at another epoch (a resumed run)
+        # whole batches only (split over devices); the shuffled rest waits for a later epoch
+        self.drop_remainder = False
+
+    @property
+    def order(self) -> np.ndarray:
+        """This epoch's order of the items."""
+        if not self.shuffle:
+            return np.arange(len(self.targets))
+        return epoch_order(len(self.targets), self.seed, self.epoch)
+
+    def __len__(self) -> int:
+        whole = len(self.targets) // self.batch_size
+        return whole if self.drop_remainder and whole else \
+            math.ceil(len(self.targets) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        batch = (self.inputs(chosen), self.targets[chosen])
+        return batch if self.sample_weights is None else (*batch, self.sample_weights[chosen])
+
+    def inputs(self, chosen: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+
+
+class ImageSequence(EpochBatches):
     """Batches ``(images (b, size, size, 1) uint8, targets (b,) float32)`` from files, or from
     images already prepared and held in memory (``items`` an (n, size, size) uint8 array).
 
@@ -43,36 +84,18 @@ class ImageSequence(keras.utils.PyDataset):
     def __init__(self, items, targets, spec: int | Preprocessing, batch_size: int = 32,
                  shuffle: bool = False, seed: int = 0, cache_dir: str | Path | None = None,
                  workers: int = 2, augment=None, sample_weights: np.ndarray | None = None):
-        super().__init__(workers=workers, use_multiprocessing=False)
+        super().__init__(targets, batch_size, seed, shuffle, sample_weights, workers=workers,
+                         use_multiprocessing=False)
         if len(items) != len(targets):
             raise ValueError(f"{len(items)} images but {len(targets)} targets")
         self.images = items if isinstance(items, np.ndarray) else None
         self.paths = None if self.images is not None else [str(p) for p in items]
         self.augment = augment
-        self.targets = np.asarray(targets, dtype=np.float32)
-        self.sample_weights = sample_weights
         self.preprocessing = as_preprocessing(spec)
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
         self.cache_dir = Path(cache_dir) / self.preprocessing.name if cache_dir else None
-        self.epoch = 0  # set it to start at another epoch (a resumed run)
 
-    @property
-    def order(self) -> np.ndarray:
-        """This epoch's order of the items."""
-        if not self.shuffle:
-            return np.arange(len(self.targets))
-        return epoch_order(len(self.targets), self.seed, self.epoch)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.targets) / self.batch_size)
-
-    def __getitem__(self, index: int):
-        chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-        images = np.stack([self.image(i) for i in chosen])
-        batch = (images[..., None], self.targets[chosen])
-        return batch if self.sample_weights is None else (*batch, self.sample_weights[chosen])
+    def inputs(self, chosen: np.ndarray) -> np.ndarray:
+        return np.stack([self.image(i) for i in chosen])[..., None]
 
     def image(self, i: int) -> np.ndarray:
         """Image ``i`` as the model gets it this epoch."""
@@ -81,9 +104,6 @@ class ImageSequence(keras.utils.PyDataset):
             return image
         return augment_prepared(image, self.augment,
                                 np.random.default_rng((self.seed, self.epoch, int(i))))
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
 
     def load(self, path: str) -> np.ndarray:
         """One prepared image, from the decoded-image cache when it holds it."""
@@ -102,31 +122,17 @@ class ImageSequence(keras.utils.PyDataset):
         return image
 
 
-class ViewBatches(keras.utils.PyDataset):
+class ViewBatches(EpochBatches):
     """Batches ``(views[e][batch], targets[batch])`` where epoch ``e`` takes its own view of
     every item (the last one again once they run out), shuffled per epoch from ``seed``; for
     training on precomputed augmented views, one fresh view per epoch."""
 
     def __init__(self, views: list[np.ndarray], targets, batch_size: int = 32, seed: int = 0,
                  sample_weights: np.ndarray | None = None):
-        super().__init__()
-        if not views or any(len(v) != len(targets) for v in views):
+        super().__init__(targets, batch_size, seed, True, sample_weights)
+        if not views or any(len(v) != len(self.targets) for v in views):
             raise ValueError("every view needs one row per target")
         self.views = views
-        self.targets = np.asarray(targets, dtype=np.float32)
-        self.sample_weights = sample_weights
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0  # set it to start at another epoch (a resumed run)
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.targets) / self.batch_size)
-
-    def __getitem__(self, index: int):
-        order = epoch_order(len(self.targets), self.seed, self.epoch)
-        chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
-        batch = (self.views[min(self.epoch, len(self.views) - 1)][chosen], self.targets[chosen])
-        return batch if self.sample_weights is None else (*batch, self.sample_weights[chosen])
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
+    def inputs(self, chosen: np.ndarray) -> np.ndarray:
+        return self.views[min(self.epoch, len(self.views) - 1)][chosen]
