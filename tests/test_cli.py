@@ -68,6 +68,21 @@ def test_train_evaluate_predict(tiny_data, tmp_path, capsys):
     assert "Not a medical device" in result["notice"]
 
 
+def test_evaluate_and_audit_json_is_all_that_stdout_holds(own_run, tiny_data, tmp_path,
+                                                          capsys):
+    code, out, _ = run_cli(["evaluate", own_run, "--bootstrap", "20", "--shortcut-images",
+                            "0", "--json", "--quiet"], capsys)
+    metrics = json.loads(out)
+    assert code == 0 and metrics == json.loads((own_run / "metrics.json").read_text())
+    assert 0 <= metrics["overall"]["metrics"]["roc_auc"]["value"] <= 1
+
+    code, out, _ = run_cli(["audit", tiny_data, "--out", tmp_path / "audit.json", "--json",
+                            "--fail-on", "duplicate"], capsys)
+    audit = json.loads(out)
+    assert code == 0 and audit["failed_on"] == []
+    assert sum(audit["counts"]["unsplit"].values()) == 28
+
+
 def test_usage_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["train"])

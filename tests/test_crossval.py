@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def three_source_manifest(tiny_data, path):
 
 
 @pytest.mark.slow
-def test_leave_one_source_out(tiny_data, tmp_path, capsys):
+def test_leave_one_source_out(tiny_data, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="covidxray")
     manifest = three_source_manifest(tiny_data, tmp_path / "m.csv")
     out = tmp_path / "cv"
     code = main(["crossval", str(manifest), "--by", "source", "--out", str(out),
@@ -56,6 +58,10 @@ def test_leave_one_source_out(tiny_data, tmp_path, capsys):
         assert {r["source"] for r in split if r["split"] == "test"} == {held}
     assert result["random_split"]["metric"] == "roc_auc"
     assert "holdout-web" in capsys.readouterr().out
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fold ")]
+    assert steps[0].startswith("fold 1 of 4 (hold out clinic): 0.0 min elapsed")
+    assert steps[-1].startswith("fold 4 of 4 (random split of all sources)")
+    assert all("min left" in step for step in steps[1:])
 
 
 def planted_marker_data(root, n_per_source=60, size=64):

@@ -20,7 +20,9 @@ JAX = {**os.environ, "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_plat
 CLI = [sys.executable, "-m", "covidxray"]
 # XLA compiles once per batch shape and layer mix: full batches (10 of 20 training images), no
 # augmentation layers and no head phase keep the compiling to seconds
-JAX_ARGS = [*TRAIN_ARGS, "--image-size", "32", "--batch-size", "10", "--head-epochs", "0",
+# not --quiet: the test reads the log line that names the devices
+JAX_ARGS = [*(a for a in TRAIN_ARGS if a != "--quiet"), "--image-size", "32", "--batch-size",
+            "10", "--head-epochs", "0",
             "--finetune-epochs", "2", "--no-augment", "--no-source-augment",
             "--test-time-views", "0"]
 WEIGHTS = """

@@ -234,3 +234,74 @@ def test_exif_orientation_is_applied(tmp_path):
     gray = read_image(tmp_path / "rotated.jpg")
     assert gray.shape == (30, 40)  # as shown, not as stored
     assert gray[0].mean() < gray[-1].mean()  # the dark side is now on top
+
+
+# Compressed DICOM transfer syntaxes beyond baseline JPEG, on real images: pydicom's own sample
+# files, and images transcoded here with GDCM (a real encoder) where no sample has the syntax.
+# The decoders are pylibjpeg's plugins (libjpeg, openjpeg), installed with covidxray.
+LOSSLESS_SAMPLES = {"MR_small_jp2klossless.dcm": "JPEG 2000 Image Compression (Lossless Only)",
+                    "MR_small_jpeg_ls_lossless.dcm": "JPEG-LS Lossless Image Compression",
+                    "MR_small_RLE.dcm": "RLE Lossless"}
+LOSSY_SAMPLES = {"JPGExtended.dcm": "JPEG Extended (Process 2 and 4)",
+                 "JPEG2000.dcm": "JPEG 2000 Image Compression",
+                 "JPEGLSNearLossless_16.dcm": "JPEG-LS Lossy (Near-Lossless) Image Compression"}
+
+
+def _sample(name):
+    from pydicom.data import get_testdata_file
+    return get_testdata_file(name)
+
+
+def _transcode(source, target, syntax: str):
+    """``source`` rewritten by GDCM in ``syntax`` (a gdcm.TransferSyntax name)."""
+    gdcm = pytest.importorskip("gdcm")
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    return target
+
+
+@pytest.mark.parametrize("name", LOSSLESS_SAMPLES)
+def test_lossless_dicom_syntaxes_give_the_uncompressed_pixels(name):
+    import pydicom
+    assert pydicom.dcmread(_sample(name)).file_meta.TransferSyntaxUID.name == \
+        LOSSLESS_SAMPLES[name]
+    np.testing.assert_array_equal(read_image(_sample(name)), read_image(_sample("MR_small.dcm")))
+
+
+@pytest.mark.parametrize("name", LOSSY_SAMPLES)
+def test_lossy_dicom_syntaxes_are_read(name):
+    import pydicom
+    header = pydicom.dcmread(_sample(name), stop_before_pixels=True)
+    assert header.file_meta.TransferSyntaxUID.name == LOSSY_SAMPLES[name]
+    pixels = read_image(_sample(name))
+    assert pixels.shape == (header.Rows, header.Columns) and pixels.std() > 0.05
+
+
+def test_jpeg_lossless_process_14_transcoded_by_gdcm(tmp_path):
+    import pydicom
+    path = _transcode(_sample("MR_small.dcm"), tmp_path / "ljpeg.dcm",
+                      "JPEGLosslessProcess14_1")
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == pydicom.uid.JPEGLosslessSV1
+    np.testing.assert_array_equal(read_image(path), read_image(_sample("MR_small.dcm")))
+
+
+@pytest.mark.parametrize("syntax", ["JPEGLosslessProcess14_1", "JPEGLSLossless",
+                                    "JPEG2000Lossless"])
+def test_real_chest_xray_in_each_lossless_syntax(tmp_path, syntax):
+    original = DICOM_DIR / "cxr_pa_monochrome1.dcm"
+    if not original.is_file():
+        pytest.skip(f"{DICOM_DIR} is absent")
+    path = _transcode(original, tmp_path / f"{syntax}.dcm", syntax)
+    # GDCM decoded the baseline JPEG itself before re-encoding: its IDCT may differ from
+    # libjpeg's by a grey level here and there
+    np.testing.assert_allclose(read_image(path), read_image(original), atol=2 / 255)

@@ -8,10 +8,11 @@ from pathlib import Path
 import covidxray
 
 PACKAGE = Path(covidxray.__file__).parent
-LEAVES = {"config", "fileutil"}
+LEAVES = {"config", "fileutil", "progress"}
 ALLOWED = {
     "config": {"fileutil"},
     "fileutil": set(),
+    "progress": set(),
     "pixels": LEAVES,
     "data": {"pixels"} | LEAVES,
     "model": LEAVES,

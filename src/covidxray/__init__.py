@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 # torch is the fastest Keras backend on CPU; set KERAS_BACKEND=jax on a GPU. Must precede keras.
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from covidxray.api import audit, crossval, evaluate, explain, export, load, predict, report, \
-    train  # noqa: E402
+from covidxray.api import audit, crossval, download, evaluate, explain, export, load, predict, \
+    report, score, train  # noqa: E402
 
-__all__ = ["train", "load", "predict", "evaluate", "explain", "audit", "report", "crossval",
-           "export", "__version__"]
+__all__ = ["train", "load", "predict", "score", "evaluate", "explain", "audit", "report",
+           "crossval", "export", "download", "__version__"]

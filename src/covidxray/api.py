@@ -11,7 +11,7 @@ from pathlib import Path
 
 # what the command line builds its options from: typed defaults and names, no heavy import
 from covidxray.config import AUDIT_FINDINGS, DEMO, EVALUATION, INTENSITY_MODES, \
-    RESEARCH_NOTICE, SCHEDULES, SERVE, AugmentConfig, TrainConfig  # noqa: F401
+    KAGGLE_DATASET, RESEARCH_NOTICE, SCHEDULES, SERVE, AugmentConfig, TrainConfig  # noqa: F401
 from covidxray.model.backbones import BACKBONES  # noqa: F401
 
 log = logging.getLogger("covidxray")
@@ -23,9 +23,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from covidxray.model.weights import WeightsUnavailableError
     from covidxray.pixels.imageio import ImageReadError
     from covidxray.run.metadata import RunError
+    from covidxray.data.download import DownloadError
     from covidxray.training.fit import RunExistsError
-    return (DataError, ImageReadError, WeightsUnavailableError, RunError, RunExistsError,
-            FileNotFoundError, FileExistsError, ValueError)
+    return (DataError, DownloadError, ImageReadError, WeightsUnavailableError, RunError,
+            RunExistsError,
+            FileNotFoundError, FileExistsError, ValueError, ImportError)
 
 
 def metadata(run: str | Path):
@@ -35,18 +37,38 @@ def metadata(run: str | Path):
 
 
 def train(data: str | Path, out: str | Path, resume: bool = False, verbose: int | str = "auto",
-          **options) -> Path:
+          track: str | None = None, tensorboard: str | Path | None = None, **options) -> Path:
     """Train on ``data`` and write the run folder ``out``; ``options`` are ``TrainConfig``
     fields. With ``resume``, an interrupted run in ``out`` continues with its own settings.
+
+    ``track="mlflow"`` (or ``"mlflow=URI"``) records the run in MLflow: config, every epoch,
+    then the test split's metrics, the model card, the report and the run folder.
+    ``tensorboard``: a folder for every epoch's metrics as TensorBoard scalars.
 
     >>> covidxray.train("data/", "runs/r1", backbone="efficientnet-lite0")  # doctest: +SKIP
     """
     from covidxray.training.fit import train as train_run
+    from covidxray.training.tracking import MlflowTracker, TensorBoardScalars, parse_track
     if resume:
         config = TrainConfig.load(Path(out) / "config.json")
     else:
         config = TrainConfig(data=str(data), out=str(out), **options)
-    return train_run(config, resume=resume, verbose=verbose)
+    tracker = (MlflowTracker(parse_track(track), config.to_dict(), Path(out).name)
+               if track else None)
+    callbacks = ([tracker.callback()] if tracker else []) + (
+        [TensorBoardScalars(tensorboard)] if tensorboard else [])
+    try:
+        run = train_run(config, resume=resume, verbose=verbose, callbacks=tuple(callbacks))
+    except BaseException:
+        if tracker:
+            tracker.fail()
+        raise
+    if tracker:
+        overall = evaluate(run)["overall"]["metrics"]
+        tracker.finish(run, metadata=metadata(run).public_dict(),
+                       test_metrics={name: m["value"] for name, m in overall.items()},
+                       report=report(run, Path(run) / "report.html"))
+    return run
 
 
 def load(run: str | Path):
@@ -117,9 +139,18 @@ def explain_files(run: str | Path, paths, out: str | Path,
     """Grad-CAM overlays of files and folders written into ``out`` as
     ``<name>_gradcam.png``; returns the predictions (unreadable files carry ``error``)."""
     from covidxray.run.predictor import collect_paths
-    results = load(run).predict_paths(collect_paths(paths), heatmaps=True)
+    results = load(run).predict_paths(collect_paths(paths), heatmaps=True,
+                                      progress_label="explaining")
     _write_overlays(results, out, alpha)
     return results
+
+
+def download(handle: str | None = None, out: str | Path = "data") -> dict:
+    """Fetch a Kaggle data set (default: the reference design's) through kagglehub into
+    ``out/<name>`` with a checksum record; returns the record, with ``root``: the folder to
+    give to ``train`` and ``audit``."""
+    from covidxray.data.download import download as fetch
+    return fetch(handle or KAGGLE_DATASET, out)
 
 
 def audit(data: str | Path, out: str | Path | None = None, split_file: str | Path | None = None,

@@ -190,9 +190,12 @@ def cmd_train(args) -> int:
     if not args.resume and args.data is None:
         raise UsageError("train needs DATA (or --resume with --out of an interrupted run)")
     run = api.train(args.data, args.out, resume=args.resume, verbose=_verbosity(args.quiet),
+                    track=args.track, tensorboard=args.tensorboard,
                     **({} if args.resume else train_options(args)))
     meta = api.metadata(run)
     print(f"run written to {run}")
+    if args.track:
+        print("tracked in MLflow (experiment 'covidxray'), with its test metrics and report")
     print(f"validation ROC-AUC {meta.validation_metrics['roc_auc']:.3f}; threshold "
           f"{meta.threshold:.4f} frozen ({meta.threshold_method})")
     print(f"next: covidxray evaluate {run}")
@@ -203,8 +206,21 @@ def cmd_evaluate(args) -> int:
     result = api.evaluate(args.run, args.data, **_given(args, "bootstrap", "shortcut_images",
                                                         "source_from_prefix", "out", "seed",
                                                         "strict"))
-    print(api.format_evaluation(result))
-    print(f"\nmetrics written to {result['metrics_file']}")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(api.format_evaluation(result))
+        print(f"\nmetrics written to {result['metrics_file']}")
+    return 0
+
+
+def cmd_data_download(args) -> int:
+    record = api.download(args.handle, args.out)
+    version = f" version {record['version']}" if record["version"] else ""
+    print(f"{record['handle']}{version}: {len(record['files'])} files in {record['folder']} "
+          f"(sizes and sha256 in {Path(record['folder']) / 'download.json'})")
+    print(f"next: covidxray audit {record['root']}\n      covidxray train {record['root']} "
+          f"--out runs/{Path(record['folder']).name}")
     return 0
 
 
@@ -212,9 +228,12 @@ def cmd_audit(args) -> int:
     result = api.audit(args.data, args.out,
                        near_distance=None if args.no_near else args.near_distance,
                        **_given(args, "split_file", "positive_class", "source_from_prefix"))
-    print(api.format_audit(result))
-    print(f"\naudit written to {args.out}")
     failed = api.audit_failures(result, args.fail_on + (["leak"] if args.fail_on_leak else []))
+    if args.json:
+        print(json.dumps({"data": args.data, **result.to_dict(), "failed_on": failed}, indent=2))
+    else:
+        print(api.format_audit(result))
+        print(f"\naudit written to {args.out}")
     if failed:
         print(f"audit failed on: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
@@ -352,16 +371,26 @@ def build_parser() -> argparse.ArgumentParser:
                                       f"{RESEARCH_NOTICE}")
     parser.add_argument("--version", action="version", version=f"covidxray {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    talk = common.add_mutually_exclusive_group()
+    talk.add_argument("-q", "--quiet", action="store_true",
+                      help="no progress bars, warnings and errors only")
+    talk.add_argument("-v", "--verbose", action="store_true", help="debug logs")
 
-    p = commands.add_parser("train", help="train a model and write a run folder")
+    p = commands.add_parser("train", parents=[common], help="train a model and write a run folder")
     p.add_argument("data", nargs="?", help="class folders, split folders, or a CSV manifest")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--track", nargs="?", const="mlflow", metavar="mlflow[=URI]",
+                   help="record the run in MLflow: its local default store, or the tracking "
+                        "server or store at URI (pip install 'covidxray[track]')")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="every epoch's metrics as TensorBoard scalars in DIR")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = commands.add_parser("evaluate", help="metrics with 95%% CIs at the frozen threshold")
+    p = commands.add_parser("evaluate", parents=[common],
+                            help="metrics with 95%% CIs at the frozen threshold")
     p.add_argument("run")
     p.add_argument("data", nargs="?", help="labelled data (default: the run's test split)")
     p.add_argument("--out", default=GIVEN, help="metrics file (default RUN/metrics.json)")
@@ -375,9 +404,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=GIVEN)
     p.add_argument("--strict", action="store_true", default=GIVEN,
                    help="stop at the first unreadable file")
+    p.add_argument("--json", action="store_true",
+                   help="the metrics as JSON on standard output, nothing else there")
     p.set_defaults(func=cmd_evaluate)
 
-    p = commands.add_parser("audit", help="duplicates, leaks, label conflicts, source x class")
+    p = commands.add_parser("data", help="get data sets")
+    data_commands = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_commands.add_parser("download", parents=[common],
+                                 help="a Kaggle data set through kagglehub, with checksums")
+    p.add_argument("handle", nargs="?",
+                   help=f"owner/name or owner/name/versions/N (default {api.KAGGLE_DATASET})")
+    p.add_argument("--out", default="data", help="parent folder (default %(default)s)")
+    p.set_defaults(func=cmd_data_download)
+
+    p = commands.add_parser("audit", parents=[common],
+                            help="duplicates, leaks, label conflicts, source x class")
     p.add_argument("data", help="class folders, split folders, or a CSV manifest")
     p.add_argument("--split", dest="split_file", metavar="SPLIT_CSV", default=GIVEN,
                    help="audit the split of a run (its split.csv)")
@@ -395,9 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive-class", default=GIVEN)
     p.add_argument("--source-from-prefix", action="store_true", default=GIVEN,
                    help="source = file name before the first '_'")
+    p.add_argument("--json", action="store_true",
+                   help="the audit as JSON on standard output, nothing else there")
     p.set_defaults(func=cmd_audit)
 
-    p = commands.add_parser("crossval", help="leave-one-source-out training and testing")
+    p = commands.add_parser("crossval", parents=[common],
+                            help="leave-one-source-out training and testing")
     p.add_argument("data", help="class folders, split folders, or a CSV manifest")
     p.add_argument("--by", default=GIVEN, choices=["source"],
                    help="what to hold out, one value at a time (default source)")
@@ -414,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     p.set_defaults(func=cmd_crossval)
 
-    p = commands.add_parser("predict", help="P(COVID) and label for images, folders, archives")
+    p = commands.add_parser("predict", parents=[common],
+                            help="P(COVID) and label for images, folders, archives")
     p.add_argument("run", help="a run folder, or a model exported with 'covidxray export'")
     p.add_argument("paths", nargs="+", metavar="SOURCE",
                    help="image files, folders (recursive), or CSV lists of paths")
@@ -434,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", metavar="DIR", help="also write Grad-CAM overlays to DIR")
     p.set_defaults(func=cmd_predict)
 
-    p = commands.add_parser("explain", help="Grad-CAM heat maps blended over the images")
+    p = commands.add_parser("explain", parents=[common],
+                            help="Grad-CAM heat maps blended over the images")
     p.add_argument("run")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--out", required=True, help="folder for the <name>_gradcam.png files")
@@ -442,13 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heat-map opacity (default %(default)s)")
     p.set_defaults(func=cmd_explain)
 
-    p = commands.add_parser("report", help="one self-contained HTML report with a model card")
+    p = commands.add_parser("report", parents=[common],
+                            help="one self-contained HTML report with a model card")
     p.add_argument("run")
     p.add_argument("--out", default="report.html", help="HTML file (default %(default)s)")
     p.add_argument("--no-audit", action="store_true", help="skip the data audit")
     p.set_defaults(func=cmd_report)
 
-    p = commands.add_parser("serve", help="web page and REST API for a run")
+    p = commands.add_parser("serve", parents=[common], help="web page and REST API for a run")
     p.add_argument("run")
     p.add_argument("--host", default=GIVEN, help=f"default {SERVE.host}")
     p.add_argument("--port", type=int, default=GIVEN, help=f"default {SERVE.port}")
@@ -481,18 +528,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "postgresql+psycopg://user@host/db (default: SQLite in RUN/serve/)")
     p.set_defaults(func=cmd_serve)
 
-    p = commands.add_parser("export", help="the run as an ONNX model that needs no Keras")
+    p = commands.add_parser("export", parents=[common],
+                            help="the run as an ONNX model that needs no Keras")
     p.add_argument("run")
     p.add_argument("--out", required=True, help="folder for model.onnx, its metadata and gate")
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.set_defaults(func=cmd_export)
 
-    p = commands.add_parser("apikey", help="make an API key for serve --api-keys")
+    p = commands.add_parser("apikey", parents=[common],
+                            help="make an API key for serve --api-keys")
     p.add_argument("keys_file", metavar="FILE", help="the keys file (hashes only)")
     p.add_argument("--id", required=True, help="a name for the key (who uses it)")
     p.set_defaults(func=cmd_apikey)
 
-    p = commands.add_parser("demo", help="the whole pipeline in a few minutes, offline")
+    p = commands.add_parser("demo", parents=[common],
+                            help="the whole pipeline in a few minutes, offline")
     p.add_argument("data", nargs="?", help="a data set (default: synthetic images made now)")
     p.add_argument("--out", default="demo-run", help="folder for everything the demo writes")
     p.add_argument("--image-size", type=int, default=DEMO.image_size)
@@ -500,7 +550,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-per-class", type=int, default=DEMO.n_per_class,
                    help="synthetic images per class")
     p.add_argument("--seed", type=int, default=DEMO.seed)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -508,8 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s: %(name)s: %(message)s" if args.verbose
+                        else "%(levelname)s: %(message)s", stream=sys.stderr)
+    level = log.level  # restored at the end: main() may run inside a longer process
+    if args.verbose or args.quiet:  # ours only: other libraries' debug logs stay hidden
+        log.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return args.func(args)
     except UsageError as exc:
@@ -520,6 +573,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"covidxray {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        log.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ RESEARCH_NOTICE = ("Research use only. Not a medical device: not for diagnosis, 
 
 # grey-level normalisation of every image (covidxray.pixels.transforms.normalise_intensity)
 INTENSITY_MODES = ("none", "percentile", "equalize", "clahe")
+# the Kaggle data set of the reference design, what 'covidxray data download' fetches by default
+KAGGLE_DATASET = "akhilkasare/covid19-chest-xray-detection"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from covidxray.config import EVALUATION
 from covidxray.data.dataset import DataError, Record
 from covidxray.data.split import patients_across_splits
 from covidxray.pixels.imageio import ImageReadError, header_facts, read_image
+from covidxray.progress import progress
 
 DHASH_SIZE = 16  # 16x16 = 256-bit difference hash
 CONFOUNDING_GAP = 0.3  # a source whose positive share differs this much from the whole set's
@@ -65,7 +66,8 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int,
                          chunk: int = 256) -> list[tuple[int, int, int]]:
     """All (i, j, distance) with i < j and Hamming distance <= ``max_distance``."""
     pairs = []
-    for start in range(0, len(hashes), chunk):
+    for start in progress(range(0, len(hashes), chunk), desc="audit: near-duplicate search",
+                          unit="block"):
         block = hashes[start:start + chunk]
         distance = np.bitwise_count(block[:, None, :] ^ hashes[None, :, :]).sum(-1)
         for i, j in zip(*np.nonzero(distance <= max_distance)):
@@ -189,7 +191,7 @@ def audit(records: list[Record],
           near_distance: int | None = EVALUATION.near_distance) -> AuditResult:
     """Audit labelled records (with splits if they have them). ``near_distance=None`` skips
     the perceptual-hash search."""
-    facts = [image_facts(r.path) for r in records]
+    facts = [image_facts(r.path) for r in progress(records, desc="audit: reading images")]
     readable = [i for i, f in enumerate(facts) if f.error is None]
     good = [records[i] for i in readable]
     result = AuditResult()

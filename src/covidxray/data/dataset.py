@@ -23,6 +23,7 @@ import numpy as np
 
 from covidxray.config import Preprocessing
 from covidxray.fileutil import file_sha256
+from covidxray.progress import progress
 from covidxray.pixels.imageio import ImageReadError, as_preprocessing, is_image_candidate, \
     load_for_model
 
@@ -237,7 +238,7 @@ def load_images(records: list[Record], spec: int | Preprocessing,
     With ``strict`` the first unreadable file raises its ``ImageReadError``.
     """
     images, kept, failures = [], [], []
-    for record in records:
+    for record in progress(records, desc="loading images"):
         try:
             images.append(load_for_model(record.path, spec))
             kept.append(record)
@@ -254,7 +255,7 @@ def file_hashes(records: list[Record]) -> tuple[dict[str, str], list[tuple[str, 
     """path -> sha256 of the file's bytes, read once for every check that needs them; and the
     (path, reason) of each file that cannot be read."""
     hashes, unreadable = {}, []
-    for r in records:
+    for r in progress(records, desc="hashing files", unit="file"):
         try:
             hashes[r.path] = file_sha256(r.path)
         except OSError as exc:

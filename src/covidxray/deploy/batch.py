@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from covidxray.fileutil import atomic_path
+from covidxray.progress import progress
 from covidxray.run.predictor import Prediction, Predictor, collect_paths, prepare_input
 
 log = logging.getLogger(__name__)
@@ -142,31 +143,6 @@ def open_results(out: str | Path, model_id: str):
     raise ValueError(f"{out}: results go to a .csv file or a .parquet folder")
 
 
-class Progress:
-    """Files done and files/s, on a terminal as a bar (tqdm), else a log line a minute."""
-
-    def __init__(self, total: int, quiet: bool):
-        import sys
-        self.total, self.done, self.started, self.logged = total, 0, time.monotonic(), 0.0
-        self.bar = None
-        if not quiet and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="file", desc="scored")
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif time.monotonic() - self.logged > 60 or self.done == self.total:
-            self.logged = time.monotonic()
-            rate = self.done / max(1e-9, self.logged - self.started)
-            log.info("scored %d of %d files (%.1f files/s)", self.done, self.total, rate)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def score(run: str | Path, sources, out: str | Path, engine: str = "local",
           address: str | None = None, workers: int = 2, batch_size: int = 32,
           quiet: bool = False, chunk: int = CHUNK) -> dict:
@@ -178,7 +154,7 @@ def score(run: str | Path, sources, out: str | Path, engine: str = "local",
     results = open_results(out, model_id)
     paths = input_paths(sources)
     todo = [p for p in paths if key(p) not in results.done]
-    progress = Progress(len(todo), quiet)
+    bar = progress(desc="scored", total=len(todo), unit="file", enabled=not quiet)
     started = time.monotonic()
     counts = {"files": len(paths), "already_done": len(paths) - len(todo), "scored": 0,
               "errors": 0}
@@ -193,9 +169,9 @@ def score(run: str | Path, sources, out: str | Path, engine: str = "local",
             failed = [(r["path"], r["error"]) for r in rows if r["error"]]
             counts["errors"] += len(failed)
             examples += failed[:ERROR_EXAMPLES - len(examples)]
-            progress.update(len(rows))
+            bar.update(len(rows))
     finally:
-        progress.close()
+        bar.close()
     seconds = time.monotonic() - started
     return {**counts, "error_examples": examples, "seconds": round(seconds, 1),
             "files_per_s": round(counts["scored"] / seconds, 2) if seconds else None,

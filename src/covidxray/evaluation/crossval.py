@@ -23,6 +23,7 @@ from covidxray.data.split import assign_splits
 from covidxray.evaluation.baselines import THUMBNAIL_SIZE, thumbnail_logistic_regression
 from covidxray.evaluation.evaluate import evaluate, per_source, summarise
 from covidxray.fileutil import write_json_atomic, write_text_atomic
+from covidxray.progress import Steps
 from covidxray.training.fit import RunExistsError, train
 
 log = logging.getLogger(__name__)
@@ -152,8 +153,9 @@ def crossval(data: str | Path, out: str | Path, config: TrainConfig, by: str = "
     train_share = config.split_fractions[0] / (config.split_fractions[0]
                                                + config.split_fractions[1])
     folds, runs = [], {}  # runs: training sources -> the fold run trained on them
+    steps = Steps(len(sources) + bool(random_split), "fold")
     for held in sources:
-        log.info("fold: hold out source %s", held)
+        steps.start(f"hold out {held}")
         training = [r for r in pool if r.source != held]
         test = [replace(r, split="test") for r in plain if r.source == held]
         trained_on = tuple(sorted({r.source for r in training}))
@@ -163,16 +165,18 @@ def crossval(data: str | Path, out: str | Path, config: TrainConfig, by: str = "
                           "skipped": f"the training sources without {held} "
                                      f"({', '.join(trained_on) or 'none'}) lack a class: a "
                                      f"source trained on cannot also be held out"})
+            steps.finish()
             continue
         rest = assign_splits(training, (train_share, 1 - train_share, 0.0), config.seed)
         row = _train_and_score(rest + test, f"holdout-{held}", config, out, n_bootstrap,
                                train_models, resume, runs.get(trained_on))
         runs.setdefault(trained_on, Path(row["run"]) if "run" in row else None)
         folds.append(row)
+        steps.finish()
     result = {"data": str(data), "by": by, "synthetic_data": dataset.synthetic,
               "config": config.to_dict(), "sources_left_out": left_out, "folds": folds}
     if random_split:
-        log.info("random split of %s", "the sources trained on" if left_out else "all sources")
+        steps.start("random split of " + ("the sources trained on" if left_out else "all sources"))
         result["random_split"] = _train_and_score(
             assign_splits(pool, config.split_fractions, config.seed), "random-split", config,
             out, n_bootstrap, train_models, resume)

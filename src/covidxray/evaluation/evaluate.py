@@ -26,9 +26,11 @@ from covidxray.evaluation.metrics import (
 )
 from covidxray.fileutil import write_json_atomic
 from covidxray.pixels.imageio import ImageReadError
+from covidxray.progress import progress
 from covidxray.run.predictor import Predictor, Prepared
 
 log = logging.getLogger(__name__)
+SCORING_SLICE = 256  # images per scoring call, so a long evaluation shows progress
 
 
 def run_test_records(run_dir: Path, positive_class: str, source_from_prefix: bool) -> list[Record]:
@@ -50,7 +52,9 @@ def prepared_images(predictor: Predictor, records: list[Record],
     and skipped (``strict``: the first one raises)."""
     images, kept, failures = [], [], []
     batches = predictor.prepare_many([r.path for r in records])
-    for record, item in zip(records, (item for batch in batches for item in batch)):
+    items = progress((item for batch in batches for item in batch), total=len(records),
+                     desc="evaluate: reading images")
+    for record, item in zip(records, items):
         if isinstance(item, Prepared):
             images.append(item.image)  # the decoded original is not kept: memory
             kept.append(record)
@@ -120,7 +124,10 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
     loaded = prepared_images(predictor, records, strict)
     if not loaded.records:
         raise DataError(f"{data_name}: no readable images to evaluate")
-    scores = predictor.predict_prepared(loaded.images)
+    scores = np.concatenate([np.zeros(0, np.float32)] + [
+        predictor.predict_prepared(loaded.images[start:start + SCORING_SLICE])
+        for start in progress(range(0, len(loaded.images), SCORING_SLICE),
+                              desc="evaluate: scoring", unit="slice")])
     y_true = loaded.targets.astype(int)
     threshold = predictor.threshold
     result = {

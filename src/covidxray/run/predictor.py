@@ -19,6 +19,7 @@ from covidxray.model.outputs import cams_from_logit_maps
 from covidxray.pixels.imageio import ImageReadError, decode, decode_array, header_facts, \
     is_image_candidate, prepare
 from covidxray.pixels.transforms import uncrop
+from covidxray.progress import progress
 from covidxray.run.engines import KERAS_FILE, ONNX_FILE, KerasEngine, OnnxEngine, load_engine
 from covidxray.run.metadata import METADATA_FILE, RunError, RunMetadata
 
@@ -268,21 +269,29 @@ class Predictor:
                 yield list(pending[number])
 
     def predict_many(self, sources, names=None, heatmaps: bool = False, batch_size: int = 32,
-                     workers: int = 2, max_pixels: int | None = None) -> list[Prediction]:
+                     workers: int = 2, max_pixels: int | None = None,
+                     progress_label: str | None = None) -> list[Prediction]:
         """Predict paths, bytes or arrays, in input order; one that cannot be read comes back
-        with ``error`` set, and the others are still predicted."""
+        with ``error`` set, and the others are still predicted. ``progress_label``: show a
+        progress bar with that label."""
+        sources = list(sources)
         results = []
-        for batch in self.prepare_many(sources, names, batch_size, workers, max_pixels):
-            predicted = iter(self.predict_items([x for x in batch if isinstance(x, Prepared)],
-                                                heatmaps, batch_size))
-            results += [next(predicted) if isinstance(x, Prepared) else x for x in batch]
+        with progress(desc=progress_label, total=len(sources),
+                      enabled=progress_label is not None) as bar:
+            for batch in self.prepare_many(sources, names, batch_size, workers, max_pixels):
+                predicted = iter(self.predict_items([x for x in batch if isinstance(x, Prepared)],
+                                                    heatmaps, batch_size))
+                results += [next(predicted) if isinstance(x, Prepared) else x for x in batch]
+                bar.update(len(batch))
         return results
 
     def predict_paths(self, paths, batch_size: int = 32, workers: int = 2,
-                      heatmaps: bool = False) -> list[Prediction]:
+                      heatmaps: bool = False, progress_label: str | None = "predicting"
+                      ) -> list[Prediction]:
         """Predict every file; unreadable ones come back with ``error`` set, in input order."""
         return self.predict_many([str(p) for p in paths], heatmaps=heatmaps,
-                                 batch_size=batch_size, workers=workers)
+                                 batch_size=batch_size, workers=workers,
+                                 progress_label=progress_label)
 
     def predict(self, item, heatmap: bool = False):
         """P(COVID), label and verdict for a path, the bytes of a file, an array, or a list of

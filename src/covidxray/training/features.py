@@ -29,8 +29,10 @@ from covidxray.config import AugmentConfig
 from covidxray.fileutil import atomic_path
 from covidxray.model.network import OUTPUT_NAME, augmentation_layers, backbone_of, forward
 from covidxray.pixels.transforms import SourceAugment, augment_prepared
+from covidxray.progress import progress
 
 log = logging.getLogger(__name__)
+FEATURE_SLICE = 256  # images per call of a feature pass
 
 
 def model_key(model: keras.Model, augment: AugmentConfig | None = None, seed: int = 0) -> str:
@@ -91,8 +93,12 @@ class FeatureCache:
         missing = [i for i, value in enumerate(found) if value is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
-        if missing:
-            for i, value in zip(missing, compute(np.asarray(images)[missing])):
+        # computed a slice at a time, so a pass over thousands of images shows its progress
+        # and what was computed before an interruption stays in the cache
+        for start in progress(range(0, len(missing), FEATURE_SLICE), desc="feature pass",
+                              unit="slice"):
+            rows = missing[start:start + FEATURE_SLICE]
+            for i, value in zip(rows, compute(np.asarray(images)[rows])):
                 self.put(keys[i], value)
                 found[i] = value
         return np.stack(found) if found else np.zeros((0, 0), np.float32)

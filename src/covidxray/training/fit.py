@@ -49,11 +49,13 @@ class Splits:
     val: LoadedImages
 
 
-def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto") -> Path:
+def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto",
+          callbacks: tuple = ()) -> Path:
     """Train a model as ``config`` says and write ``config.out``; returns the run folder.
 
     With ``resume``, an interrupted run in ``config.out`` continues from its last finished epoch
-    (its saved ``config.json`` is used).
+    (its saved ``config.json`` is used). ``callbacks``: more Keras callbacks for every epoch
+    of both phases (experiment tracking).
     """
     run = Path(config.out)
     if resume:
@@ -78,14 +80,15 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
             data_parallel(config.distribute, config.batch_size) as devices:
         model = build_model(config.image_size, config.backbone, config.weights, config.dropout,
                             config.augment, config.seed)
-        _train_phases(model, config, splits, run, verbose, whole_batches=devices > 1)
+        _train_phases(model, config, splits, run, verbose, whole_batches=devices > 1,
+                      callbacks=callbacks)
         finalize_run(model, config, splits, run, policy)
     shutil.rmtree(checkpoint_folder(run), ignore_errors=True)
     return run
 
 
 def _train_phases(model: keras.Model, config: TrainConfig, splits: Splits, run: Path,
-                  verbose, whole_batches: bool = False) -> None:
+                  verbose, whole_batches: bool = False, callbacks: tuple = ()) -> None:
     """Phase 1 (head, frozen backbone) then phase 2 (top stages); the model ends with the
     weights of its best validation epoch. A phase checkpointed as done is not run again."""
     best = None
@@ -104,7 +107,7 @@ def _train_phases(model: keras.Model, config: TrainConfig, splits: Splits, run: 
         # split over devices, every batch must be whole: the rest of an epoch waits its turn
         fitting.batches.drop_remainder = whole_batches
         best = fit_phase(fitting, phase, classifier=model, config=config, run=run,
-                         best_so_far=best, verbose=verbose)
+                         best_so_far=best, verbose=verbose, callbacks=callbacks)
     if best_weights_file(run).exists():
         with warnings.catch_warnings():  # the saved optimizer state is of no use from here on
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")

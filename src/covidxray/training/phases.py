@@ -119,7 +119,8 @@ def full_fitting(classifier: keras.Model, train: LoadedImages, val: LoadedImages
 
 
 def fit_phase(fitting: Fitting, phase: Phase, *, classifier: keras.Model, config: TrainConfig,
-              run: Path, best_so_far: float | None, verbose) -> float | None:
+              run: Path, best_so_far: float | None, verbose, callbacks: tuple = ()
+              ) -> float | None:
     """Fit ``phase``, continuing from its checkpoint when it has one; returns the best
     validation ROC-AUC over this phase and the ones before (None: no epoch was scored)."""
     state_file = checkpoint_folder(run) / f"phase{phase.number}.npz"
@@ -138,7 +139,8 @@ def fit_phase(fitting: Fitting, phase: Phase, *, classifier: keras.Model, config
                       initial_epoch=start, shuffle=False, verbose=verbose,
                       callbacks=[_PhaseColumn(phase.number),
                                  keras.callbacks.CSVLogger(str(run / "history.csv"),
-                                                           append=True), checkpoint])
+                                                           append=True), checkpoint,
+                                 *callbacks])
     return checkpoint.best
 
 

@@ -1,0 +1,121 @@
+"""Experiment tracking beside the run folder: MLflow (``--track mlflow[=URI]``) and TensorBoard
+(``--tensorboard DIR``), both optional extras.
+
+MLflow gets the config as parameters, every epoch's metrics as they come, then the test
+metrics, the model card, the report and the run folder with its model; tags name the
+backbone, the weights and the data fingerprint. TensorBoard gets every epoch's metrics as
+scalars, written with TensorBoard's own event writer: Keras' TensorBoard callback needs
+TensorFlow, which a torch or jax user does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import keras
+
+MLFLOW_EXPERIMENT = "covidxray"
+
+
+def parse_track(value: str) -> str | None:
+    """``mlflow`` (MLflow's local default store) or ``mlflow=URI``: the tracking URI, None
+    for the default."""
+    kind, _, uri = value.partition("=")
+    if kind.strip().lower() != "mlflow":
+        raise ValueError(f"--track {value!r}: only mlflow is supported (mlflow or mlflow=URI)")
+    return uri.strip() or None
+
+
+def _mlflow():
+    try:
+        import mlflow
+    except ImportError as exc:
+        raise ImportError("--track mlflow needs MLflow: pip install 'covidxray[track]'") from exc
+    return mlflow
+
+
+def _scalars(logs: dict | None) -> dict[str, float]:
+    return {name: float(value) for name, value in (logs or {}).items()
+            if hasattr(value, "__float__")}
+
+
+class _EpochMetrics(keras.callbacks.Callback):
+    """Each epoch's logs, numbered across both phases, to ``log(metrics, step)``."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log, self.step = log, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.log(_scalars(logs), self.step)
+        self.step += 1
+
+
+class MlflowTracker:
+    """One MLflow run for one training run (``uri``: a tracking server or store; None for
+    MLflow's default)."""
+
+    def __init__(self, uri: str | None, config: dict, run_name: str):
+        self.mlflow = _mlflow()
+        if uri:
+            self.mlflow.set_tracking_uri(uri)
+        self.mlflow.set_experiment(MLFLOW_EXPERIMENT)
+        self.active = self.mlflow.start_run(run_name=run_name)
+        # MLflow keeps parameters as short strings; nested settings go in as JSON
+        self.mlflow.log_params({k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v
+                                for k, v in config.items()})
+        self.mlflow.set_tags({"backbone": config.get("backbone"),
+                              "weights": config.get("weights")})
+
+    @property
+    def run_id(self) -> str:
+        return self.active.info.run_id
+
+    def callback(self) -> keras.callbacks.Callback:
+        return _EpochMetrics(lambda values, step: self.mlflow.log_metrics(values, step=step))
+
+    def finish(self, run_dir: Path, *, metadata: dict, test_metrics: dict | None,
+               report: Path | None) -> None:
+        """The finished run: its tags, test metrics, model card, report and folder."""
+        self.mlflow.set_tags({"data_fingerprint": metadata.get("data_fingerprint"),
+                              "model_id": metadata.get("model_id")})
+        if test_metrics:
+            self.mlflow.log_metrics({f"test_{name}": value for name, value in
+                                     test_metrics.items() if value is not None})
+        self.mlflow.log_dict(metadata, "model_card.json")
+        if report is not None:
+            self.mlflow.log_artifact(str(report))
+        self.mlflow.log_artifacts(str(run_dir), "run")
+        self.mlflow.end_run()
+
+    def fail(self) -> None:
+        self.mlflow.end_run(status="FAILED")
+
+
+class TensorBoardScalars(keras.callbacks.Callback):
+    """Every epoch's metrics into ``log_dir`` as TensorBoard scalars."""
+
+    def __init__(self, log_dir: str | Path):
+        super().__init__()
+        try:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        except ImportError as exc:
+            raise ImportError("--tensorboard needs TensorBoard: pip install "
+                              "'covidxray[track]'") from exc
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        self.writer, self.step = EventFileWriter(str(log_dir)), 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        values = [Summary.Value(tag=f"epoch/{name}", simple_value=value)
+                  for name, value in _scalars(logs).items()]
+        self.writer.add_event(Event(wall_time=time.time(), step=self.step,
+                                    summary=Summary(value=values)))
+        self.writer.flush()
+        self.step += 1
+
+    def on_train_end(self, logs=None):
+        self.writer.flush()
