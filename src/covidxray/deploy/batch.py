@@ -199,13 +199,19 @@ def _score_on_ray(run, todo: list[str], address: str | None, workers: int, batch
     metadata = RunMetadata.load(Path(run) / METADATA_FILE)
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False,
              log_to_driver=False, logging_level=logging.WARNING)
+    # our own bar shows the progress; Ray Data's bars and notices only with --verbose
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = False
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     try:
         dataset = ray.data.from_items([{"path": p} for p in todo])
         decoded = dataset.map_batches(_decode, fn_kwargs={
             "preprocessing": metadata.preprocessing}, batch_size=batch_size,
             batch_format="pyarrow")
         scored = decoded.map_batches(_Score, fn_constructor_kwargs={"run": str(run)},
-                                     batch_size=batch_size, concurrency=workers,
+                                     batch_size=batch_size,
+                                     compute=ray.data.ActorPoolStrategy(size=workers),
                                      batch_format="pyarrow")
         for batch in scored.iter_batches(batch_size=chunk, batch_format="pyarrow"):
             yield batch.to_pylist()
