@@ -48,7 +48,7 @@ def train(data: str | Path, out: str | Path, resume: bool = False, verbose: int 
     >>> covidxray.train("data/", "runs/r1", backbone="efficientnet-lite0")  # doctest: +SKIP
     """
     from covidxray.training.fit import train as train_run
-    from covidxray.training.tracking import MlflowTracker, TensorBoardScalars, parse_track
+    from covidxray.training.tracking import MlflowTracker, parse_track, tensorboard_callback
     if resume:
         config = TrainConfig.load(Path(out) / "config.json")
     else:
@@ -56,7 +56,7 @@ def train(data: str | Path, out: str | Path, resume: bool = False, verbose: int 
     tracker = (MlflowTracker(parse_track(track), config.to_dict(), Path(out).name)
                if track else None)
     callbacks = ([tracker.callback()] if tracker else []) + (
-        [TensorBoardScalars(tensorboard)] if tensorboard else [])
+        [tensorboard_callback(tensorboard)] if tensorboard else [])
     try:
         run = train_run(config, resume=resume, verbose=verbose, callbacks=tuple(callbacks))
     except BaseException:
@@ -64,11 +64,25 @@ def train(data: str | Path, out: str | Path, resume: bool = False, verbose: int 
             tracker.fail()
         raise
     if tracker:
-        overall = evaluate(run)["overall"]["metrics"]
-        tracker.finish(run, metadata=metadata(run).public_dict(),
-                       test_metrics={name: m["value"] for name, m in overall.items()},
-                       report=report(run, Path(run) / "report.html"))
+        predictor, metrics, written = _evaluate_and_report(run, Path(run) / "report.html")
+        tracker.finish(run, metadata=predictor.metadata.public_dict(),
+                       test_metrics={name: m["value"] for name, m in
+                                     metrics["overall"]["metrics"].items()},
+                       report=written)
     return run
+
+
+def _evaluate_and_report(run: Path, report_file: Path, bootstrap: int = EVALUATION.bootstrap,
+                         seed: int = 0):
+    """The run's test metrics and its HTML report, from one loaded model: the ``Predictor``,
+    the metrics and the report's path."""
+    from covidxray.evaluation.evaluate import evaluate as evaluate_run
+    from covidxray.evaluation.report import build_report
+    predictor = load(run)
+    metrics = evaluate_run(run, n_bootstrap=bootstrap, seed=seed, predictor=predictor,
+                           shortcut_images=EVALUATION.shortcut_images)
+    return predictor, metrics, build_report(run, report_file, predictor=predictor,
+                                            metrics=metrics)
 
 
 def load(run: str | Path):
@@ -266,13 +280,12 @@ def demo(out: str | Path = "demo-run", data: str | Path | None = None,
              if pretrained else "ResNet50 from random weights", data)
     run = train(data, out / "run", verbose=verbose, image_size=image_size, batch_size=16,
                 patience=epochs, seed=seed, **recipe)
-    metrics = evaluate(run, bootstrap=EVALUATION.crossval_bootstrap, seed=seed)
-    predictor = load(run)
+    predictor, metrics, written = _evaluate_and_report(
+        run, out / "report.html", bootstrap=EVALUATION.crossval_bootstrap, seed=seed)
     test = [r.path for r in read_split_records(run / "split.csv", predictor.positive_class)
             if r.split == "test"][:6]
     return {"data": data, "run": run, "metrics": metrics, "predictor": predictor,
-            "predictions": predictor.predict_paths(test),
-            "report": report(run, out / "report.html")}
+            "predictions": predictor.predict_paths(test), "report": written}
 
 
 # what the command line prints, importable without the heavy parts

@@ -83,10 +83,10 @@ def download(handle: str = KAGGLE_DATASET, out: str | Path = "data") -> dict:
     date, every file's size and sha256); returns that record with ``root``, the folder to
     train on. Written under a temporary name and renamed, so a cut download leaves no folder
     that looks complete; an existing folder is refused."""
-    target = Path(out) / handle.split("/")[1] if "/" in handle else None
-    if target is None:
+    if "/" not in handle:
         raise DownloadError(f"{handle!r}: a Kaggle data set is named owner/name "
                             f"(e.g. {KAGGLE_DATASET})")
+    target = Path(out) / handle.split("/")[1]
     if target.exists():
         raise FileExistsError(f"{target} already exists: remove it or choose another --out")
     fetched = _fetch(handle)

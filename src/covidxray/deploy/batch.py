@@ -150,7 +150,8 @@ def score(run: str | Path, sources, out: str | Path, engine: str = "local",
     ``out``, skipping the files already there, ``chunk`` rows written at a time; returns the
     counts and the rate."""
     from covidxray.run.metadata import METADATA_FILE, RunMetadata
-    model_id = RunMetadata.load(Path(run) / METADATA_FILE).model_id
+    metadata = RunMetadata.load(Path(run) / METADATA_FILE)
+    model_id = metadata.model_id
     results = open_results(out, model_id)
     paths = input_paths(sources)
     todo = [p for p in paths if key(p) not in results.done]
@@ -159,7 +160,8 @@ def score(run: str | Path, sources, out: str | Path, engine: str = "local",
     counts = {"files": len(paths), "already_done": len(paths) - len(todo), "scored": 0,
               "errors": 0}
     examples = []  # the first files that could not be read, to name them
-    chunks = (_score_on_ray(run, todo, address, workers, batch_size, chunk) if engine == "ray"
+    chunks = (_score_on_ray(run, metadata, todo, address, workers, batch_size, chunk)
+              if engine == "ray"
               else _score_locally(run, todo, batch_size, chunk) if engine == "local"
               else _unknown(engine))
     try:
@@ -189,14 +191,12 @@ def _score_locally(run, todo: list[str], batch_size: int, chunk: int):
             todo[start:start + chunk], batch_size=batch_size)]
 
 
-def _score_on_ray(run, todo: list[str], address: str | None, workers: int, batch_size: int,
-                  chunk: int):
+def _score_on_ray(run, metadata, todo: list[str], address: str | None, workers: int,
+                  batch_size: int, chunk: int):
     try:
         import ray
     except ImportError as exc:
         raise RuntimeError("--engine ray needs Ray: pip install 'covidxray[ray]'") from exc
-    from covidxray.run.metadata import METADATA_FILE, RunMetadata
-    metadata = RunMetadata.load(Path(run) / METADATA_FILE)
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False,
              log_to_driver=False, logging_level=logging.WARNING)
     # our own bar shows the progress; Ray Data's bars and notices only with --verbose

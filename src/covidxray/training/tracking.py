@@ -94,28 +94,27 @@ class MlflowTracker:
         self.mlflow.end_run(status="FAILED")
 
 
-class TensorBoardScalars(keras.callbacks.Callback):
-    """Every epoch's metrics into ``log_dir`` as TensorBoard scalars."""
+class _TensorBoardEvents:
+    """Scalars into an event file of ``log_dir``, through TensorBoard's own writer."""
 
     def __init__(self, log_dir: str | Path):
-        super().__init__()
         try:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
         except ImportError as exc:
             raise ImportError("--tensorboard needs TensorBoard: pip install "
                               "'covidxray[track]'") from exc
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        self.writer, self.step = EventFileWriter(str(log_dir)), 0
+        self.writer = EventFileWriter(str(log_dir))
 
-    def on_epoch_end(self, epoch, logs=None):
+    def log(self, values: dict[str, float], step: int) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.compat.proto.summary_pb2 import Summary
-        values = [Summary.Value(tag=f"epoch/{name}", simple_value=value)
-                  for name, value in _scalars(logs).items()]
-        self.writer.add_event(Event(wall_time=time.time(), step=self.step,
-                                    summary=Summary(value=values)))
+        summary = Summary(value=[Summary.Value(tag=f"epoch/{name}", simple_value=value)
+                                 for name, value in values.items()])
+        self.writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
         self.writer.flush()
-        self.step += 1
 
-    def on_train_end(self, logs=None):
-        self.writer.flush()
+
+def tensorboard_callback(log_dir: str | Path) -> keras.callbacks.Callback:
+    """Every epoch's metrics into ``log_dir`` as TensorBoard scalars."""
+    return _EpochMetrics(_TensorBoardEvents(log_dir).log)
