@@ -1,0 +1,294 @@
+"""``covidxray dicom-node RUN``: a DICOM application entity (pynetdicom) on the hospital's
+network, beside the PACS.
+
+It answers C-ECHO and takes C-STORE of the storage classes a chest film arrives as (CR, DX for
+presentation and for processing, Secondary Capture, single- and multi-frame), in the transfer
+syntaxes the reader decodes. Each instance is read through the same reader and budgets as an
+upload to the server (the whole file is sized from its header before any pixel is decoded,
+every frame counted) and scored by the run's ``Predictor``; the result is put on the server's
+prediction record (with the SOP Instance UID and the calling AE title), and a Structured Report
+and a Secondary Capture of the heat map (``deploy.dicom.results``) are written to a folder
+and/or sent with C-STORE to a destination (``--send-to AE@host:port``), in the film's study.
+
+Safe on the network: it listens on loopback unless told otherwise; only the calling AE titles
+and host addresses allowed may associate; associations, PDU size, instances per association,
+instance size and every timeout are bounded; TLS (Python's ``ssl``) is optional and, when on,
+the only way in. A malformed or hostile instance gets a failure status and one named line in
+the log, and the node goes on serving. Counters and timings are exposed to Prometheus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from covidxray.config import DicomNodeConfig
+from covidxray.fileutil import atomic_path
+
+log = logging.getLogger(__name__)
+
+# CR, DX for presentation, DX for processing, Secondary Capture (and its multi-frame kinds)
+STORAGE_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
+}
+# what covidxray.pixels.imageio decodes: uncompressed, deflated, JPEG baseline and extended,
+# JPEG Lossless, JPEG-LS, JPEG 2000, RLE
+TRANSFER_SYNTAXES = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99",
+                     "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
+                     "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
+                     "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+                     "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5"]
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # instances per association used up, or too large
+CANNOT_UNDERSTAND = 0xC000  # not an image this reader can use
+
+
+def parse_destination(value: str) -> tuple[str, str, int]:
+    """``AE@host:port`` -> (AE title, host, port)."""
+    title, at, address = value.partition("@")
+    host, colon, port = address.rpartition(":")
+    if not (at and colon and title and host and port.isdigit()):
+        raise ValueError(f"--send-to {value!r}: expected AE@host:port, e.g. ORTHANC@pacs:4242")
+    return title, host, int(port)
+
+
+def tls_context(config: DicomNodeConfig):
+    """The server's ``ssl.SSLContext`` (None without a certificate)."""
+    if not config.tls_cert:
+        return None
+    import ssl
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_ca:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(config.tls_ca)
+    return context
+
+
+@dataclass
+class NodeMetrics:
+    """Prometheus counters of the node (its own registry; served with ``metrics_port``)."""
+
+    registry: object = None
+    instances: object = None
+    results_sent: object = None
+    seconds: object = None
+
+    @classmethod
+    def create(cls) -> "NodeMetrics":
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+        registry = CollectorRegistry()
+        return cls(registry,
+                   Counter("covidxray_dicom_instances_total", "Instances received, by outcome",
+                           ["outcome"], registry=registry),
+                   Counter("covidxray_dicom_results_sent_total", "SR and SC sent, by outcome",
+                           ["outcome"], registry=registry),
+                   Histogram("covidxray_dicom_instance_seconds", "Time to score an instance",
+                             registry=registry, buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)))
+
+
+@dataclass
+class DicomNode:
+    """A running node: its pynetdicom server, and what it keeps count of."""
+
+    config: DicomNodeConfig
+    predictor: object
+    records: object
+    metrics: NodeMetrics
+    server: object = None
+    per_association: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one model pass at a time
+    sender: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+        self.sender.shutdown(wait=True)
+
+    # --- handlers -----------------------------------------------------------------------
+
+    def on_echo(self, event) -> int:
+        return SUCCESS
+
+    def on_release(self, event) -> None:
+        self.per_association.pop(id(event.assoc), None)
+
+    def on_store(self, event) -> int:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title.strip() if isinstance(
+            assoc.requestor.ae_title, str) else str(assoc.requestor.ae_title).strip()
+        peer = f"{calling}@{assoc.requestor.address}"
+        count = self.per_association.get(id(assoc), 0) + 1
+        self.per_association[id(assoc)] = count
+        uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "unknown")
+        if count > self.config.max_instances:
+            return self._refuse(peer, uid, OUT_OF_RESOURCES,
+                                f"more than {self.config.max_instances} instances in one "
+                                f"association")
+        started = time.monotonic()
+        try:
+            data = self._received(event)
+        except ValueError as error:
+            return self._refuse(peer, uid, OUT_OF_RESOURCES, str(error))
+        with self.lock:
+            prediction = self.predictor.predict_many([data], [uid], heatmaps=True,
+                                                     max_pixels=self.config.max_pixels)[0]
+        request_id = uuid.uuid4().hex
+        from covidxray.deploy.serve.records import Served
+        self.records.record([Served.of(prediction, request_id, self.predictor.metadata.model_id,
+                                       hashlib.sha256(data).hexdigest(), None, channel="dicom",
+                                       sop_instance_uid=uid, calling_ae=calling)])
+        self.metrics.seconds.observe(time.monotonic() - started)
+        if prediction.error:
+            return self._refuse(peer, uid, CANNOT_UNDERSTAND, prediction.error)
+        try:
+            results = self._results(data, prediction)
+        except Exception as error:  # a header the result objects cannot be built from
+            return self._refuse(peer, uid, CANNOT_UNDERSTAND,
+                                f"scored, but no result could be made from its header "
+                                f"({type(error).__name__}: {error})")
+        self.metrics.instances.labels("scored").inc()
+        log.info("C-STORE from %s: %s scored P(COVID)=%.4f %s", peer, uid,
+                 prediction.probability, prediction.verdict or prediction.label)
+        self._deliver(results)
+        return SUCCESS
+
+    def _refuse(self, peer: str, uid: str, status: int, reason: str) -> int:
+        self.metrics.instances.labels("refused").inc()
+        log.warning("C-STORE from %s: %s refused (status 0x%04X): %s", peer, uid, status,
+                    reason)
+        return status
+
+    def _received(self, event) -> bytes:
+        """The instance as a DICOM file's bytes, refused over the size limit (read from the
+        temporary file pynetdicom streams it to, not kept in memory on the way)."""
+        limit = int(self.config.max_instance_mb * 1024 * 1024)
+        path = getattr(event, "dataset_path", None)
+        if path is not None:
+            size = os.path.getsize(path)
+            if size > limit:
+                raise ValueError(f"instance of {size} bytes is over the limit of {limit}")
+            return Path(path).read_bytes()
+        data = event.encoded_dataset(include_meta=True)
+        if len(data) > limit:
+            raise ValueError(f"instance of {len(data)} bytes is over the limit of {limit}")
+        return data
+
+    def _results(self, data: bytes, prediction) -> list:
+        import io
+
+        import pydicom
+
+        from covidxray.deploy.dicom.results import secondary_capture, structured_report
+        from covidxray.evaluation.explain import explanation_of
+        source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        metadata = self.predictor.metadata
+        return [structured_report(source, prediction, metadata),
+                secondary_capture(source, explanation_of(prediction).overlay, prediction)]
+
+    def _deliver(self, results: list) -> None:
+        if self.config.out:
+            for dataset in results:
+                target = Path(self.config.out) / dataset.StudyInstanceUID / \
+                    f"{dataset.Modality}-{dataset.SOPInstanceUID}.dcm"
+                with atomic_path(target, suffix=".dcm") as tmp:
+                    dataset.save_as(tmp, enforce_file_format=True)
+        if self.config.send_to:
+            self.sender.submit(self._send, results)
+
+    def _send(self, results: list) -> None:
+        """C-STORE of the results to the destination, in this node's own association."""
+        from pynetdicom import AE
+        title, host, port = parse_destination(self.config.send_to)
+        ae = AE(ae_title=self.config.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.config.timeout_s
+        for dataset in results:
+            ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+        try:
+            assoc = ae.associate(host, port, ae_title=title)
+            if not assoc.is_established:
+                raise ConnectionError(f"{title}@{host}:{port} refused the association")
+            try:
+                for dataset in results:
+                    status = assoc.send_c_store(dataset)
+                    code = getattr(status, "Status", None)
+                    outcome = "sent" if code == SUCCESS else "refused"
+                    self.metrics.results_sent.labels(outcome).inc()
+                    if code != SUCCESS:
+                        log.warning("%s@%s:%s answered 0x%04X to %s", title, host, port,
+                                    code or 0xFFFF, dataset.SOPInstanceUID)
+            finally:
+                assoc.release()
+        except Exception as error:  # the destination's trouble; the node serves on
+            self.metrics.results_sent.labels("failed").inc(len(results))
+            log.warning("could not send the results to %s: %s", self.config.send_to, error)
+
+
+def start_node(run_dir: str | Path, config: DicomNodeConfig, block: bool = False) -> DicomNode:
+    """Load the run and start the node; with ``block``, serve until interrupted."""
+    from pynetdicom import AE, _config, evt
+    from pynetdicom.sop_class import Verification
+
+    from covidxray.deploy.serve.records import PredictionLog, default_audit_url
+    from covidxray.run.predictor import Predictor
+    predictor = Predictor.load(run_dir)
+    _config.STORE_RECV_CHUNKED_DATASET = True  # instances go to a temporary file, not memory
+    node = DicomNode(config, predictor,
+                     PredictionLog(config.audit_db or default_audit_url(Path(run_dir))),
+                     NodeMetrics.create())
+    ae = AE(ae_title=config.ae_title)
+    ae.maximum_associations = config.max_associations
+    ae.maximum_pdu_size = config.max_pdu
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = config.timeout_s
+    if config.allowed_aes:
+        ae.require_calling_aet = list(config.allowed_aes)
+    ae.add_supported_context(Verification)
+    for sop_class in STORAGE_CLASSES:
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    handlers = [(evt.EVT_C_ECHO, node.on_echo), (evt.EVT_C_STORE, node.on_store),
+                (evt.EVT_RELEASED, node.on_release), (evt.EVT_ABORTED, node.on_release)]
+    if config.metrics_port:
+        from prometheus_client import start_http_server
+        start_http_server(config.metrics_port, addr="127.0.0.1", registry=node.metrics.registry)
+    server = ae.start_server((config.host, config.port), block=False,
+                             ssl_context=tls_context(config), evt_handlers=handlers)
+    allowed = set(config.allowed_hosts)
+    # socketserver's own hook, before an association is looked at: other hosts are dropped
+    server.verify_request = lambda request, address: not allowed or address[0] in allowed or \
+        _refused_host(address)
+    node.server = server
+    log.info("DICOM node %s on %s:%d (%s), answering %s; results %s", config.ae_title,
+             config.host, node.port, "TLS" if config.tls_cert else "no TLS",
+             ", ".join(config.allowed_aes) or "any calling AE title",
+             " and ".join(filter(None, [config.out and f"to {config.out}",
+                                        config.send_to and f"sent to {config.send_to}"]))
+             or "recorded only")
+    if block:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            node.stop()
+    return node
+
+
+def _refused_host(address) -> bool:
+    log.warning("connection from %s refused: not an allowed host", address[0])
+    return False
