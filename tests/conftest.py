@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -45,9 +46,32 @@ def own_run(tiny_run, tmp_path) -> Path:
     return Path(shutil.copytree(tiny_run, tmp_path / "run"))
 
 
-def predictor_of(model, image_size: int, threshold: float = 0.5, crop: float = 0.0):
+class FixedLungs:
+    """A stand-in lung segmenter that finds the same lungs on every image: ``boxes`` of
+    (top, bottom, left, right) fractions of the image (``plausible``: as judged)."""
+
+    def __init__(self, boxes, plausible: bool = True, size: int = 64):
+        from covidxray.model.lungs import LungCard
+        self.mask = np.zeros((size, size), bool)
+        for top, bottom, left, right in boxes:
+            self.mask[round(top * size):round(bottom * size),
+                      round(left * size):round(right * size)] = True
+        self.plausible = plausible
+        self.card = LungCard("fixed", size, 0, 0, sha256="0" * 64)
+
+    def field(self, gray):
+        from covidxray.model.lungs import LungField
+        return LungField(self.mask, float(self.mask.mean()), self.plausible,
+                         "" if self.plausible else "lungs found on one side only (test)")
+
+    def fields(self, grays):
+        return [self.field(g) for g in grays]
+
+
+def predictor_of(model, image_size: int, threshold: float = 0.5, crop: float | str = 0.0,
+                 segmenter=None):
     """A ``Predictor`` around a bare classifier (layers ``pool`` and ``p_covid``), for tests
-    of what uses one."""
+    of what uses one; ``segmenter``: e.g. ``FixedLungs``."""
     from covidxray.config import Preprocessing
     from covidxray.run.metadata import RunMetadata
     from covidxray.run.predictor import Predictor
@@ -56,4 +80,4 @@ def predictor_of(model, image_size: int, threshold: float = 0.5, crop: float = 0
                            backbone="test", weights="none", threshold=threshold,
                            threshold_method="youden", model_id="test", data_fingerprint="",
                            created="", covidxray_version="", backend="")
-    return Predictor(model, metadata)
+    return Predictor(model, metadata, segmenter=segmenter)

@@ -109,3 +109,57 @@ def test_fingerprint_changes_with_content(tmp_path):
     assert fingerprint(discover(tmp_path).records) == before
     png(tmp_path / "NORMAL" / "b.png", 201)
     assert fingerprint(discover(tmp_path).records) != before
+
+
+def test_a_manifest_says_what_it_gets_wrong(tmp_path, caplog):
+    """Repeated rows, a file with two labels, an empty label and a label spelt another way:
+    one warning naming the rows; each file once, mis-cased labels read as their class;
+    --strict makes it an error."""
+    from pathlib import Path
+    for i in range(6):
+        Image.fromarray(np.full((16, 16), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    rows = ["file,label", "0.png,COVID", "0.png,COVID", f"{tmp_path / '0.png'},COVID",
+            "1.png,COVID", "1.png,NORMAL", "2.png,", "3.png,covid ", "4.png,NORMAL",
+            "5.png,NORMAL"]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level("WARNING"):
+        dataset = discover(tmp_path / "m.csv")
+    assert sorted(Path(r.path).name for r in dataset.records) == ["0.png", "3.png", "4.png",
+                                                                  "5.png"]
+    assert dataset.class_names == ["COVID", "NORMAL"]
+    assert {Path(r.path).name: r.target for r in dataset.records}["3.png"] == 1
+    (warning,) = [r.message for r in caplog.records if "labels need a look" in r.message]
+    assert "1 rows without a label, left out: lines 7" in warning
+    assert "2 rows repeat a file listed before with the same label, counted once: lines 3, 4" \
+        in warning
+    assert "1 files listed with two labels, left out: 1.png (lines 5/6: covid vs normal)" \
+        in warning
+    assert "one class spelt 'COVID' (1 rows), 'covid' (1 rows): all read as 'COVID'" in warning
+    assert not any("misspelling" in r.message for r in caplog.records)
+    with pytest.raises(DataError, match="labels need a look"):
+        discover(tmp_path / "m.csv", strict=True)
+
+
+def test_several_data_sets_keep_their_sources_and_patients_apart(tmp_path):
+    from covidxray.data.dataset import discover
+    for name, classes in (("dev", ("COVID", "NORMAL")), ("extra", ("covid", "PNEUMONIA"))):
+        rows = ["file,label,patient_id,view"]
+        for label in classes:
+            (tmp_path / name / label).mkdir(parents=True)
+            for i in range(2):
+                file = f"{label}/{label.lower()}{i}.png"
+                Image.fromarray(np.full((16, 16), 10 * i + len(label), np.uint8)).save(
+                    tmp_path / name / file)
+                patient = f"ieee:{i}" if name == "dev" else (f"ieeefull:{i}" if i == 0 else "7")
+                rows.append(f"{file},{label},{patient},{'AP' if i else 'PA'}")
+        (tmp_path / name / "manifest.csv").write_text("\n".join(rows) + "\n")
+    merged = discover([tmp_path / "dev", tmp_path / "extra"],
+                      same_patients={"ieeefull": "ieee"})
+    assert merged.class_names == ["COVID", "NORMAL", "PNEUMONIA"]
+    assert merged.positive_class == "COVID" and {r.source for r in merged.records} == {
+        "dev", "extra"}
+    extra = {r.patient_id for r in merged.records if r.source == "extra"}
+    assert extra == {"ieee:0", "extra/7"}  # one patient with dev's ieee:0; 7 is extra's own
+    assert {r.view for r in merged.records} == {"PA", "AP"}
+    assert sum(r.target for r in merged.records) == 4
+    assert merged.roots == [str(tmp_path / "dev"), str(tmp_path / "extra")]

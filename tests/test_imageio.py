@@ -182,7 +182,7 @@ def test_a_deflate_bomb_is_refused_before_it_inflates(tmp_path):
                        pixel_data=bytes(200_000_000))
     assert path.stat().st_size < 1_000_000
     tracemalloc.start()
-    with pytest.raises(ImageReadError, match="inflates beyond"):
+    with pytest.raises(ImageReadError, match="inflates beyond the 8192 bytes its header"):
         read_image(path)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
@@ -305,3 +305,35 @@ def test_real_chest_xray_in_each_lossless_syntax(tmp_path, syntax):
     # GDCM decoded the baseline JPEG itself before re-encoding: its IDCT may differ from
     # libjpeg's by a grey level here and there
     np.testing.assert_allclose(read_image(path), read_image(original), atol=2 / 255)
+
+
+def test_a_multi_frame_bomb_is_refused_from_its_header(tmp_path):
+    """300 frames of 1000 x 1000 behind a few hundred KB: every frame counts against the
+    budget, refused before anything is inflated or decoded."""
+    import tracemalloc
+    path = write_dicom(tmp_path / "frames.dcm", np.zeros((1000, 1000), np.uint8), bits=8,
+                       deflated=True, pixel_data=bytes(300 * 1000 * 1000), NumberOfFrames=300)
+    assert path.stat().st_size < 1_000_000
+    tracemalloc.start()
+    with pytest.raises(ImageReadError, match="300 frames and samples is over the limit"):
+        read_image(path, max_pixels=60_000_000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20_000_000
+    from covidxray.pixels.imageio import declared_pixels
+    assert declared_pixels(path, path.read_bytes()) == 300_000_000
+
+
+def test_a_deflated_multi_frame_dicom_is_inflated_only_to_its_first_frame(tmp_path):
+    """The first frame is decoded; what follows it in the deflated stream is never inflated
+    (here it is cut off: reading it would fail)."""
+    first = np.rint(gradient(64, 64) * 4000).astype(np.uint16)
+    later = np.random.default_rng(0).integers(0, 4000, (2, 64, 64)).astype(np.uint16)
+    path = write_dicom(tmp_path / "three.dcm", first, deflated=True,
+                       pixel_data=first.tobytes() + later.tobytes(), NumberOfFrames=3)
+    whole = read_image(path)
+    np.testing.assert_allclose(whole, first / first.max(), atol=1e-6)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[:len(data) - 8000])  # the later frames' part of the stream is gone
+    np.testing.assert_array_equal(read_image(cut), whole)

@@ -57,3 +57,40 @@ def test_track_names_what_it_supports(tiny_data, tmp_path, capsys):
                  "--track", "wandb"]) == 1
     assert "only mlflow is supported" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unreachable_tracking_server_stops_before_training(tiny_data, tmp_path, capsys):
+    """Nothing listens on the port: one line saying so within seconds (MLflow alone retries
+    for minutes), nothing trained."""
+    import socket
+    import time
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    code = main(["train", str(tiny_data), "--out", str(tmp_path / "run"), "--quiet",
+                 "--track", f"mlflow=http://127.0.0.1:{port}", *_cli_options(TINY_TRAIN)])
+    assert code == 1 and time.monotonic() - started < 15
+    err = capsys.readouterr().err
+    assert f"tracking server http://127.0.0.1:{port} cannot be reached" in err
+    assert "nothing was trained" in err and not (tmp_path / "run" / "config.json").exists()
+
+
+def test_tracking_that_fails_mid_run_costs_the_record_not_the_training(tiny_data, tmp_path,
+                                                                       caplog):
+    from covidxray.config import TrainConfig
+    from covidxray.training.fit import train
+    from covidxray.training.tracking import _EpochMetrics
+    calls = []
+
+    def gone(values, step):
+        calls.append(step)
+        raise ConnectionError("server went away")
+
+    config = TrainConfig(data=str(tiny_data), out=str(tmp_path / "run"), **TINY_TRAIN)
+    with caplog.at_level("WARNING"):
+        run = train(config, verbose=0, callbacks=(_EpochMetrics(gone),))
+    assert (run / "model.keras").is_file()
+    assert calls == [0]  # tried once, then left alone
+    assert "experiment tracking failed at epoch 1 and is off for the rest of this run " \
+           "(ConnectionError: server went away)" in caplog.text

@@ -46,7 +46,7 @@ def test_run_folder_contract(tiny_run):
 def test_split_file_has_no_patient_across_splits(tiny_run):
     rows = [line.split(",") for line in (tiny_run / "split.csv").read_text().splitlines()[1:]]
     split_of = {}
-    for path, split, label, patient, source in rows:
+    for path, split, label, patient, source, view in rows:
         assert split_of.setdefault(patient, split) == split
     assert {r[1] for r in rows} == {"train", "val", "test"}
 
@@ -122,6 +122,19 @@ def test_config_validation():
         TrainConfig(data="d", out="o", crop=0.5)
     with pytest.raises(ValueError, match="unfreeze_stages"):
         TrainConfig(data="d", out="o", unfreeze_stages=0)
+    assert TrainConfig(data="d", out="o", crop="lungs").preprocessing.lung_crop
+    with pytest.raises(ValueError, match="crop"):
+        TrainConfig(data="d", out="o", crop="lung")
+
+
+def test_the_pretrained_default_keeps_imagenet_features():
+    """No fine-tuning by default: the head alone on the frozen backbone (the outside figures
+    in docs/model-quality.md decide it), on grey levels that say nothing of the source."""
+    config = TrainConfig(data="d", out="o", backbone="efficientnet-lite0")
+    assert config.finetune_epochs == 0 and config.head_epochs > 0
+    assert config.intensity == "equalize" and config.crop == "lungs"
+    assert config.pooled_stages == 4
+    assert TrainConfig(data="d", out="o", weights="none").pooled_stages == 1
 
 
 @pytest.mark.slow
@@ -258,7 +271,8 @@ def test_pretrained_lite_fine_tunes_its_top_stage_on_the_cached_trunk(tiny_data,
         writer.writerows(rows)
     options = {**TINY_TRAIN, "weights": "imagenet", "backbone": "efficientnet-lite0",
                "head_epochs": 0, "finetune_epochs": 2, "finetune_learning_rate": 1e-3,
-               "test_time_views": 0, "exclude_confounded": True}
+               "test_time_views": 0, "exclude_confounded": True, "crop": 0.08,
+               "pooled_stages": 1}  # one cut between trunk and top stage
     with caplog.at_level(logging.INFO):
         run = covidxray.train(tmp_path / "m.csv", tmp_path / "run", verbose=0, **options)
     assert "phase 2 on the frozen trunk's output: " in caplog.text
@@ -275,3 +289,147 @@ def test_pretrained_lite_fine_tunes_its_top_stage_on_the_cached_trunk(tiny_data,
     assert changed and all(name.startswith(("block7", "top_")) for name in changed)
     assert not any(isinstance(trained.get_layer(name), keras.layers.BatchNormalization)
                    for name in changed)
+
+
+def test_the_best_epoch_over_both_phases_is_kept_and_said(tmp_path):
+    """The phase whose epoch scored best on the selection data is the one kept, whichever
+    it is, and the run's record says which and why."""
+    from types import SimpleNamespace
+
+    from covidxray.training.fit import selection_record
+    from covidxray.training.phases import Best, EpochCheckpoint
+
+    class Model:  # what EpochCheckpoint touches of a fitted model
+        variables, stop_training = [], False
+        optimizer = SimpleNamespace(variables=[])
+
+    class Classifier:
+        saved, weights = 0, []
+
+        def save_weights(self, path):
+            Classifier.saved += 1
+            Path(path).write_bytes(b"w")
+
+    from pathlib import Path
+
+    def run_phases(head_scores, finetune_scores):
+        best = Best()
+        for phase, scores in ((1, head_scores), (2, finetune_scores)):
+            checkpoint = EpochCheckpoint(tmp_path / f"p{phase}.npz", tmp_path / "best.h5",
+                                         Classifier(), len(scores), 10, best, phase)
+            checkpoint.set_model(Model())
+            for epoch, score in enumerate(scores):
+                checkpoint.on_epoch_end(epoch, {"val_auc": score})
+            best = checkpoint.best
+        return best
+
+    splits = SimpleNamespace(judge=SimpleNamespace(records=[0] * 30), select=None)
+    config = TrainConfig(data="d", out="o", **TINY_TRAIN)
+    kept_head = selection_record(run_phases([0.80, 0.90], [0.85, 0.88]), config, splits)
+    assert kept_head["phase_kept"] == 1 and kept_head["epoch"] == 2
+    assert "phase 2 (finetune) reached 0.8800" in kept_head["evidence"]
+    assert kept_head["per_phase_roc_auc"] == {"head": 0.90, "finetune": 0.88}
+    kept_finetune = selection_record(run_phases([0.80], [0.85, 0.95, 0.90]), config, splits)
+    assert kept_finetune["phase_kept"] == 2 and kept_finetune["epoch"] == 2
+    assert "0.9500, beat the other phase" in kept_finetune["evidence"]
+    assert "validation split (30 images)" in kept_finetune["selected_on"]
+    only = selection_record(run_phases([0.7, 0.8], []), config, splits)
+    assert only["phase_kept"] == 1 and "only phase 1" in only["evidence"]
+
+
+def test_run_records_its_selection_and_selects_on_other_data(tiny_data, tiny_run, tmp_path,
+                                                               caplog):
+    from covidxray.data.synthetic import make_synthetic_dataset
+    from covidxray.run.metadata import RunMetadata
+    meta = RunMetadata.load(tiny_run / "metadata.json")
+    kept = meta.selection
+    assert kept["phase_kept"] in (1, 2) and "validation split" in kept["selected_on"]
+    scores = kept["per_phase_roc_auc"]
+    assert kept["roc_auc"] == max(scores.values()) == scores[kept["phase_name"]]
+    other = make_synthetic_dataset(tmp_path / "hospital", n_per_class=8, size=96, seed=7)
+    with caplog.at_level("INFO"):
+        run = covidxray.train(tiny_data, tmp_path / "run", verbose=0, select_on=str(other),
+                              **TINY_TRAIN)
+    selected = RunMetadata.load(run / "metadata.json").selection
+    assert f"--select-on {other} (16 images)" == selected["selected_on"]
+    assert any("kept the weights of phase" in r.message for r in caplog.records)
+    with pytest.raises(DataError, match="also in the training data"):
+        covidxray.train(tiny_data, tmp_path / "run2", verbose=0, select_on=str(tiny_data),
+                        **TINY_TRAIN)
+
+
+def test_a_full_disk_is_an_error_and_resume_continues_once_there_is_room(tiny_data, tmp_path,
+                                                                          monkeypatch):
+    """A write that does not fit (the disk as this test reports it) stops training with a
+    message naming the folder and the space; nothing complete-looking or partial is left,
+    and --resume continues once there is room."""
+    import covidxray.fileutil as fileutil
+    from covidxray.fileutil import DiskFullError
+    real = fileutil.shutil.disk_usage
+    monkeypatch.setattr(fileutil.shutil, "disk_usage",
+                        lambda path: real(path)._replace(free=2 << 20))
+    run = tmp_path / "run"
+    with pytest.raises(DiskFullError, match=r"no space left in .*\.checkpoints to write .*"
+                                            r"needs about \d+ MB, 2 MB are free"):
+        covidxray.train(tiny_data, run, verbose=0, **TINY_TRAIN)
+    assert not (run / "model.keras").exists() and not (run / ".lock").exists()
+    assert not [p for p in run.rglob("*") if ".partial" in p.name or p.name.startswith(
+        ".best") or p.name.startswith(".phase")]
+    monkeypatch.undo()
+    covidxray.train(tiny_data, run, resume=True, verbose=0)
+    assert (run / "model.keras").is_file() and not (run / ".checkpoints").exists()
+
+
+def test_a_write_that_hits_enospc_is_a_disk_full_error(tmp_path):
+    import errno
+
+    from covidxray.fileutil import DiskFullError, atomic_path
+    with pytest.raises(DiskFullError, match="no space left in"):
+        with atomic_path(tmp_path / "weights.h5") as tmp:
+            tmp.write_bytes(b"part")
+            raise RuntimeError("Can't write data (file write failed: errno = 28, error "
+                               "message = 'No space left on device')")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DiskFullError):
+        with atomic_path(tmp_path / "x.npz"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_two_trainings_on_one_folder_one_is_refused(tiny_data, tmp_path):
+    """The second job started on a folder is refused at once, naming the first; the folder
+    ends with one run's files, complete."""
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "covidxray", "train", str(tiny_data), "--out", str(run),
+            "--image-size", "64", "--backbone", "mobilenetv3small", "--weights", "none",
+            "--head-epochs", "1", "--finetune-epochs", "2", "--batch-size", "8", "--quiet"]
+    first = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # until the first holds the folder
+        if (run / ".lock").exists() or first.poll() is not None:
+            break
+        time.sleep(0.1)
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-2000:]
+    assert second.returncode == 1
+    assert "is in use by covidxray train (pid" in second.stderr
+    assert (run / "model.keras").is_file() and not (run / ".lock").exists()
+    import csv
+    epochs = [(row["phase"], row["epoch"]) for row in csv.DictReader(open(run / "history.csv"))]
+    assert len(epochs) == len(set(epochs)) and 1 <= len(epochs) <= 3  # one run's epochs
+
+
+def test_a_stale_lock_is_named_and_taken_over(tmp_path, caplog):
+    import json
+    import socket
+
+    from covidxray.fileutil import FolderLockedError, folder_lock
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 2 ** 22 + 7, "host": socket.gethostname(),
+                                                "what": "covidxray train", "since": "then"}))
+    with caplog.at_level("WARNING"), folder_lock(tmp_path, "covidxray train"):
+        assert "taking over the stale lock of covidxray train (pid 4194311" in caplog.text
+        with pytest.raises(FolderLockedError, match="in use by covidxray train"):
+            with folder_lock(tmp_path, "another"):
+                pass
+    assert not (tmp_path / ".lock").exists()

@@ -108,3 +108,14 @@ def test_mean_over_views_averages_the_image_and_its_views(film):
     given = np.full(3, 0.5)  # the image's own score, already computed
     assert np.allclose(mean_over_views(score, images, 1, first=given),
                        (0.5 + score(source_cue_view(images, 0))) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (37, 90), (5, 5)])
+def test_the_numpy_blur_is_scipys(shape):
+    """The predict path's blur (no scipy there) gives scipy.ndimage.gaussian_filter's values."""
+    from scipy.ndimage import gaussian_filter
+
+    from covidxray.pixels.transforms import gaussian_blur
+    image = np.random.default_rng(0).random(shape).astype(np.float32)
+    for sigma in (0.05, 0.3, 1.5):
+        assert np.allclose(gaussian_blur(image, sigma), gaussian_filter(image, sigma), atol=1e-6)

@@ -11,9 +11,18 @@ from covidxray.fileutil import write_text_atomic
 
 RESEARCH_NOTICE = ("Research use only. Not a medical device: not for diagnosis, triage or any "
                    "clinical decision.")
+# what every figure of a run's own data does not show (the report, the model card)
+STAND_IN_CAVEAT = ("In-domain validation and held-out sources of the training data are weak "
+                   "stand-ins for a new hospital: a model can learn what a collection shares "
+                   "(its scanners, processing, framing) instead of the disease. Check it on "
+                   "labelled films of your own hospital before trusting it there.")
 
 # grey-level normalisation of every image (covidxray.pixels.transforms.normalise_intensity)
 INTENSITY_MODES = ("none", "percentile", "equalize", "clahe")
+# Preprocessing.crop: the lungs' box instead of a fixed fraction of each side
+LUNG_CROP = "lungs"
+# what a lung crop cuts from each side of a film on which no plausible lungs are found
+LUNG_FALLBACK_CROP = 0.08
 # the Kaggle data set of the reference design, what 'covidxray data download' fetches by default
 KAGGLE_DATASET = "akhilkasare/covid19-chest-xray-detection"
 
@@ -22,20 +31,47 @@ KAGGLE_DATASET = "akhilkasare/covid19-chest-xray-detection"
 class Preprocessing:
     """What every image goes through before the model; one value per run, in its metadata.
 
-    ``crop`` removes that fraction of each side first (text, markers, collimation edges);
-    ``intensity`` normalises the grey levels (``INTENSITY_MODES``); then the image is resized
-    to ``image_size`` square and quantised to uint8 (``covidxray.pixels.imageio.prepare``). The
-    backbone's own preprocessing lives inside the model.
+    ``crop`` removes that fraction of each side first (text, markers, collimation edges), or,
+    ``"lungs"``, keeps the box of the lungs the lung segmenter finds, with a margin
+    (``covidxray.model.lungs``; a film without plausible lungs falls back to
+    ``LUNG_FALLBACK_CROP``); ``intensity`` normalises the grey levels (``INTENSITY_MODES``);
+    then the image is resized to ``image_size`` square and quantised to uint8
+    (``covidxray.pixels.imageio.prepare``). The backbone's own preprocessing lives inside the
+    model.
     """
 
     image_size: int
     intensity: str = "none"
-    crop: float = 0.0
+    crop: float | str = 0.0
 
     @property
     def name(self) -> str:
         """Short and unique, for cache folders."""
-        return f"{self.image_size}px-{self.intensity}-crop{self.crop:g}"
+        crop = self.crop if isinstance(self.crop, str) else f"{self.crop:g}"
+        return f"{self.image_size}px-{self.intensity}-crop{crop}"
+
+    @property
+    def lung_crop(self) -> bool:
+        return self.crop == LUNG_CROP
+
+
+def check_crop(crop) -> None:
+    """A crop is a fraction of each side in [0, 0.5), or LUNG_CROP."""
+    if crop == LUNG_CROP:
+        return
+    if isinstance(crop, str) or not 0 <= crop < 0.5:
+        raise ValueError(f"crop must be a fraction in [0, 0.5) or {LUNG_CROP!r}, got {crop!r}")
+
+
+def parse_same_patients(entries) -> dict[str, str]:
+    """``TrainConfig.same_patients`` (or ``same_sources``): "a=b" entries as {a: b}."""
+    aliases = {}
+    for entry in entries:
+        alias, equals, name = entry.partition("=")
+        if not (equals and alias.strip() and name.strip()):
+            raise ValueError(f"{entry!r}: expected NAME=NAME, e.g. ieeefull=ieee")
+        aliases[alias.strip()] = name.strip()
+    return aliases
 
 
 @dataclass
@@ -60,20 +96,23 @@ AUDIT_FINDINGS = ("leak", "conflict", "duplicate", "confounding")
 # "cosine": warm-up over the first tenth of a phase's steps, then cosine decay to zero
 SCHEDULES = ("constant", "cosine")
 
-# What a setting left at None becomes, by the weights; each chosen under leave-one-source-out
-# (docs/model-quality.md). Pretrained (EfficientNet-Lite0 ImageNet, 3 seeds): the head on the
-# frozen backbone, then the top stage at 1e-4 on the frozen trunk, the images as they are (the
-# ImageNet filters were learned on plain photos), no views. From random weights (small
+# What a setting left at None becomes, by the weights (docs/model-quality.md has the evidence).
+# Pretrained: the head alone on the frozen backbone, no fine-tuning (fine-tuning the top stage
+# on one collection raised its own validation ROC-AUC and lowered a new hospital's, 0.83 ->
+# 0.74 over three seeds: ImageNet features are kept, not unlearned), on histogram-equalised
+# films cut to the box of their lungs (grey levels, borders and framing that say which
+# collection a film came from are removed by design), no views. From random weights (small
 # from-scratch models): every stage at 1e-3, equalised and cropped images, source-cue
 # augmentation, and 16 test-time views to carry its threshold to new sources.
 RECIPES = {
-    "pretrained": {"head_epochs": 10, "head_learning_rate": 1e-3, "finetune_epochs": 5,
-                   "finetune_learning_rate": 1e-4, "unfreeze_stages": 1, "intensity": "none",
-                   "crop": 0.0, "source_augment": False, "test_time_views": 0},
+    "pretrained": {"head_epochs": 10, "head_learning_rate": 1e-3, "finetune_epochs": 0,
+                   "finetune_learning_rate": 1e-4, "unfreeze_stages": 1,
+                   "intensity": "equalize", "crop": "lungs", "pooled_stages": 4,
+                   "source_augment": False, "test_time_views": 0},
     "random": {"head_epochs": 0, "head_learning_rate": 1e-3, "finetune_epochs": 15,
                "finetune_learning_rate": 1e-3, "unfreeze_stages": "all",
-               "intensity": "equalize", "crop": 0.08, "source_augment": True,
-               "test_time_views": 16},
+               "intensity": "equalize", "crop": 0.08, "pooled_stages": 1,
+               "source_augment": True, "test_time_views": 16},
 }
 
 
@@ -81,15 +120,22 @@ RECIPES = {
 class TrainConfig:
     """Everything that decides what ``covidxray train`` does."""
 
-    data: str
+    data: str | list[str]  # a data set, or several (their sources and patients kept apart)
     out: str
     image_size: int = 224
     # None here and below: the recipe for the weights (RECIPES)
     intensity: str | None = None  # grey-level normalisation of every image: INTENSITY_MODES
-    crop: float | None = None  # fraction of each side cut off every image before resizing
+    # fraction of each side cut off every image before resizing, or "lungs" (Preprocessing)
+    crop: float | str | None = None
     backbone: str = "resnet50"
     weights: str = "imagenet"  # "imagenet", "none" or a path to a weights file
     dropout: float = 0.3
+    # the head reads the pooled outputs of this many of the backbone's top stages (1: the last)
+    pooled_stages: int | None = None
+    # None: COVID against the rest (one sigmoid unit). Three or more names, e.g. ("covid",
+    # "pneumonia", "normal"): a softmax over those classes (each data label must be one of
+    # them, case aside); P(COVID) and its threshold as ever, the others' beside it
+    classes: tuple[str, ...] | None = None
     batch_size: int = 32
     # pretrained weights train the head on a frozen backbone, then fine-tune the top stage;
     # random weights must train every stage
@@ -133,7 +179,16 @@ class TrainConfig:
     threshold_method: str = "youden"  # or "sensitivity"
     target_sensitivity: float = 0.95
     calibrate: bool = False  # fit a temperature on validation and apply it to every score
+    # prediction sets (run.conformal): the share of films of each class whose set holds their
+    # class, on films like the validation ones
+    confidence: float = 0.90
     source_from_prefix: bool = False
+    # patient-id namespaces that name the same patients, "a=b": a:12 is b:12 (data sets that
+    # say so, as cxr-ieee-extra's ieeefull:N and cxr-dev's ieee:N do)
+    same_patients: tuple[str, ...] = ()
+    # sources that are one, "a=b": source a is read as b (two copies of one collection, so
+    # that leave-one-source-out holds both out together)
+    same_sources: tuple[str, ...] = ()
     # the sources trained on (and validated, tested) when the data names them; the others are
     # left out, each named in the log and the run's metadata with the reason
     sources: tuple[str, ...] | None = None  # only these; None: all
@@ -142,12 +197,22 @@ class TrainConfig:
     exclude_confounded: bool = True
     strict: bool = False
     allow_leaks: bool = False  # train even when identical files sit in different splits
+    # labelled films of a source not trained on (the user's own hospital, a held-out source):
+    # they, not the validation split, choose the epoch and phase whose weights are kept
+    select_on: str | None = None
+    lung_model: str | None = None  # a folder of lung-segmenter weights; None: the shipped one
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
             self.augment = AugmentConfig(**self.augment)
         self.split_fractions = tuple(float(f) for f in self.split_fractions)
         self.sources = None if self.sources is None else tuple(self.sources)
+        self.same_patients = tuple(self.same_patients)
+        self.same_sources = tuple(self.same_sources)
+        if self.classes is not None:
+            self.classes = tuple(self.classes)
+        if isinstance(self.data, (list, tuple)):
+            self.data = [str(d) for d in self.data] if len(self.data) > 1 else str(self.data[0])
         self.exclude_sources = tuple(self.exclude_sources)
         recipe = RECIPES["random" if self.weights.lower() == "none" else "pretrained"]
         for name, value in recipe.items():
@@ -158,6 +223,14 @@ class TrainConfig:
     @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(self.image_size, self.intensity, self.crop)
+
+    @property
+    def patient_aliases(self) -> dict[str, str]:
+        return parse_same_patients(self.same_patients)
+
+    @property
+    def source_aliases(self) -> dict[str, str]:
+        return parse_same_patients(self.same_sources)
 
     def validate(self) -> None:
         if self.image_size < 32:
@@ -182,8 +255,7 @@ class TrainConfig:
         if self.intensity not in INTENSITY_MODES:
             raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got "
                              f"{self.intensity!r}")
-        if not 0 <= self.crop < 0.5:
-            raise ValueError(f"crop must be in [0, 0.5), got {self.crop}")
+        check_crop(self.crop)
         if self.mixed_precision not in ("auto", "on", "off"):
             raise ValueError(f"mixed_precision must be auto, on or off, got "
                              f"{self.mixed_precision!r}")
@@ -193,6 +265,16 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
+        if not 0.5 <= self.confidence < 1:
+            raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
+        if self.pooled_stages < 1:
+            raise ValueError("pooled_stages must be at least 1")
+        parse_same_patients(self.same_patients)
+        parse_same_patients(self.same_sources)
+        if self.classes is not None and (len(self.classes) < 3 or len(
+                {c.lower() for c in self.classes}) < len(self.classes)):
+            raise ValueError(f"classes must be three or more different names, got "
+                             f"{self.classes!r} (two classes: leave it out)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -246,8 +328,35 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "[::1]")
     cors_origins: tuple[str, ...] = ()  # other sites' pages that may call the API: none
     api_keys: str | None = None  # a file of "id:sha256" lines: every API call needs a key
+    # wrong keys a client address may send before each further one locks it out for twice as
+    # long as the last (1 s, 2 s, ... 5 min), answered 429
+    key_failures_allowed: int = 5
     audit_db: str | None = None  # SQLAlchemy URL of the prediction record (default: SQLite)
     workers: int = 1  # processes, each with the model loaded once
+
+
+@dataclass(frozen=True)
+class DicomNodeConfig:
+    """Settings of ``covidxray dicom-node``."""
+
+    ae_title: str = "COVIDXRAY"
+    host: str = "127.0.0.1"  # loopback unless the node is meant to be reached
+    port: int = 11112
+    allowed_aes: tuple[str, ...] = ()  # calling AE titles that may associate (empty: any)
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "::1")  # peer addresses that may connect
+    send_to: str | None = None  # AE@host:port of the results' destination (the PACS)
+    out: str | None = None  # a folder for the results as files
+    max_associations: int = 8
+    max_pdu: int = 65536  # bytes per PDU received
+    max_instances: int = 1000  # per association
+    max_instance_mb: float = 64.0  # one instance's size, as received
+    max_pixels: int = 60_000_000  # per instance, every frame counted, from the header
+    timeout_s: float = 30.0  # ACSE, DIMSE and network timeouts
+    tls_cert: str | None = None  # with tls_key: TLS, and only TLS
+    tls_key: str | None = None
+    tls_ca: str | None = None  # with it: clients must show a certificate it signed
+    audit_db: str | None = None  # the prediction record (default: SQLite in RUN/serve/)
+    metrics_port: int | None = None  # Prometheus metrics on this loopback port
 
 
 @dataclass(frozen=True)
@@ -263,4 +372,5 @@ class DemoConfig:
 READ = ReadLimits()
 EVALUATION = EvaluationConfig()
 SERVE = ServeConfig()
+DICOM_NODE = DicomNodeConfig()
 DEMO = DemoConfig()

@@ -14,7 +14,7 @@ from covidxray.data.dataset import DataError, Record
 from covidxray.fileutil import write_text_atomic
 
 SPLITS = ("train", "val", "test")
-SPLIT_COLUMNS = ("path", "split", "label", "patient_id", "source")
+SPLIT_COLUMNS = ("path", "split", "label", "patient_id", "source", "view")
 
 
 def assign_splits(records: list[Record], fractions=(0.70, 0.15, 0.15),
@@ -89,7 +89,7 @@ def write_split_csv(path: str | Path, records: list[Record]) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(SPLIT_COLUMNS)
     for r in records:
-        writer.writerow([r.path, r.split, r.label, r.patient_id, r.source])
+        writer.writerow([r.path, r.split, r.label, r.patient_id, r.source, r.view])
     write_text_atomic(path, buffer.getvalue())
 
 
@@ -112,4 +112,5 @@ def read_split_records(path: str | Path, positive_class: str) -> list[Record]:
         return [Record(path=row["path"], label=row["label"],
                        target=int(row["label"] == positive_class),
                        patient_id=row.get("patient_id", ""), source=row.get("source", ""),
-                       split=row["split"]) for row in csv.DictReader(handle)]
+                       split=row["split"], view=row.get("view", ""))
+                for row in csv.DictReader(handle)]

@@ -27,8 +27,9 @@ def _soft(mask: np.ndarray, radius: float) -> np.ndarray:
 
 
 def synthetic_radiograph(rng: np.random.Generator, size: int = 256,
-                         covid: bool = False) -> np.ndarray:
-    """One frontal chest radiograph-like image, float32 in [0, 1], bone and tissue bright."""
+                         covid: bool = False, with_lungs: bool = False):
+    """One frontal chest radiograph-like image, float32 in [0, 1], bone and tissue bright;
+    ``with_lungs``: and its lung fields, a boolean mask (the image, the mask)."""
     y, x = np.mgrid[-1:1:size * 1j, -1:1:size * 1j].astype(np.float32)
     # patients differ in size, position and tilt
     angle = np.deg2rad(rng.uniform(-6, 6))
@@ -65,8 +66,34 @@ def synthetic_radiograph(rng: np.random.Generator, size: int = 256,
     # exposure and soft-tissue differences: a smooth random field across the film
     image += 0.12 * (_soft(rng.random(image.shape), 12 * edge) - 0.5) * 8
     image = _soft(image, rng.uniform(0.3, 1.0) * edge / 2)
-    image = image ** rng.uniform(0.85, 1.15) + rng.normal(0, 0.015, image.shape)
-    return np.clip(image, 0, 1).astype(np.float32)
+    image = np.clip(image, 0, None) ** rng.uniform(0.85, 1.15) \
+        + rng.normal(0, 0.015, image.shape)
+    image = np.clip(image, 0, 1).astype(np.float32)
+    return (image, lungs[0] | lungs[1]) if with_lungs else image
+
+
+def make_synthetic_lung_masks(out: str | Path, n: int = 40, size: int = 128,
+                              seed: int = 0) -> Path:
+    """A lung-segmentation folder of synthetic radiographs: ``images/``, ``masks/`` (0/255,
+    same names) and ``manifest.csv`` (file, mask, patient_id), marked synthetic."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    for folder in ("images", "masks"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        image, lungs = synthetic_radiograph(rng, size, covid=bool(i % 2), with_lungs=True)
+        name = f"synthetic_{i:04d}.png"
+        Image.fromarray(np.rint(image * 255).astype(np.uint8)).save(out / "images" / name)
+        Image.fromarray(lungs.astype(np.uint8) * 255).save(out / "masks" / name)
+        rows.append({"file": f"images/{name}", "mask": f"masks/{name}", "patient_id": str(i)})
+    with open(out / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "mask", "patient_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / SYNTHETIC_MARKER).write_text("Synthetic radiograph-like images and their lung "
+                                        "fields, made by covidxray.data.synthetic.\n")
+    return out
 
 
 def make_synthetic_dataset(out: str | Path, n_per_class: int = 60, size: int = 128,

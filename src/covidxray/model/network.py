@@ -71,10 +71,38 @@ def augmentation_layers(config: AugmentConfig, seed: int) -> list[keras.layers.L
     return layers
 
 
+@keras.saving.register_keras_serializable(package="covidxray")
+class StagePool(keras.layers.Layer):
+    """Global average pooling of each of several feature maps (the backbone's top stages),
+    concatenated: the head reads the last stage's features beside lower, less ImageNet-specific
+    ones."""
+
+    def call(self, maps):
+        return ops.concatenate([ops.mean(m, axis=(1, 2)) for m in maps], axis=-1)
+
+    def compute_output_shape(self, input_shapes):
+        return (input_shapes[0][0], sum(shape[-1] for shape in input_shapes))
+
+
+def stage_outputs(base: keras.Model, backbone: str, stages: int) -> list:
+    """The outputs of ``backbone``'s top ``stages`` stages inside ``base``: the last layer of
+    each (the top stage's is the backbone's own output)."""
+    prefixes = get_backbone(backbone).stages
+    if not 1 <= stages <= len(prefixes):
+        raise ValueError(f"{backbone} has {len(prefixes)} stages; cannot pool {stages}")
+    outputs = [base.output]
+    for stage in prefixes[1:stages]:
+        last = [layer for layer in base.layers if layer.name.startswith(stage)][-1]
+        outputs.append(last.output)
+    return outputs
+
+
 def build_model(image_size: int, backbone: str = "resnet50", weights: str = "imagenet",
                 dropout: float = 0.3, augment: AugmentConfig | None = None,
-                seed: int = 0) -> keras.Model:
-    """The classifier, with its backbone frozen (phase 1 of training)."""
+                seed: int = 0, pooled_stages: int = 1, classes: int = 2) -> keras.Model:
+    """The classifier, with its backbone frozen (phase 1 of training); ``pooled_stages``: the
+    head reads the pooled outputs of that many of the backbone's top stages; ``classes``: 2,
+    one sigmoid unit (P(positive)); 3 or more, a softmax over them."""
     spec = get_backbone(backbone)
     resolved = resolve_weights(weights, spec)
     inputs = keras.Input((image_size, image_size, 1), name="image")
@@ -96,14 +124,22 @@ def build_model(image_size: int, backbone: str = "resnet50", weights: str = "ima
         for layer in base.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = RANDOM_INIT_BATCHNORM_MOMENTUM
+    if pooled_stages > 1:
+        base = keras.Model(base.input, stage_outputs(base, backbone, pooled_stages),
+                           name=base.name)
+    if resolved is None:
         x = base(x)
     else:
         # pretrained: BatchNorm stays in inference mode, also once the top stages are unfrozen
         x = base(x, training=False)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    pool = StagePool(name="pool") if pooled_stages > 1 else \
+        keras.layers.GlobalAveragePooling2D(name="pool")
+    x = pool(x)
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
     # float32 whatever the dtype policy: a bfloat16 sigmoid cannot tell 0.999 from 1
-    outputs = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME, dtype="float32")(x)
+    outputs = keras.layers.Dense(1 if classes == 2 else classes,
+                                 activation="sigmoid" if classes == 2 else "softmax",
+                                 name=OUTPUT_NAME, dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"covidxray_{spec.name}")
 
 
@@ -141,44 +177,100 @@ def unfreeze_top_stages(model: keras.Model, backbone: str, stages: int | str,
         layer.trainable = in_stages and not (is_batchnorm and freeze_batchnorm)
 
 
-def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """P(positive) for (n, size, size) uint8 images already through ``imageio.prepare``."""
+def data_parallel_devices() -> int:
+    """The devices a batch is split over under the active ``keras.distribution`` (1: none)."""
+    distribution = keras.distribution.distribution()
+    return len(distribution.device_mesh.devices.ravel()) if distribution is not None else 1
+
+
+def padded(images: np.ndarray, multiple: int) -> np.ndarray:
+    """``images`` with copies of the first appended up to a multiple of ``multiple`` (data
+    parallel: every batch, the last one too, must split evenly over the devices); the caller
+    keeps the first ``len(images)`` results."""
+    extra = -len(images) % multiple
+    return images if not extra else np.concatenate([images, np.repeat(images[:1], extra, 0)])
+
+
+def predict_padded(model: keras.Model, inputs: np.ndarray, batch_size: int):
+    """``model.predict`` of any (n, ...) inputs, whatever n under data parallelism."""
+    n = len(inputs)
+    out = model.predict(padded(np.asarray(inputs), data_parallel_devices()),
+                        batch_size=batch_size, verbose=0)
+    return [o[:n] for o in out] if isinstance(out, (list, tuple)) else out[:n]
+
+
+def _predict(model: keras.Model, images: np.ndarray, batch_size: int):
+    """``predict_padded`` of (n, size, size) images."""
+    return predict_padded(model, np.asarray(images)[..., None], batch_size)
+
+
+def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int = 32,
+                   positive: int = 0) -> np.ndarray:
+    """P(positive) for (n, size, size) uint8 images already through ``imageio.prepare``
+    (``positive``: its column of a softmax head)."""
     if len(images) == 0:
         return np.zeros(0, dtype=np.float32)
-    scores = model.predict(np.asarray(images)[..., None], batch_size=batch_size, verbose=0)
-    return np.asarray(scores, dtype=np.float32).ravel()
+    out = np.asarray(_predict(model, images, batch_size), dtype=np.float32)
+    return out[:, positive] if out.shape[1] > 1 else out.ravel()
 
 
 def feature_extractor(model: keras.Model) -> keras.Model:
-    """The classifier up to its last convolutional stage (the input of the pooling layer)."""
+    """The classifier up to its pooling layer: the last convolutional stage (or, with pooled
+    stages, each of them)."""
     return keras.Model(model.inputs, model.get_layer("pool").input)
 
 
+def logit_terms(maps: list[np.ndarray], kernel: np.ndarray) -> np.ndarray:
+    """Each location's term of the logit, (n, H, W) at the finest of the stages' resolutions.
+
+    Stage s contributes w_s . F_s(i, j) / (h_s * w_s) at each of its locations; a coarser
+    stage's term is spread evenly over the finer locations it covers, so the map still sums to
+    the logit (less the bias)."""
+    height, width = max(m.shape[1] for m in maps), max(m.shape[2] for m in maps)
+    total, offset = np.zeros((maps[0].shape[0], height, width), np.float32), 0
+    for features in maps:
+        channels = features.shape[-1]
+        terms = features @ kernel[offset:offset + channels] / np.prod(features.shape[1:3])
+        offset += channels
+        fy, fx = height // terms.shape[1], width // terms.shape[2]
+        if fy * terms.shape[1] != height or fx * terms.shape[2] != width:
+            raise ValueError(f"stage maps of {terms.shape[1:]} do not tile {height}x{width}")
+        total += np.repeat(np.repeat(terms, fy, axis=1), fx, axis=2) / (fy * fx)
+    return total
+
+
 def forward(model: keras.Model, images: np.ndarray, batch_size: int = 32,
-            extractor: keras.Model | None = None, maps: bool = False) -> Forward:
+            extractor: keras.Model | None = None, maps: bool = False,
+            positive: int = 0) -> Forward:
     """Embeddings, scores and (with ``maps``) per-location logit terms from one pass.
 
     The head is global average pooling -> one sigmoid unit, so the logit is the sum over
-    locations of w . F(i, j) / (h * w): the map of those terms is what Grad-CAM shows.
-    ``extractor`` is ``feature_extractor(model)``, built once by callers that predict often.
+    locations of w . F(i, j) / (h * w): the map of those terms is what Grad-CAM shows (with
+    pooled stages, ``logit_terms`` sums theirs). A softmax head: the scores and the map are
+    the ``positive`` class's (its probability, its logit), and every class's probability is
+    kept. ``extractor`` is ``feature_extractor(model)``, built once by callers that predict
+    often.
     """
     extractor = extractor or feature_extractor(model)
     head = model.get_layer(OUTPUT_NAME)
-    kernel = keras.ops.convert_to_numpy(head.kernel)[:, 0].astype(np.float32)
+    column = positive if head.units > 1 else 0
+    kernel = keras.ops.convert_to_numpy(head.kernel)[:, column].astype(np.float32)
     embeddings, logit_maps = [], []
     chunk = batch_size * 8  # bounds the memory of the feature maps (7x7x2048 at 224 px)
     for start in range(0, len(images), chunk):
-        features = np.asarray(extractor.predict(np.asarray(images[start:start + chunk])[..., None],
-                                                batch_size=batch_size, verbose=0), np.float32)
-        embeddings.append(features.mean(axis=(1, 2)))
+        outputs = _predict(extractor, images[start:start + chunk], batch_size)
+        stages = [np.asarray(o, np.float32) for o in (
+            outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+        embeddings.append(np.concatenate([f.mean(axis=(1, 2)) for f in stages], axis=1))
         if maps:
-            logit_maps.append(features @ kernel / np.prod(features.shape[1:3]))
+            logit_maps.append(logit_terms(stages, kernel))
     if not embeddings:
         return Forward(np.zeros((0, 0), np.float32), np.zeros(0, np.float32),
                        np.zeros((0, 0, 0), np.float32) if maps else None)
     embeddings = np.concatenate(embeddings)
-    scores = np.asarray(keras.ops.convert_to_numpy(head(embeddings)), np.float32).ravel()
-    return Forward(embeddings, scores, np.concatenate(logit_maps) if maps else None)
+    out = np.asarray(keras.ops.convert_to_numpy(head(embeddings)), np.float32)
+    return Forward(embeddings, out[:, column], np.concatenate(logit_maps) if maps else None,
+                   probabilities=out if head.units > 1 else None)
 
 
 def gradcam(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -188,18 +280,39 @@ def gradcam(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> np.
                                 .logit_maps)
 
 
-def inference_graph(model: keras.Model) -> keras.Model:
+def inference_graph(model: keras.Model, positive: int = 0) -> keras.Model:
     """The classifier as one graph with every output a prediction needs: P(positive) (n, 1),
-    the pooled embeddings (n, c) for the out-of-distribution gate, and each location's term of
-    the logit (n, h, w) for Grad-CAM; for export, where no Keras is left to compute the rest."""
+    the pooled embeddings (n, c) for the out-of-distribution gate, each location's term of the
+    (positive class's) logit (n, h, w) for Grad-CAM, and a softmax head's probabilities of
+    every class (n, classes); for export, where no Keras is left to compute the rest."""
     # a new input straight into the backbone: the augmentation layers (identity at inference)
     # would leave random-number generators in an exported graph
     inputs = keras.Input(model.input_shape[1:], name="image")
     features = backbone_of(model)(model.get_layer("backbone_input")(inputs), training=False)
     head = model.get_layer(OUTPUT_NAME)
     embeddings = model.get_layer("pool")(features)
-    score = head(embeddings)
-    terms = keras.layers.Lambda(
-        lambda f: keras.ops.einsum("nhwc,c->nhw", f, head.kernel[:, 0])
-        / float(f.shape[1] * f.shape[2]), name="logit_terms")(features)
-    return keras.Model(inputs, [score, embeddings, terms], name=f"{model.name}_inference")
+    probabilities = head(embeddings)
+    column = positive if head.units > 1 else 0
+    score = probabilities[:, column:column + 1] if head.units > 1 else probabilities
+    stages = features if isinstance(features, (list, tuple)) else [features]
+    height = max(f.shape[1] for f in stages)
+    width = max(f.shape[2] for f in stages)
+
+    def terms_of(maps):  # logit_terms, in Keras operations
+        total, offset = 0.0, 0
+        for f in maps:
+            channels = f.shape[-1]
+            term = keras.ops.einsum("nhwc,c->nhw", f,
+                                    head.kernel[offset:offset + channels, column]
+                                    ) / float(f.shape[1] * f.shape[2])
+            offset += channels
+            fy, fx = height // f.shape[1], width // f.shape[2]
+            if fy > 1 or fx > 1:
+                term = keras.ops.repeat(keras.ops.repeat(term, fy, axis=1), fx, axis=2) \
+                    / float(fy * fx)
+            total = total + term
+        return total
+
+    terms = keras.layers.Lambda(terms_of, name="logit_terms")(stages)
+    outputs = [score, embeddings, terms] + ([probabilities] if head.units > 1 else [])
+    return keras.Model(inputs, outputs, name=f"{model.name}_inference")

@@ -15,6 +15,8 @@ class Forward:
     embeddings: np.ndarray  # (n, channels): the pooled features
     scores: np.ndarray  # (n,): P(positive), before any calibration
     logit_maps: np.ndarray | None  # (n, h, w): each location's term of the logit, if asked
+    spread: np.ndarray | None = None  # (n,): an ensemble's standard deviation over members
+    probabilities: np.ndarray | None = None  # (n, classes): a softmax head's, every class
 
 
 def cams_from_logit_maps(logit_maps: np.ndarray) -> np.ndarray:

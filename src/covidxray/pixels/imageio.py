@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from covidxray.config import READ, Preprocessing
+from covidxray.config import LUNG_FALLBACK_CROP, READ, Preprocessing
 
 # larger images are reduced (JPEG: while decoding) by a whole factor to at most this side
 # before anything else: no radiograph needs more, and a 10000 px file would need gigabytes
@@ -162,15 +162,30 @@ def as_preprocessing(spec: int | Preprocessing) -> Preprocessing:
     return spec if isinstance(spec, Preprocessing) else Preprocessing(int(spec))
 
 
-def prepare(gray: np.ndarray, spec: int | Preprocessing) -> np.ndarray:
-    """A [0, 1] grayscale image -> the (size, size) uint8 model input: ``crop`` off each side,
-    ``intensity`` normalisation, bilinear resize to ``image_size`` square (no padding, as Keras'
+def crop_region(shape: tuple[int, int], spec: Preprocessing,
+                lungs=None) -> tuple[slice, slice]:
+    """The rows and columns of an image of ``shape`` that ``spec`` keeps: all but a fixed
+    fraction of each side, or, for a lung crop, the box of ``lungs`` (the image's
+    ``model.lungs.LungField``) or, where it found no plausible lungs, all but
+    ``LUNG_FALLBACK_CROP`` of each side."""
+    from covidxray.pixels.transforms import crop_box
+    if not spec.lung_crop:
+        return crop_box(shape, spec.crop)
+    if lungs is None:
+        raise ValueError("this preprocessing crops to the lungs: the image's lung field is "
+                         "needed (covidxray.model.lungs)")
+    return lungs.box(shape) if lungs.plausible else crop_box(shape, LUNG_FALLBACK_CROP)
+
+
+def prepare(gray: np.ndarray, spec: int | Preprocessing, lungs=None) -> np.ndarray:
+    """A [0, 1] grayscale image -> the (size, size) uint8 model input: the crop
+    (``crop_region``; ``lungs``: the image's lung field, for a lung crop), ``intensity``
+    normalisation, bilinear resize to ``image_size`` square (no padding, as Keras'
     ``flow_from_directory`` does), quantised to uint8 (see ``config.Preprocessing``)."""
-    from covidxray.pixels.transforms import crop_border, normalise_intensity
+    from covidxray.pixels.transforms import normalise_intensity
     spec = as_preprocessing(spec)
     gray = np.asarray(gray, dtype=np.float32)
-    if spec.crop:
-        gray = crop_border(gray, spec.crop)
+    gray = gray[crop_region(gray.shape, spec, lungs)]
     if spec.intensity != "none":
         gray = normalise_intensity(gray, spec.intensity)
     image = Image.fromarray(gray, mode="F")
@@ -179,17 +194,53 @@ def prepare(gray: np.ndarray, spec: int | Preprocessing) -> np.ndarray:
 
 
 def load_for_model(path: str | Path, spec: int | Preprocessing,
-                   data: bytes | None = None) -> np.ndarray:
-    """The one preprocessing path: file -> (size, size) uint8 grayscale model input."""
-    return prepare(read_image(path, data), spec)
+                   data: bytes | None = None, segmenter=None) -> np.ndarray:
+    """The one preprocessing path: file -> (size, size) uint8 grayscale model input.
+    ``segmenter`` (a ``model.lungs.LungSegmenter``) finds the lungs of a lung crop."""
+    spec = as_preprocessing(spec)
+    gray = read_image(path, data)
+    return prepare(gray, spec, segmenter.field(gray) if spec.lung_crop else None)
 
 
-def _check_pixels(path, width: int, height: int, max_pixels: int | None) -> None:
+def _check_pixels(path, width: int, height: int, max_pixels: int | None,
+                  planes: int = 1) -> None:
+    """``planes``: frames x samples of a DICOM, each of width x height; all count."""
     if width <= 0 or height <= 0:
         raise ImageReadError(path, f"the header declares no image ({width}x{height} pixels)")
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageReadError(path, f"image of {width}x{height} pixels is over the limit of "
-                                   f"{max_pixels} pixels")
+    if max_pixels is not None and width * height * planes > max_pixels:
+        what = f"{width}x{height} pixels" + (f" x {planes} frames and samples" if planes > 1
+                                             else "")
+        raise ImageReadError(path, f"image of {what} is over the limit of {max_pixels} pixels")
+
+
+def dicom_layout(path, header) -> tuple[int, int, int, int, int]:
+    """(rows, columns, frames, samples per pixel, bits allocated) a DICOM header declares,
+    each checked to be one this reader can use."""
+    rows, columns = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+    if not rows or not columns:
+        raise ImageReadError(path, "the DICOM header declares no image (no Rows and Columns)")
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    bits = int(header.get("BitsAllocated", 16) or 16)
+    if samples not in (1, 3) or bits not in (1, 8, 16, 32):
+        raise ImageReadError(path, f"unsupported DICOM pixel layout ({samples} samples of "
+                                   f"{bits} bits)")
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    if frames < 1:
+        raise ImageReadError(path, f"the DICOM header declares {frames} frames")
+    return rows, columns, frames, samples, bits
+
+
+def declared_pixels(path, data: bytes) -> int:
+    """What a file's header declares, in pixels, every frame and sample of a DICOM counted;
+    read without decoding (0: no readable header: reading the file will say why)."""
+    try:
+        if is_dicom(data) or Path(str(path)).suffix.lower() in DICOM_SUFFIXES:
+            rows, columns, frames, samples, _ = dicom_layout(path, _dicom_header(path, data))
+            return rows * columns * frames * samples
+        width, height, _, _ = header_facts(path, data)
+    except ImageReadError:
+        return 0
+    return width * height
 
 
 def _read_pillow(path, data: bytes, max_pixels: int | None = None) -> tuple[np.ndarray, float]:
@@ -258,7 +309,7 @@ def _dicom_header(path, data: bytes):
     """The data set without its pixel data, read without inflating or decoding them."""
     import pydicom
     if _is_deflated(data):
-        return _inflated_dataset(path, data, DICOM_HEADER_BYTES, whole=False)
+        return _inflated_dataset(path, data, DICOM_HEADER_BYTES)
     return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
 
 
@@ -266,9 +317,16 @@ def _is_deflated(data: bytes) -> bool:
     return DEFLATED.encode() in data[:4096]  # the transfer syntax, in the file meta group
 
 
-def _inflated_dataset(path, data: bytes, limit: int, whole: bool):
-    """A deflated data set inflated up to ``limit`` bytes (the header alone, or ``whole``: all
-    of it, refused beyond the limit), as a pydicom ``Dataset`` of explicit VR little endian."""
+def _inflated_dataset(path, data: bytes, limit: int):
+    """The header of a deflated data set (everything before its pixel data), inflated up to
+    ``limit`` bytes, as a pydicom ``Dataset`` of explicit VR little endian."""
+    return _inflate_to_pixels(path, data, limit)[0]
+
+
+def _inflate_to_pixels(path, data: bytes, limit: int):
+    """Inflate a deflated data set up to ``limit`` bytes: its header as a ``Dataset``, and
+    (the inflated bytes, the offset of its pixel data element in them or None, the inflater to
+    go on from where it stopped)."""
     import pydicom
     from pydicom.filereader import read_dataset
     if not is_dicom(data):
@@ -276,14 +334,41 @@ def _inflated_dataset(path, data: bytes, limit: int, whole: bool):
     (group_length,) = struct.unpack("<I", data[140:144])  # (0002,0000) UL: meta group length
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     body = inflater.decompress(data[144 + group_length:], limit)
-    if whole and (inflater.unconsumed_tail or not inflater.eof):
-        raise ImageReadError(path, f"the deflated data set inflates beyond the {limit} bytes its "
-                                   f"header declares (a decompression bomb?)")
-    stop = None if whole else (lambda tag, vr, length: tag == 0x7FE00010)
-    dataset = read_dataset(io.BytesIO(body), is_implicit_VR=False, is_little_endian=True,
-                           stop_when=stop)
+    stream = io.BytesIO(body)
+    dataset = read_dataset(stream, is_implicit_VR=False, is_little_endian=True,
+                           stop_when=lambda tag, vr, length: tag == 0x7FE00010)
     dataset.file_meta = pydicom.dataset.FileMetaDataset()
     dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    offset = stream.tell() if body[stream.tell():stream.tell() + 4] == b"\xe0\x7f\x10\x00" \
+        else None
+    return dataset, (body, offset, inflater)
+
+
+def _deflated_first_frame(path, data: bytes, frame_bytes: int, frames: int):
+    """A deflated data set with the pixel data of its first frame alone, inflated no further
+    than that frame: the rest of the stream (other frames, or a bomb) is never inflated. Pixel
+    data longer than the header declares is refused without inflating it."""
+    dataset, (body, offset, inflater) = _inflate_to_pixels(path, data, DICOM_HEADER_BYTES)
+    if offset is None:
+        raise ImageReadError(path, "no pixel data in the first "
+                                   f"{DICOM_HEADER_BYTES} bytes of the deflated data set")
+    (length,) = struct.unpack("<I", body[offset + 8:offset + 12])  # OB/OW: 4-byte length
+    declared = frames * frame_bytes
+    if length == 0xFFFFFFFF:
+        raise ImageReadError(path, "compressed (encapsulated) pixel data inside a deflated "
+                                   "data set is not supported")
+    if length > declared + 1:  # one byte of padding to an even length
+        raise ImageReadError(path, f"the deflated pixel data inflates beyond the {declared} "
+                                   f"bytes its header declares ({length} bytes: a "
+                                   f"decompression bomb?)")
+    needed = offset + 12 + frame_bytes
+    while len(body) < needed and inflater.unconsumed_tail:
+        body += inflater.decompress(inflater.unconsumed_tail, needed - len(body))
+    if len(body) < needed:
+        raise ImageReadError(path, "the deflated pixel data end before the first frame does")
+    dataset.PixelData = body[offset + 12:needed]
+    if "NumberOfFrames" in dataset:
+        dataset.NumberOfFrames = 1
     return dataset
 
 
@@ -292,23 +377,16 @@ def _read_dicom(path, data: bytes, max_pixels: int | None = None) -> tuple[np.nd
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
     header = _dicom_header(path, data)
-    rows, columns = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
-    if not rows or not columns:
-        raise ImageReadError(path, "the DICOM header declares no image (no Rows and Columns)")
-    _check_pixels(path, columns, rows, max_pixels)
-    samples = int(header.get("SamplesPerPixel", 1) or 1)
-    bits = int(header.get("BitsAllocated", 16) or 16)
-    if samples not in (1, 3) or bits not in (1, 8, 16, 32):
-        raise ImageReadError(path, f"unsupported DICOM pixel layout ({samples} samples of "
-                                   f"{bits} bits)")
-    frames = max(1, int(header.get("NumberOfFrames", 1) or 1))
+    rows, columns, frames, samples, bits = dicom_layout(path, header)
+    _check_pixels(path, columns, rows, max_pixels, frames * samples)
     try:
-        if _is_deflated(data):  # what the header declares, and not a byte more
-            dataset = _inflated_dataset(path, data, DICOM_HEADER_BYTES + frames * rows * columns
-                                        * samples * max(1, bits // 8), whole=True)
+        if _is_deflated(data):  # the first frame alone, never the rest of the stream
+            frame_bytes = -(-rows * columns * samples * bits // 8)
+            dataset = _deflated_first_frame(path, data, frame_bytes, frames)
+            pixels = dataset.pixel_array
         else:
             dataset = pydicom.dcmread(io.BytesIO(data), force=True)
-        pixels = pixel_array(dataset, index=0) if frames > 1 else dataset.pixel_array
+            pixels = pixel_array(dataset, index=0) if frames > 1 else dataset.pixel_array
     except ImageReadError:
         raise
     except Exception as exc:  # pydicom raises many types for bad or undecodable data

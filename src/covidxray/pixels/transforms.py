@@ -91,10 +91,11 @@ def crop_border(image: np.ndarray, fraction: float) -> np.ndarray:
     return image[crop_box(image.shape, fraction)]
 
 
-def uncrop(inner: np.ndarray, shape: tuple[int, int], fraction: float) -> np.ndarray:
+def uncrop(inner: np.ndarray, shape: tuple[int, int],
+           box: tuple[slice, slice]) -> np.ndarray:
     """A map of the cropped image (any size) placed back on an image of ``shape``: resized to
-    the region ``crop_border`` kept, zero on the band it removed."""
-    rows, cols = crop_box(shape, fraction)
+    the region ``box`` (rows, columns) that the crop kept, zero where it cut."""
+    rows, cols = box
     out = np.zeros(shape, np.float32)
     out[rows, cols] = resize(inner, (rows.stop - rows.start, cols.stop - cols.start))
     return out
@@ -112,12 +113,27 @@ def random_gamma(image, rng: np.random.Generator, spread: float = 0.4) -> np.nda
     return np.clip(_checked(image), 0, 1) ** np.float32(gamma)
 
 
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """A 2-D Gaussian blur as ``scipy.ndimage.gaussian_filter`` does it (kernel cut at 4 sigma,
+    mirrored edges), in numpy: test-time views run on the predict path, which must not import
+    scipy."""
+    radius = int(4 * sigma + 0.5)
+    if radius == 0:
+        return np.asarray(image, np.float32)
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    windows = np.lib.stride_tricks.sliding_window_view
+    padded = np.pad(np.asarray(image, np.float64), radius, mode="symmetric")
+    rows = windows(padded, len(kernel), axis=0) @ kernel
+    return (windows(rows, len(kernel), axis=1) @ kernel).astype(np.float32)
+
+
 def random_blur_or_noise(image, rng: np.random.Generator, max_sigma: float = 1.5,
                          max_noise: float = 0.03) -> np.ndarray:
     """A Gaussian blur of random width, then Gaussian noise of random strength."""
-    from scipy.ndimage import gaussian_filter
     image = _checked(image)
-    blurred = gaussian_filter(image, rng.uniform(0, max_sigma))
+    blurred = gaussian_blur(image, rng.uniform(0, max_sigma))
     noisy = blurred + rng.normal(0, rng.uniform(0, max_noise), image.shape)
     return np.clip(noisy, 0, 1).astype(np.float32)
 

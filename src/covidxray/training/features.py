@@ -42,7 +42,10 @@ def model_key(model: keras.Model, augment: AugmentConfig | None = None, seed: in
     digest.update(keras.backend.backend().encode())
     preprocessing = model.get_layer("backbone_input").get_config()["mode"]
     views = None if augment is None else [dataclasses.asdict(augment), seed]
-    digest.update(json.dumps([model.input_shape, preprocessing, views], sort_keys=True).encode())
+    pooled = [t.name for t in backbone_of(model).outputs] if len(backbone_of(model).outputs) > 1 \
+        else None  # which stages the head pools
+    digest.update(json.dumps([model.input_shape, preprocessing, views, pooled],
+                             sort_keys=True).encode())
     for weight in backbone_of(model).weights:  # trainable and BatchNorm statistics alike
         digest.update(weight.path.encode())
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())

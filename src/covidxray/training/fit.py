@@ -8,6 +8,7 @@ are kept; the result is the one an uninterrupted run would have given.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import warnings
 from collections import Counter
@@ -16,19 +17,24 @@ from pathlib import Path
 
 import keras
 
-from covidxray.config import TrainConfig
-from covidxray.data.audit import exact_duplicates_across_splits, select_sources
+from covidxray.config import Preprocessing, TrainConfig
+from covidxray.data.audit import AS_THEY_ARE, RUN_PIXELS, STATISTICS_SIZE, \
+    exact_duplicates_across_splits, image_statistics_separability, select_sources, \
+    separability_warnings
 from covidxray.data.dataset import DataError, Dataset, LoadedImages, Record, discover, \
     file_hashes, load_images, with_splits
 from covidxray.data.split import assign_splits, patients_across_splits, read_split_csv, \
     write_split_csv
+from covidxray.fileutil import folder_lock
 from covidxray.model.accelerator import precision_for_hardware
+from covidxray.model.lungs import CARD_NAME, WEIGHTS_NAME, LungSegmenter, default_segmenter
 from covidxray.model.network import build_model, stage_prefixes, unfreeze_top_stages
 from covidxray.training.distribute import data_parallel
 from covidxray.training.features import trunk_split
 from covidxray.training.finalize import finalize_run
-from covidxray.training.phases import Phase, best_weights_file, checkpoint_folder, fit_phase, \
-    full_fitting, head_fitting, top_fitting
+from covidxray.run.predictor import LUNGS_FOLDER
+from covidxray.training.phases import PHASE_NAMES, Best, Phase, best_weights_file, \
+    checkpoint_folder, class_count, fit_phase, full_fitting, head_fitting, top_fitting
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +46,22 @@ class RunExistsError(FileExistsError):
 @dataclass
 class Splits:
     """The data a run trains on: the data set, every record with its split, each file's
-    sha256, and the loaded training and validation images."""
+    sha256, and the loaded training and validation images; ``select``: the labelled images
+    that choose the epoch and phase whose weights are kept, where they are not the validation
+    split (``TrainConfig.select_on``)."""
 
     dataset: Dataset
     records: list[Record]
     hashes: dict[str, str]
     train: LoadedImages
     val: LoadedImages
+    select: LoadedImages | None = None
+    segmenter: LungSegmenter | None = None  # finds the lungs of a lung crop
+
+    @property
+    def judge(self) -> LoadedImages:
+        """What the model selection scores: ``select``, else the validation split."""
+        return self.select if self.select is not None else self.val
 
 
 def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto",
@@ -58,9 +73,16 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     of both phases (experiment tracking).
     """
     run = Path(config.out)
+    if resume and not (run / "config.json").is_file():
+        raise FileNotFoundError(f"{run}: no config.json to resume from")
+    run.mkdir(parents=True, exist_ok=True)
+    # held before anything is looked at or written: a second job on the folder is refused
+    with folder_lock(run, "covidxray train"):
+        return _train(config, run, resume, verbose, callbacks)
+
+
+def _train(config: TrainConfig, run: Path, resume: bool, verbose, callbacks: tuple) -> Path:
     if resume:
-        if not (run / "config.json").is_file():
-            raise FileNotFoundError(f"{run}: no config.json to resume from")
         if (run / "model.keras").is_file():
             raise RunExistsError(f"{run}: this run is already complete")
         config = TrainConfig.load(run / "config.json")
@@ -69,29 +91,36 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     elif (run / "config.json").exists():
         raise RunExistsError(f"{run} already holds a run: use --resume to continue it, or "
                              f"another --out")
-    run.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
 
     dataset, records, hashes = prepare_splits(config, run)
     config.save(run / "config.json")
-    splits = Splits(dataset, records, hashes, _load_split(records, "train", config),
-                    _load_split(records, "val", config))
+    segmenter = lung_segmenter(config, run)
+    statistics = training_image_statistics(records, config, segmenter)
+    # the validation films' lungs are looked for even without a lung crop: the gate's lung
+    # test is calibrated on them (finalize.fit_ood_gate)
+    splits = Splits(dataset, records, hashes, _load_split(records, "train", config, segmenter),
+                    _load_split(records, "val", config, segmenter or default_segmenter()),
+                    selection_images(config, hashes, segmenter), segmenter)
     with precision_for_hardware(config.mixed_precision) as policy, \
             data_parallel(config.distribute, config.batch_size) as devices:
         model = build_model(config.image_size, config.backbone, config.weights, config.dropout,
-                            config.augment, config.seed)
-        _train_phases(model, config, splits, run, verbose, whole_batches=devices > 1,
-                      callbacks=callbacks)
-        finalize_run(model, config, splits, run, policy)
+                            config.augment, config.seed, config.pooled_stages,
+                            class_count(config))
+        best = _train_phases(model, config, splits, run, verbose, devices=devices,
+                             callbacks=callbacks)
+        finalize_run(model, config, splits, run, policy, selection_record(best, config, splits),
+                     statistics)
     shutil.rmtree(checkpoint_folder(run), ignore_errors=True)
     return run
 
 
 def _train_phases(model: keras.Model, config: TrainConfig, splits: Splits, run: Path,
-                  verbose, whole_batches: bool = False, callbacks: tuple = ()) -> None:
+                  verbose, devices: int = 1, callbacks: tuple = ()) -> Best:
     """Phase 1 (head, frozen backbone) then phase 2 (top stages); the model ends with the
-    weights of its best validation epoch. A phase checkpointed as done is not run again."""
-    best = None
+    weights of its best epoch on the selection data (``Splits.judge``), whichever phase it
+    was in. A phase checkpointed as done is not run again."""
+    best = Best()
     for phase in (Phase(1, config.head_epochs, config.head_learning_rate),
                   Phase(2, config.finetune_epochs, config.finetune_learning_rate)):
         if phase.epochs == 0:
@@ -105,40 +134,69 @@ def _train_phases(model: keras.Model, config: TrainConfig, splits: Splits, run: 
                  phase.epochs, phase.learning_rate)
         fitting = _fitting(model, phase, config, splits)
         # split over devices, every batch must be whole: the rest of an epoch waits its turn
-        fitting.batches.drop_remainder = whole_batches
+        fitting.batches.drop_remainder = devices > 1
         best = fit_phase(fitting, phase, classifier=model, config=config, run=run,
                          best_so_far=best, verbose=verbose, callbacks=callbacks)
     if best_weights_file(run).exists():
         with warnings.catch_warnings():  # the saved optimizer state is of no use from here on
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             model.load_weights(best_weights_file(run))
+    return best
+
+
+def selection_record(best: Best, config: TrainConfig, splits: Splits) -> dict:
+    """Which phase's weights the run kept, and on what evidence (for its metadata and log)."""
+    judged = splits.judge
+    on = (f"--select-on {config.select_on} ({len(judged.records)} images)"
+          if splits.select is not None else
+          f"the validation split ({len(judged.records)} images)")
+    phases = {number: PHASE_NAMES[number] for number in sorted(best.per_phase)}
+    if best.phase is None:
+        evidence = "no epoch could be scored (one class only?): the last weights are kept"
+    elif len(phases) == 1:
+        evidence = f"only phase {best.phase} ({PHASE_NAMES[best.phase]}) was trained"
+    else:
+        others = [f"phase {n} ({PHASE_NAMES[n]}) reached {best.per_phase[n]:.4f}"
+                  for n in phases if n != best.phase]
+        evidence = (f"its best ROC-AUC on {on}, {best.score:.4f}, beat the other phase: "
+                    + "; ".join(others))
+    record = {"phase_kept": best.phase,
+              "phase_name": PHASE_NAMES.get(best.phase, "none"),
+              "epoch": None if best.epoch is None else best.epoch + 1,
+              "roc_auc": best.score, "selected_on": on,
+              "per_phase_roc_auc": {PHASE_NAMES[n]: v for n, v in best.per_phase.items()},
+              "evidence": evidence}
+    log.info("kept the weights of phase %s (%s), epoch %s: %s", record["phase_kept"],
+             record["phase_name"], record["epoch"], evidence)
+    return record
 
 
 def _fitting(model: keras.Model, phase: Phase, config: TrainConfig, splits: Splits):
     """What ``phase`` fits: the head on cached features, the top stages on the cached frozen
     trunk (pretrained weights, some stages kept frozen), or else the whole network."""
     if phase.number == 1 and config.cached_head:
-        return head_fitting(model, splits.train, splits.val, config)
+        return head_fitting(model, splits.train, splits.judge, config)
     frozen_trunk = (config.cached_trunk and config.weights.lower() != "none"
                     and config.unfreeze_stages != "all")
     if phase.number == 2 and frozen_trunk:
         split = trunk_split(model, stage_prefixes(config.backbone, config.unfreeze_stages))
         if split is not None:
-            return top_fitting(split, splits.train, splits.val, config, phase.epochs)
-    return full_fitting(model, splits.train, splits.val, config)
+            return top_fitting(split, splits.train, splits.judge, config, phase.epochs)
+    return full_fitting(model, splits.train, splits.judge, config, splits.segmenter)
 
 
 def prepare_splits(config: TrainConfig, run: Path) -> tuple[Dataset, list, dict[str, str]]:
     """Discover the data, give every image a split and write ``RUN/split.csv``; also returns
     every file's sha256 (read once, for the duplicate check and the data fingerprint)."""
-    dataset = discover(config.data, config.positive_class, config.source_from_prefix)
+    dataset = discover(config.data, config.positive_class, config.source_from_prefix,
+                       config.strict, config.patient_aliases, config.source_aliases)
     for path, reason in dataset.skipped:
         log.warning("skipped %s: %s", path, reason)
     if config.exclude_confounded and not any(r.source for r in dataset.records):
         log.info("the data names no image's source: no source could be checked for "
                  "confounding (a source column or --source-from-prefix lets it)")
     kept, left_out = select_sources(dataset.records, config.sources, config.exclude_sources,
-                                    config.exclude_confounded)
+                                    config.exclude_confounded, by_share=not config.classes)
     for source, reason in left_out.items():
         log.warning("source %s left out of training: %s", source, reason)
     dataset = replace(dataset, records=kept, sources_left_out=left_out)
@@ -171,13 +229,81 @@ def prepare_splits(config: TrainConfig, run: Path) -> tuple[Dataset, list, dict[
     return dataset, records, hashes
 
 
-def _load_split(records, split: str, config: TrainConfig) -> LoadedImages:
+def _load_split(records, split: str, config: TrainConfig, segmenter=None) -> LoadedImages:
     loaded = load_images([r for r in records if r.split == split], config.preprocessing,
-                         config.strict)
+                         config.strict, segmenter)
     for error in loaded.failures:
         log.warning("skipped %s: %s", error.path, error.reason)
     present = set(loaded.targets.astype(int).tolist())
     if present != {0, 1}:
         raise DataError(f"the {split} split needs images of both classes; it has "
                         f"{len(loaded.records)} readable images of classes {sorted(present)}")
+    return loaded
+
+
+def segmenter_of(config: TrainConfig) -> LungSegmenter | None:
+    """The lung segmenter ``config``'s lung crop uses (``lung_model``, else the shipped one);
+    None without a lung crop."""
+    return LungSegmenter.load(config.lung_model) if config.preprocessing.lung_crop else None
+
+
+def lung_segmenter(config: TrainConfig, run: Path) -> LungSegmenter | None:
+    """``segmenter_of(config)``, copied into the run folder so that the run crops the same way
+    whatever segmenter a later covidxray ships."""
+    segmenter = segmenter_of(config)
+    if segmenter is None:
+        return None
+    own = run / LUNGS_FOLDER
+    if not own.is_dir():
+        partial = run / f".{LUNGS_FOLDER}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        for name in (WEIGHTS_NAME, CARD_NAME):
+            shutil.copyfile(segmenter.weights_file.parent / name, partial / name)
+        os.replace(partial, own)
+    return LungSegmenter.load(own)
+
+
+def training_image_statistics(records: list[Record], config: TrainConfig,
+                              segmenter=None) -> dict:
+    """How well image statistics alone separate the classes of each training source, as the
+    files are and as this run prepares them (``audit.image_statistics_separability``), logged
+    with a warning where they give the class away; for the run's metadata and report."""
+    options = {AS_THEY_ARE: Preprocessing(STATISTICS_SIZE),
+               RUN_PIXELS: replace(config.preprocessing, image_size=STATISTICS_SIZE)}
+    found = image_statistics_separability([r for r in records if r.split in ("train", "val")],
+                                          options, segmenter, config.seed)
+    for source, result in found.items():
+        mine, plain = result["options"][RUN_PIXELS], result["options"][AS_THEY_ARE]
+        log.info("image statistics of %s: thumbnail ROC-AUC %.2f as the files are, %.2f as "
+                 "this run prepares them; histogram %.2f, %.2f; size and aspect %.2f", source,
+                 plain["thumbnail"], mine["thumbnail"], plain["histogram"], mine["histogram"],
+                 result["size_and_aspect"])
+    for warning in separability_warnings(found):
+        log.warning(warning)
+    return found
+
+
+def selection_images(config: TrainConfig, hashes: dict[str, str],
+                     segmenter=None) -> LoadedImages | None:
+    """The labelled images of ``config.select_on`` (None without it): another source than the
+    training data, so that the epoch and phase kept are those that carry beyond it. A file
+    also among the training data is refused."""
+    if not config.select_on:
+        return None
+    dataset = discover(config.select_on, config.positive_class, config.source_from_prefix,
+                       config.strict)
+    for path, reason in dataset.skipped:
+        log.warning("skipped %s: %s", path, reason)
+    select_hashes, _ = file_hashes(dataset.records)
+    shared = set(select_hashes.values()) & set(hashes.values())
+    if shared:
+        raise DataError(f"{config.select_on}: {len(shared)} of its files are also in the "
+                        f"training data; selection data must be images the model does not "
+                        f"train on")
+    loaded = load_images(dataset.records, config.preprocessing, config.strict, segmenter)
+    if set(loaded.targets.astype(int).tolist()) != {0, 1}:
+        raise DataError(f"{config.select_on}: selection data need images of both classes")
+    log.info("model selection on %s: %d images (%d positive), not the validation split",
+             config.select_on, len(loaded.records), int(loaded.targets.sum()))
     return loaded

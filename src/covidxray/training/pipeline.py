@@ -83,7 +83,8 @@ class ImageSequence(EpochBatches):
 
     def __init__(self, items, targets, spec: int | Preprocessing, batch_size: int = 32,
                  shuffle: bool = False, seed: int = 0, cache_dir: str | Path | None = None,
-                 workers: int = 2, augment=None, sample_weights: np.ndarray | None = None):
+                 workers: int = 2, augment=None, sample_weights: np.ndarray | None = None,
+                 segmenter=None):
         super().__init__(targets, batch_size, seed, shuffle, sample_weights, workers=workers,
                          use_multiprocessing=False)
         if len(items) != len(targets):
@@ -92,7 +93,10 @@ class ImageSequence(EpochBatches):
         self.paths = None if self.images is not None else [str(p) for p in items]
         self.augment = augment
         self.preprocessing = as_preprocessing(spec)
-        self.cache_dir = Path(cache_dir) / self.preprocessing.name if cache_dir else None
+        self.segmenter = segmenter  # finds the lungs of a lung crop
+        name = self.preprocessing.name + (f"-{segmenter.card.sha256[:12]}"
+                                          if self.preprocessing.lung_crop else "")
+        self.cache_dir = Path(cache_dir) / name if cache_dir else None
 
     def inputs(self, chosen: np.ndarray) -> np.ndarray:
         return np.stack([self.image(i) for i in chosen])[..., None]
@@ -108,7 +112,7 @@ class ImageSequence(EpochBatches):
     def load(self, path: str) -> np.ndarray:
         """One prepared image, from the decoded-image cache when it holds it."""
         if self.cache_dir is None:
-            return load_for_model(path, self.preprocessing)
+            return load_for_model(path, self.preprocessing, segmenter=self.segmenter)
         data = Path(path).read_bytes()
         entry = self.cache_dir / f"{hashlib.sha256(data).hexdigest()}.npy"
         if entry.is_file():
@@ -116,7 +120,7 @@ class ImageSequence(EpochBatches):
                 return np.load(entry)
             except (OSError, ValueError):
                 pass  # a damaged entry: decode again and replace it
-        image = load_for_model(path, self.preprocessing, data)
+        image = load_for_model(path, self.preprocessing, data, self.segmenter)
         with atomic_path(entry, suffix=".npy") as tmp:
             np.save(tmp, image)
         return image

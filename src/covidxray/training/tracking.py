@@ -11,12 +11,44 @@ TensorFlow, which a torch or jax user does not have.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import keras
 
+log = logging.getLogger(__name__)
+
 MLFLOW_EXPERIMENT = "covidxray"
+# a tracking server is asked at most this long before training: unreachable, training does
+# not start (MLflow itself retries for minutes)
+REACH_TIMEOUT_S = 5.0
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The tracking server cannot be reached; nothing was trained."""
+
+
+def check_reachable(uri: str | None, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Connect to an ``http(s)://`` tracking server within ``timeout`` seconds, or raise
+    ``TrackingUnavailableError`` saying what to do. Local stores (a path, ``sqlite:``,
+    ``file:``) need no network."""
+    parsed = urlparse(uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        raise TrackingUnavailableError(
+            f"the MLflow tracking server {parsed.scheme}://{parsed.hostname}:{port} cannot be "
+            f"reached ({error.strerror or error}): nothing was trained, so that no run is "
+            f"missing from the record you asked for. Start the server, or record locally "
+            f"(--track mlflow=sqlite:///mlflow.db) and upload later "
+            f"('mlflow experiments' / 'mlflow runs' or mlflow.MlflowClient)") from error
 
 
 def parse_track(value: str) -> str | None:
@@ -42,14 +74,23 @@ def _scalars(logs: dict | None) -> dict[str, float]:
 
 
 class _EpochMetrics(keras.callbacks.Callback):
-    """Each epoch's logs, numbered across both phases, to ``log(metrics, step)``."""
+    """Each epoch's logs, numbered across both phases, to ``log(metrics, step)``. A failure
+    there (a tracking server gone mid-run) costs the record, never the training: it is
+    logged once and the epochs go on."""
 
     def __init__(self, log):
         super().__init__()
-        self.log, self.step = log, 0
+        self.log, self.step, self.failed = log, 0, False
 
     def on_epoch_end(self, epoch, logs=None):
-        self.log(_scalars(logs), self.step)
+        if not self.failed:
+            try:
+                self.log(_scalars(logs), self.step)
+            except Exception as error:  # the tracker's, whatever it is: training goes on
+                self.failed = True
+                log.warning("experiment tracking failed at epoch %d and is off for the rest "
+                            "of this run (%s: %s); the run folder has every epoch in "
+                            "history.csv", self.step + 1, type(error).__name__, error)
         self.step += 1
 
 
@@ -59,6 +100,10 @@ class MlflowTracker:
 
     def __init__(self, uri: str | None, config: dict, run_name: str):
         self.mlflow = _mlflow()
+        check_reachable(uri)
+        # MLflow retries a lost server for minutes by default: a few seconds, here
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         if uri:
             self.mlflow.set_tracking_uri(uri)
         self.mlflow.set_experiment(MLFLOW_EXPERIMENT)
@@ -78,7 +123,16 @@ class MlflowTracker:
 
     def finish(self, run_dir: Path, *, metadata: dict, test_metrics: dict | None,
                report: Path | None) -> None:
-        """The finished run: its tags, test metrics, model card, report and folder."""
+        """The finished run: its tags, test metrics, model card, report and folder. A
+        tracking failure here is logged: the run folder is complete either way."""
+        try:
+            self._finish(run_dir, metadata, test_metrics, report)
+        except Exception as error:  # the tracker's, whatever it is
+            log.warning("the run is complete in %s, but recording it in MLflow failed (%s: %s); "
+                        "upload the folder with mlflow.log_artifacts once the server is back",
+                        run_dir, type(error).__name__, error)
+
+    def _finish(self, run_dir, metadata, test_metrics, report) -> None:
         self.mlflow.set_tags({"data_fingerprint": metadata.get("data_fingerprint"),
                               "model_id": metadata.get("model_id")})
         if test_metrics:
@@ -91,7 +145,10 @@ class MlflowTracker:
         self.mlflow.end_run()
 
     def fail(self) -> None:
-        self.mlflow.end_run(status="FAILED")
+        try:
+            self.mlflow.end_run(status="FAILED")
+        except Exception as error:  # the server may be what failed
+            log.warning("could not mark the MLflow run as failed (%s)", error)
 
 
 class _TensorBoardEvents:
