@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test,jax,pretrained,serve,postgres,ray,export,kaggle,track]"
+	$(BIN)/pip install --quiet -e ".[test,jax,pretrained,serve,postgres,ray,export,kaggle,track,dicom]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -25,13 +25,15 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed system-packages
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
 
-# Debian's Chromium for the browser tests and PostgreSQL for the prediction-record test (the
-# tests start the server themselves; they skip where the packages cannot be installed)
+# Debian's Chromium for the browser tests, PostgreSQL for the prediction-record test, Orthanc
+# (a PACS) and DCMTK for the DICOM node's tests (the tests start the servers themselves; they
+# skip where the packages cannot be installed)
 system-packages:
-	@(command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1) || \
+	@(command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && \
+		command -v Orthanc >/dev/null && command -v storescu >/dev/null) || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-		chromium postgresql >/dev/null) || \
-		echo "chromium or postgresql not installed: their tests will be skipped"
+		chromium postgresql orthanc orthanc-dicomweb dcmtk >/dev/null) || \
+		echo "chromium, postgresql, orthanc or dcmtk not installed: their tests will be skipped"
 
 clean:
 	rm -rf $(VENV) demo-run

@@ -52,7 +52,8 @@ def score_run(run: str, views: int | None = None) -> dict:
                      key=lambda r: r.path)
     scored = {}
     for split in ("val", "test"):
-        loaded = load_images([r for r in records if r.split == split], predictor.preprocessing)
+        loaded = load_images([r for r in records if r.split == split], predictor.preprocessing,
+                             segmenter=predictor.segmenter)
         scored[split] = (loaded.records, predictor.predict_prepared(loaded.images))
     return scored
 

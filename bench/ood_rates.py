@@ -1,13 +1,17 @@
 """Flag rates of a run's out-of-distribution gate per kind of input.
 
     python bench/ood_rates.py RUN [--n 40] [--refit] [--sheet drawn.png]
+        [--not-frontal ../shared/data/not-frontal]
 
 Kinds: held-out X-rays (the run's test split: should stay low), natural photographs
 (scikit-image's sample images, in colour), synthetic non-X-ray pictures (noise, gradients,
 shapes, documents and screenshots with text), CT-like axial slices and lateral-like chest views
-drawn here with random pose, exposure, blur and noise. Every image is written to a PNG file and
-goes through ``Predictor.predict_paths``, the path of ``covidxray predict``. Prints one table;
-``--refit`` first fits the run's gate again from its own split (runs of older versions).
+drawn here with random pose, exposure, blur and noise, and, with ``--not-frontal``, the real
+lateral chest X-rays and CT images of that folder (its ``manifest.csv`` names each file's
+kind). Every image is written to a PNG file and goes through ``Predictor.predict_paths``, the
+path of ``covidxray predict``. Prints one table with the share each test of the gate flags
+(colour, layout, features, lungs; an image can fail several); ``--refit`` first fits the run's
+gate again from its own split (runs of older versions).
 """
 
 from __future__ import annotations
@@ -152,6 +156,9 @@ def main(argv=None) -> None:
     parser.add_argument("--refit", action="store_true",
                         help="fit the run's gate again from its split first (older runs)")
     parser.add_argument("--sheet", help="write a contact sheet of the drawn images here")
+    parser.add_argument("--not-frontal", metavar="DIR",
+                        help="a folder of real non-frontal images with a manifest.csv "
+                             "(file, kind): each kind is measured")
     args = parser.parse_args(argv)
 
     import tempfile
@@ -178,16 +185,29 @@ def main(argv=None) -> None:
         kinds = {"held-out X-rays (test split)": [r.path for r in records if r.split == "test"]}
         for i, (kind, images) in enumerate(drawn.items()):
             kinds[kind] = write_pngs(Path(scratch) / str(i), images)
+        if args.not_frontal:
+            import csv
+            with open(Path(args.not_frontal) / "manifest.csv", newline="") as handle:
+                for row in csv.DictReader(handle):
+                    kinds.setdefault(f"real {row['kind'].lower()} images ({args.not_frontal})",
+                                     []).append(str(Path(args.not_frontal) / row["file"]))
         if args.sheet:
             from covidxray.pixels.imageio import load_for_model
             rows = [np.concatenate([load_for_model(p, 96) for p in paths[:10]], axis=1)
                     for paths in list(kinds.values())[1:]]
             Image.fromarray(np.concatenate(rows)).save(args.sheet)
         print(f"run {args.run} ({predictor.metadata.backbone}, {predictor.image_size} px)")
-        print(f"{'input':<44}{'images':>7}{'flagged':>9}{'rate':>8}")
+        tests = {"colour": "colour image", "layout": "layout", "features": "features",
+                 "lungs": "no plausible lungs"}
+        print("| input | images | flagged | rate | " + " | ".join(tests) + " |")
+        print("|---|---:|---:|---:|" + "---:|" * len(tests))
         for kind, paths in kinds.items():
-            flags = [p.ood for p in predictor.predict_paths(paths)]
-            print(f"{kind:<44}{len(flags):>7}{sum(flags):>9}{np.mean(flags):>8.1%}", flush=True)
+            results = [p for p in predictor.predict_paths(paths) if not p.error]
+            flags = [bool(p.ood) for p in results]
+            by_test = [np.mean([name in (p.ood_reason or "") for p in results])
+                       for name in tests.values()]
+            print(f"| {kind} | {len(flags)} | {sum(flags)} | {np.mean(flags):.1%} | "
+                  + " | ".join(f"{rate:.1%}" for rate in by_test) + " |", flush=True)
 
 
 if __name__ == "__main__":

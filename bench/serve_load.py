@@ -110,10 +110,22 @@ def deflate_bomb(folder: Path) -> bytes:
                        pixel_data=bytes(200_000_000)).read_bytes()
 
 
+def multi_frame_bomb(folder: Path) -> bytes:
+    """A deflated DICOM of a few hundred KB that declares 300 frames of 1000x1000."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_imageio import write_dicom
+    return write_dicom(folder / "frames.dcm", np.zeros((1000, 1000), np.uint8), bits=8,
+                       deflated=True, pixel_data=bytes(300 * 1000 * 1000),
+                       NumberOfFrames=300).read_bytes()
+
+
 def bomb_cases(folder: Path, xray: bytes) -> dict[str, list[tuple[str, bytes]]]:
     blank = png(np.zeros((7745, 7745), np.uint8))  # 60 M pixels, 175 KB
+    frames = multi_frame_bomb(folder)
     return {
         "deflated DICOM, 64x64 declared, 200 MB inflated": [("bomb.dcm", deflate_bomb(folder))],
+        "deflated DICOM, 300 frames of 1000x1000 declared": [("frames.dcm", frames)],
+        "16 such multi-frame DICOMs in one request": [(f"f{i}.dcm", frames) for i in range(16)],
         "three 7745x7745 zero PNGs in one request": [(f"{i}.png", blank) for i in range(3)],
         "100 tiny images in one request": [(f"{i}.png", png(np.full((32, 32), i, np.uint8)))
                                            for i in range(100)],

@@ -101,3 +101,30 @@ def test_ray_scoring_killed_half_way_resumes_each_file_once(tiny_run, tiny_data,
     assert len(paths) == len(set(paths)) == done["files"]  # each file exactly once
     assert sum(bool(r["error"]) for r in rows) == 2
     assert all(0 <= r["probability"] <= 1 for r in rows if not r["error"])
+
+
+def test_a_cut_last_row_ending_in_a_newline_and_one_file_named_twice(tiny_run, tiny_data,
+                                                                       tmp_path, monkeypatch,
+                                                                       caplog):
+    """A last row cut short but ended by a newline is dropped with a notice and scored again;
+    a folder given once relative and once absolute is scored once."""
+    files = tmp_path / "in"
+    shutil.copytree(tiny_data / "COVID", files)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r.csv"
+    first = score(tiny_run, ["in", files, files / sorted(p.name for p in files.iterdir())[0]],
+                  out, chunk=4)
+    assert first["files"] == first["scored"] == len(list(files.glob("*.png")))
+    text = out.read_text()
+    last = text.rstrip("\n").rfind("\n")
+    out.write_text(text[:last + 30] + "\n")  # the newline a writer might still add
+    with caplog.at_level("WARNING"):
+        again = score(tiny_run, ["in"], out)
+    assert again["scored"] == 1 and again["already_done"] == first["files"] - 1
+    assert any("last row was cut short" in r.message for r in caplog.records)
+    paths = [r["path"] for r in rows_of(out)]
+    assert len(paths) == len(set(paths)) == first["files"]
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:2] + [lines[2][:20]] + lines[3:]) + "\n")
+    with pytest.raises(ValueError, match="line 3 is not a complete result row"):
+        score(tiny_run, ["in"], out)

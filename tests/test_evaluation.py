@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 
 import covidxray
@@ -41,3 +43,21 @@ def test_evaluating_other_data_keeps_the_runs_own_test_metrics(own_run, tiny_dat
     assert other["metrics_file"] != own["metrics_file"]
     assert "evaluations" in other["metrics_file"]
     assert json.loads((own_run / "metrics.json").read_text())["data"] == own["data"]
+
+
+def test_contrasts_score_covid_against_each_other_class_and_within_views():
+    from covidxray.data.dataset import Record
+    from covidxray.evaluation.evaluate import contrasts
+    rng = np.random.default_rng(0)
+    records, scores = [], []
+    for label, mean in (("COVID", 0.8), ("PNEUMONIA", 0.6), ("NORMAL", 0.2)):
+        for i in range(40):
+            records.append(Record(f"{label}{i}.png", label, int(label == "COVID"),
+                                  view="AP Supine" if i % 2 else "PA"))
+            scores.append(np.clip(rng.normal(mean, 0.1), 0, 1))
+    found = contrasts(records, np.array(scores), "COVID", 200, 0)
+    assert set(found) == {"all", "PA", "AP"}
+    easy, hard = found["all"]["COVID vs NORMAL"], found["all"]["COVID vs PNEUMONIA"]
+    assert easy["value"] > 0.99 and 0.8 < hard["value"] < 0.99
+    assert hard["ci95"][0] < hard["value"] < hard["ci95"][1] and hard["n"] == 80
+    assert found["AP"]["COVID vs PNEUMONIA"]["n"] == 40  # AP supine counts as AP

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import predictor_of
+from conftest import FixedLungs, predictor_of
 from covidxray.evaluation.explain import BORDER_FRACTION, border_mask, overlay, shortcut_check
 from covidxray.model.network import OUTPUT_NAME, gradcam
 from covidxray.pixels.transforms import resize
@@ -149,3 +149,65 @@ def test_heat_lands_where_the_marker_is_and_never_on_the_cropped_band(patch_mode
     band = np.ones((size, size), bool)
     band[20:80, 20:80] = False
     assert np.all(heat[band] == 0)
+
+
+CENTRE_LUNGS = [(0.25, 0.75, 0.2, 0.48), (0.25, 0.75, 0.52, 0.8)]  # the patches lie here
+EDGE_LUNGS = [(0.0, 1.0, 0.0, 0.12), (0.0, 1.0, 0.88, 1.0)]  # strips along the sides
+
+
+def test_heat_in_the_lungs_by_construction(patch_model):
+    """The patch model's heat lies where its bright patch is (the centre): all of it inside
+    lungs drawn over the centre, hardly any inside lungs drawn along the sides."""
+    rng = np.random.default_rng(8)
+    image = rng.integers(40, 90, (SIZE, SIZE)).astype(np.uint8)
+    image[12:18, 12:18] = 250
+    inside = predictor_of(patch_model, SIZE, segmenter=FixedLungs(
+        [(0.25, 0.75, 0.25, 0.75)])).predict(image, heatmap=True)
+    assert inside.lungs_found and inside.lung_heat_share > 0.8
+    outside = predictor_of(patch_model, SIZE, segmenter=FixedLungs(EDGE_LUNGS)).predict(
+        image, heatmap=True)
+    assert outside.lung_heat_share < 0.2
+    none = predictor_of(patch_model, SIZE).predict(image, heatmap=True)
+    assert none.lungs_found is None and none.lung_heat_share is None
+
+
+def test_shortcut_check_judges_heat_and_occlusion_against_the_lungs(patch_model):
+    images, targets, _ = images_with_patch(40, central, seed=9)
+    labels = ["COVID" if t else "NORMAL" for t in targets]
+    predictor = predictor_of(patch_model, SIZE)
+
+    def masks(boxes):
+        return [FixedLungs(boxes, size=SIZE).mask] * len(images)
+
+    clean = shortcut_check(predictor, images, labels, lung_masks=masks(
+        [(0.25, 0.9, 0.25, 0.75)]), sources=["a", "b"] * 20)
+    assert not clean.flagged and "inside the lungs" in clean.verdict
+    assert clean.lung_heat_share["COVID"] > 0.7 and clean.lungs_found == 40
+    assert set(clean.lung_heat_share_per_source) == {"a", "b"}
+    assert clean.occlusion_lungs["COVID"] > clean.occlusion_outside_lungs["COVID"]
+    elsewhere = shortcut_check(predictor, images, labels, lung_masks=masks(EDGE_LUNGS))
+    assert elsewhere.flagged and "outside the lungs" in elsewhere.verdict
+    unknown = shortcut_check(predictor, images, labels, lung_masks=[None] * len(images))
+    assert unknown.lungs_found is None and not unknown.flagged
+
+
+def test_lung_crop_keeps_the_lungs_box(patch_model):
+    """A lung crop feeds the model the box of the lungs found; the heat map goes back onto
+    the input's own pixels, none of it outside that box."""
+    segmenter = FixedLungs([(0.2, 0.8, 0.1, 0.45), (0.2, 0.8, 0.55, 0.9)])
+    predictor = predictor_of(patch_model, SIZE, crop="lungs", segmenter=segmenter)
+    image = np.random.default_rng(10).integers(40, 90, (100, 100)).astype(np.uint8)
+    image[40:52, 30:42] = 250
+    item = predictor.prepare(image)
+    rows, cols = item.box
+    assert 10 <= rows.start <= 20 and 80 <= rows.stop <= 90 and cols.start <= 10
+    heat = predictor.predict(image, heatmap=True).heatmap
+    outside = np.ones(heat.shape, bool)
+    outside[rows, cols] = False
+    assert np.all(heat[outside] == 0) and heat[40:52, 30:42].max() > 0.5
+    implausible = predictor_of(patch_model, SIZE, crop="lungs",
+                               segmenter=FixedLungs([(0, 1, 0, 0.4)], plausible=False))
+    rows, cols = implausible.prepare(image).box  # falls back to the fixed crop
+    assert (rows.start, cols.start, rows.stop) == (8, 8, 92)
+    with pytest.raises(Exception, match="lung segmenter"):
+        predictor_of(patch_model, SIZE, crop="lungs")

@@ -79,3 +79,24 @@ def test_the_command_line_exports_and_predicts(tiny_run, tiny_data, tmp_path, ca
     image = sorted((tiny_data / "COVID").glob("*.png"))[0]
     assert main(["predict", str(tmp_path / "m"), str(image), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["predictions"][0]["probability"] is not None
+
+
+PREDICT_ONLY = """
+import sys
+from covidxray.cli import main
+code = main(["predict", sys.argv[1], sys.argv[2], "--json"])
+loaded = {m.split(".")[0] for m in sys.modules}
+heavy = {"keras", "torch", "jax", "tensorflow", "sklearn", "scipy", "skimage"} & loaded
+assert code == 0 and not heavy, (code, heavy)
+"""
+
+
+def test_predict_of_an_exported_model_imports_only_what_it_uses(exported, tiny_data):
+    """The whole 'covidxray predict' of one file: no deep-learning library, and neither
+    scikit-learn nor scipy (they cost every user a second and more on each call)."""
+    out, _ = exported
+    image = sorted((tiny_data / "COVID").glob("*.png"))[0]
+    done = subprocess.run([sys.executable, "-c", PREDICT_ONLY, str(out), str(image)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["predictions"][0]["lungs_found"] is not None

@@ -8,16 +8,18 @@ from pathlib import Path
 import covidxray
 
 PACKAGE = Path(covidxray.__file__).parent
-LEAVES = {"config", "fileutil", "progress"}
+LEAVES = {"config", "fileutil", "progress", "version"}
 ALLOWED = {
     "config": {"fileutil"},
     "fileutil": set(),
+    "version": set(),
     "progress": set(),
     "pixels": LEAVES,
     "data": {"pixels"} | LEAVES,
     "model": LEAVES,
+    "model.lungs": {"pixels"} | LEAVES,  # reads image/mask pairs, prepares its own input
     "training": {"data", "model", "pixels", "run", "evaluation.metrics"} | LEAVES,
-    "run": {"model", "pixels", "evaluation.metrics"} | LEAVES,
+    "run": {"model", "pixels"} | LEAVES,
     "evaluation": {"run", "data", "pixels"} | LEAVES,
     "evaluation.crossval": {"run", "data", "pixels", "training"} | LEAVES,
     "deploy": {"run", "evaluation.explain"} | LEAVES,

@@ -97,3 +97,66 @@ def test_embedding_covariance_keeps_ten_images_per_dimension():
     # with few dimensions per image, training images are not far outside their own fit
     x = rng.normal(size=(40, 64))
     assert np.median(_Mahalanobis.fit(x, 32).distance(x)) < 3
+
+
+def test_gate_flags_a_film_without_plausible_lungs():
+    from conftest import FixedLungs
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 255, (60, 32, 32)).astype(np.uint8)
+    gate = OODGate.fit(rng.normal(size=(60, 8)), train, rng.normal(size=(60, 8)), train)
+    lungs = [FixedLungs([(0.2, 0.8, 0.1, 0.4), (0.2, 0.8, 0.6, 0.9)]).field(None),
+             FixedLungs([(0.2, 0.8, 0.1, 0.4)], plausible=False).field(None), None]
+    verdicts = gate.check(rng.normal(size=(3, 8)) * 0, train[:3], lungs=lungs)
+    assert "no plausible lungs" not in verdicts[0].reason
+    assert verdicts[1].ood and "no plausible lungs (lungs found on one side" in verdicts[1].reason
+    assert "lungs" not in verdicts[2].reason
+
+
+def test_the_lung_test_is_off_where_validation_films_have_no_plausible_lungs(tmp_path, caplog):
+    """A segmenter that finds no lungs on the films the model trained on (drawn ones, another
+    kind of image) would flag them all: the gate turns its lung test off, says so, and keeps
+    that in the run."""
+    import logging
+
+    from conftest import FixedLungs
+
+    from covidxray.data.dataset import LoadedImages, Record
+    from covidxray.training.finalize import fit_ood_gate
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 255, (60, 32, 32)).astype(np.uint8)
+    passes = type("Forward", (), {"embeddings": rng.normal(size=(60, 8))})()
+    records = [Record(f"f{i}.png", "COVID", 1) for i in range(60)]
+    one_sided = FixedLungs([(0.2, 0.8, 0.1, 0.4)], plausible=False).field(None)
+
+    def gate_with(no_lungs: int):
+        val = LoadedImages(train, records, [], [r.path for r in records[:no_lungs]], True)
+        with caplog.at_level(logging.WARNING):
+            return fit_ood_gate(passes, LoadedImages(train, records, []), passes, val)
+
+    kept = gate_with(3)  # 95% of them have lungs: the test stays on
+    assert kept.lung_test and kept.check(passes.embeddings[:1], train[:1], lungs=[one_sided])[0].ood
+    assert "lung test is off" not in caplog.text
+    off = gate_with(30)
+    assert not off.lung_test and "plausible lungs on only 50%" in caplog.text
+    assert "lungs" not in off.check(passes.embeddings[:1], train[:1], lungs=[one_sided])[0].reason
+    off.save(tmp_path / "ood.npz")
+    assert not OODGate.load(tmp_path / "ood.npz").lung_test
+
+
+def test_a_batch_unlike_the_validation_films_is_said_to_drift():
+    from covidxray.run.ood import ks_two_sample
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 255, (200, 32, 32)).astype(np.uint8)
+    embeddings = rng.normal(size=(400, 8))
+    gate = OODGate.fit(embeddings[:200], train, embeddings[200:], train)
+    alike = gate.drift(rng.normal(size=(100, 8)))
+    assert not alike.drifted and alike.p_value > 0.01 and "no drift" in alike.verdict
+    shifted = gate.drift(rng.normal(size=(100, 8)) * 1.6 + 0.5)
+    assert shifted.drifted and shifted.verdict.startswith("DRIFT")
+    assert gate.drift(rng.normal(size=(5, 8))) is None  # too few films to say
+    from scipy.stats import ks_2samp
+    a, b = rng.normal(size=300), rng.normal(0.2, 1, 200)
+    statistic, p = ks_two_sample(a, b)
+    reference = ks_2samp(a, b, method="asymp")
+    assert statistic == pytest.approx(reference.statistic) and p == pytest.approx(
+        reference.pvalue, rel=0.05)

@@ -74,6 +74,7 @@ def test_health_and_model_card(client):
     card = client.get("/api/model").json()
     assert card["model_card"]["ood_gate"] is True
     assert "Not a medical device" in card["model_card"]["notice"]
+    assert "weak stand-ins for a new hospital" in card["model_card"]["limitations"]
     assert card["metadata"]["positive_class"] == "COVID"
     assert client.get("/openapi.json").json()["paths"]["/api/predict"]
 
@@ -214,7 +215,10 @@ def test_page_in_headless_chromium(server, tiny_data, tmp_path):
         page.goto(server + "/")
         page.set_input_files("#file", str(image))
         page.wait_for_selector("#result:not([hidden])", timeout=60_000)
-        assert "the model calls this image" in page.inner_text("#verdict")
+        # the tiny model may be sure of this film or not (each state's look has its own test)
+        state = page.locator("#verdict").get_attribute("data-state")
+        assert state in ("result", "uncertain", "unlike")
+        assert ("the model calls this image" in page.inner_text("#verdict")) == (state == "result")
         page.wait_for_function("document.getElementById('heat').naturalWidth > 0")
         assert page.is_visible("#synthetic") and "model" in page.inner_text("#model").lower()
         page.fill("#opacity", "20")
@@ -406,3 +410,98 @@ def test_the_record_goes_to_postgresql(tiny_run, tmp_path, xray, postgres):
     rows = PredictionLog(postgres).rows()
     assert rows[-1]["request_id"] == response.headers["x-request-id"]
     assert rows[-1]["probability"] == pytest.approx(response.json()["results"][0]["probability"])
+
+
+def test_wrong_api_keys_are_throttled_per_client(tiny_run, tmp_path, xray):
+    import time
+
+    from covidxray.deploy.serve.security import FailedKeyThrottle, new_api_key
+    keys = tmp_path / "keys"
+    key = new_api_key(keys, "pilot")
+    client = TestClient(create_app(tiny_run, settings=settings_for(
+        tmp_path, api_keys=str(keys), key_failures_allowed=3)))
+    wrong = [client.get("/api/model", headers={"x-api-key": f"guess{i}"}).status_code
+             for i in range(3)]
+    assert wrong == [401, 401, 401]
+    assert client.get("/api/model", headers={"x-api-key": "guess3"}).status_code == 401
+    locked = client.get("/api/model", headers={"x-api-key": key})  # even the right key waits
+    assert locked.status_code == 429 and int(locked.headers["retry-after"]) >= 1
+    time.sleep(1.1)
+    assert client.get("/api/model", headers={"x-api-key": key}).status_code == 200
+    assert client.get("/api/model", headers={"x-api-key": "guess4"}).status_code == 401
+
+    now = [0.0]
+    throttle = FailedKeyThrottle(allowed=2, clock=lambda: now[0])
+    waits = []
+    for _ in range(6):
+        throttle.failed("10.0.0.9")
+        waits.append(throttle.retry_after("10.0.0.9"))
+        now[0] += waits[-1]
+    assert waits == [0, 0, 1, 2, 4, 8]  # doubling after the allowed two
+    assert throttle.retry_after("10.0.0.8") == 0  # another client is not slowed
+
+
+def _answer(verdict, prediction_set, label="COVID", positive=True, outline=True):
+    """An /api/predict answer for the page, with tiny images."""
+    import base64
+    import io
+
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("RGBA", (8, 8), (200, 200, 200, 255)).save(buffer, "PNG")
+    png = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return {"notice": "Research use only.", "synthetic_data": False, "request_id": "r",
+            "results": [{"filename": "x.png", "probability": 0.62, "label": label,
+                         "positive": positive, "threshold": 0.5, "model_id": "m",
+                         "ood": {"flag": False, "reason": None}, "image_png": png,
+                         "heatmap_png": png, "overlay_png": png, "lungs_found": outline,
+                         "lung_heat_share": 0.71 if outline else None,
+                         "lung_outline_png": png if outline else None,
+                         "prediction_set": prediction_set, "verdict": verdict,
+                         "confidence": 0.9, "error": None}]}
+
+
+@pytest.mark.slow
+def test_page_shows_each_verdict_state_distinctly(server, tiny_data, tmp_path):
+    """A result, 'uncertain: refer' and 'unlike the calibration data' look different, and an
+    uncertain film shows no COVID / NON-COVID headline; the lung outline can be hidden."""
+    pytest.importorskip("playwright.sync_api")
+    import json
+    import shutil
+
+    from browser import CHROMIUM, CHROMIUM_ARGS
+    from playwright.sync_api import sync_playwright
+    if not shutil.which("chromium"):
+        pytest.skip("Debian chromium is not installed")
+    image = sorted((tiny_data / "COVID").glob("*.png"))[0]
+    states = {"result": _answer("COVID", ["COVID"]),
+              "uncertain": _answer("uncertain: refer", ["NON-COVID", "COVID"]),
+              "unlike": _answer("unlike the calibration data", [], outline=False)}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 1000})
+        for state, answer in states.items():
+            page.unroute("**/api/predict")
+            page.route("**/api/predict", lambda route, _request, body=answer: route.fulfill(
+                status=200, content_type="application/json", body=json.dumps(body)))
+            page.goto(server + "/")
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+            verdict = page.locator("#verdict")
+            assert verdict.get_attribute("data-state") == state
+            text = verdict.inner_text()
+            if state == "result":
+                assert "the model calls this image COVID (at 90% confidence)" in text
+                assert page.is_visible("#lungs") and "71% of the heat" in page.inner_text(
+                    "#lungshare")
+                page.uncheck("#showlungs")
+                assert not page.is_visible("#lungs")
+            elif state == "uncertain":
+                assert text.startswith("UNCERTAIN: REFER") and "gives no result" in text
+                assert "calls this image" not in text and "COVID" not in text.replace(
+                    "NON-COVID", "")
+            else:
+                assert text.startswith("NO RESULT") and not page.is_visible("#lungrow")
+                assert "No plausible lungs were found" in page.inner_text("#lungshare")
+            page.screenshot(path=str(tmp_path / f"{state}.png"), full_page=True)
+        browser.close()

@@ -5,7 +5,7 @@ Research use only. Not a medical device.
 
 import os
 
-__version__ = "0.1.0"
+from covidxray.version import __version__
 
 # torch is the fastest Keras backend on CPU; set KERAS_BACKEND=jax on a GPU. Must precede keras.
 os.environ.setdefault("KERAS_BACKEND", "torch")

@@ -6,12 +6,15 @@ only when it is called.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 # what the command line builds its options from: typed defaults and names, no heavy import
-from covidxray.config import AUDIT_FINDINGS, DEMO, EVALUATION, INTENSITY_MODES, \
-    KAGGLE_DATASET, RESEARCH_NOTICE, SCHEDULES, SERVE, AugmentConfig, TrainConfig  # noqa: F401
+from covidxray.config import AUDIT_FINDINGS, DEMO, DICOM_NODE, EVALUATION, INTENSITY_MODES, \
+    KAGGLE_DATASET, LUNG_CROP, LUNG_FALLBACK_CROP, RESEARCH_NOTICE, SCHEDULES, SERVE, \
+    AugmentConfig, TrainConfig  # noqa: F401
+from covidxray.fileutil import write_json_atomic
 from covidxray.model.backbones import BACKBONES  # noqa: F401
 
 log = logging.getLogger("covidxray")
@@ -25,8 +28,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     from covidxray.run.metadata import RunError
     from covidxray.data.download import DownloadError
     from covidxray.training.fit import RunExistsError
+    from covidxray.fileutil import DiskFullError, FolderLockedError
+    from covidxray.run.ensemble import EnsembleError
+    from covidxray.training.tracking import TrackingUnavailableError
+    from covidxray.model.lungs import LungModelError
     return (DataError, DownloadError, ImageReadError, WeightsUnavailableError, RunError,
-            RunExistsError,
+            RunExistsError, DiskFullError, FolderLockedError, LungModelError,
+            TrackingUnavailableError, EnsembleError,
             FileNotFoundError, FileExistsError, ValueError, ImportError)
 
 
@@ -37,9 +45,11 @@ def metadata(run: str | Path):
 
 
 def train(data: str | Path, out: str | Path, resume: bool = False, verbose: int | str = "auto",
-          track: str | None = None, tensorboard: str | Path | None = None, **options) -> Path:
+          track: str | None = None, tensorboard: str | Path | None = None, ensemble: int = 0,
+          **options) -> Path:
     """Train on ``data`` and write the run folder ``out``; ``options`` are ``TrainConfig``
     fields. With ``resume``, an interrupted run in ``out`` continues with its own settings.
+    ``ensemble=K``: K seeds on one split, written as one ensemble run (``ensemble``).
 
     ``track="mlflow"`` (or ``"mlflow=URI"``) records the run in MLflow: config, every epoch,
     then the test split's metrics, the model card, the report and the run folder.
@@ -47,18 +57,30 @@ def train(data: str | Path, out: str | Path, resume: bool = False, verbose: int 
 
     >>> covidxray.train("data/", "runs/r1", backbone="efficientnet-lite0")  # doctest: +SKIP
     """
+    from covidxray.training.ensemble import train_ensemble
     from covidxray.training.fit import train as train_run
     from covidxray.training.tracking import MlflowTracker, parse_track, tensorboard_callback
+    members_file = Path(out) / "ensemble.json"  # an ensemble being trained: how many members
     if resume:
         config = TrainConfig.load(Path(out) / "config.json")
+        if members_file.is_file():
+            ensemble = json.loads(members_file.read_text())["members"]
     else:
-        config = TrainConfig(data=str(data), out=str(out), **options)
+        config = TrainConfig(data=[str(d) for d in data] if isinstance(data, (list, tuple))
+                             else str(data), out=str(out), **options)
+        if ensemble:
+            if (Path(out) / "config.json").exists():
+                raise FileExistsError(f"{out} already holds a run: use --resume, or another "
+                                      f"--out")
+            config.save(Path(out) / "config.json")
+            write_json_atomic(members_file, {"members": ensemble})
     tracker = (MlflowTracker(parse_track(track), config.to_dict(), Path(out).name)
                if track else None)
     callbacks = ([tracker.callback()] if tracker else []) + (
         [tensorboard_callback(tensorboard)] if tensorboard else [])
     try:
-        run = train_run(config, resume=resume, verbose=verbose, callbacks=tuple(callbacks))
+        run = train_ensemble(config, ensemble, resume, verbose, tuple(callbacks)) if ensemble \
+            else train_run(config, resume=resume, verbose=verbose, callbacks=tuple(callbacks))
     except BaseException:
         if tracker:
             tracker.fail()
@@ -83,6 +105,24 @@ def _evaluate_and_report(run: Path, report_file: Path, bootstrap: int = EVALUATI
                            shortcut_images=EVALUATION.shortcut_images)
     return predictor, metrics, build_report(run, report_file, predictor=predictor,
                                             metrics=metrics)
+
+
+def ensemble(runs, out: str | Path, confidence: float | None = None,
+             calibrate: bool = False) -> Path:
+    """One run of several trained runs (copied into ``out/members/``): P(COVID) is their
+    mean, their spread is kept per image, the threshold, gate and prediction sets are chosen
+    again on the validation films they share. Every command takes it as a run."""
+    from covidxray.training.ensemble import build_ensemble
+    return build_ensemble(runs, out, confidence=confidence, calibrate=calibrate)
+
+
+def train_lungs(folders, out: str | Path, image_size: int = 128, epochs: int = 100,
+                seed: int = 0, licence: str = "", verbose: int | str = "auto") -> dict:
+    """Train a lung segmenter on folders of image/mask pairs (split by patient) and write its
+    weights and model card into ``out``; returns the card (held-out Dice per folder)."""
+    from covidxray.model.lungs import train_segmenter
+    return train_segmenter(folders, out, image_size=image_size, epochs=epochs, seed=seed,
+                           licence=licence, verbose=verbose).to_dict()
 
 
 def load(run: str | Path):
@@ -167,22 +207,33 @@ def download(handle: str | None = None, out: str | Path = "data") -> dict:
     return fetch(handle or KAGGLE_DATASET, out)
 
 
-def audit(data: str | Path, out: str | Path | None = None, split_file: str | Path | None = None,
+def audit(data, out: str | Path | None = None, split_file: str | Path | None = None,
           near_distance: int | None = EVALUATION.near_distance,
-          positive_class: str | None = None, source_from_prefix: bool = False):
-    """Audit a data set (``split_file``: with the splits of a run's ``split.csv``): an
+          positive_class: str | None = None, source_from_prefix: bool = False,
+          image_statistics: bool = True, strict: bool = False,
+          same_patients: tuple[str, ...] = ()):
+    """Audit a data set or several together (``split_file``: with the splits of a run's
+    ``split.csv``; ``same_patients``: as ``TrainConfig.same_patients``): an
     ``AuditResult``; ``out``: also write it as JSON. ``near_distance=None`` skips the
-    near-duplicate search."""
+    near-duplicate search; ``image_statistics=False`` skips measuring how well image
+    statistics alone separate each source's classes (and which pixel options lower it);
+    ``strict``: a manifest's repeated, conflicting, empty or differently spelt labels are an
+    error, not a warning."""
     from covidxray.data.audit import audit as audit_records
     from covidxray.data.dataset import discover, with_splits
     from covidxray.data.split import read_split_csv
     from covidxray.fileutil import write_json_atomic
-    records = discover(data, positive_class, source_from_prefix).records
+    from covidxray.model.lungs import default_segmenter
+    from covidxray.config import parse_same_patients
+    records = discover(data, positive_class, source_from_prefix, strict,
+                       parse_same_patients(same_patients)).records
     if split_file:
         records = with_splits(records, read_split_csv(split_file))
-    result = audit_records(records, near_distance)
+    result = audit_records(records, near_distance, image_statistics,
+                           default_segmenter() if image_statistics else None)
     if out is not None:
-        write_json_atomic(out, {"data": str(data), **result.to_dict()})
+        write_json_atomic(out, {"data": [str(d) for d in data] if isinstance(data, list)
+                                else str(data), **result.to_dict()})
     return result
 
 
@@ -206,8 +257,9 @@ def crossval(data: str | Path, out: str | Path, by: str = "source", random_split
     each with the thumbnail baseline on the same folds; ``options`` are ``TrainConfig`` fields.
     Written to ``out/crossval.json`` and ``crossval.csv``."""
     from covidxray.evaluation.crossval import crossval as run_crossval
-    config = TrainConfig(data=str(data), out=str(out), **options)
-    return run_crossval(data, out, config, by=by, random_split=random_split,
+    config = TrainConfig(data=[str(d) for d in data] if isinstance(data, (list, tuple))
+                         else str(data), out=str(out), **options)
+    return run_crossval(config.data, out, config, by=by, random_split=random_split,
                         n_bootstrap=bootstrap, train_models=not baseline_only, resume=resume)
 
 
@@ -240,6 +292,20 @@ def serve(run: str | Path, **settings) -> None:
                 log_level="info")
 
 
+def dicom_node(run: str | Path, block: bool = True, **settings):
+    """Start the DICOM node of a run (``settings``: ``DicomNodeConfig`` fields): C-ECHO and
+    C-STORE of chest films; each is scored and answered with a Structured Report and a heat-map
+    Secondary Capture, written to ``out`` and/or sent to ``send_to``. With ``block``, serve
+    until interrupted; else return the running node (``.port``, ``.stop()``)."""
+    try:
+        from covidxray.deploy.dicom.node import start_node
+    except ImportError as exc:
+        raise ImportError("the DICOM node needs pynetdicom and highdicom: pip install "
+                          "'covidxray[dicom]'") from exc
+    from covidxray.config import DicomNodeConfig
+    return start_node(run, DicomNodeConfig(**settings), block=block)
+
+
 def export(run: str | Path, out: str | Path, format: str = "onnx") -> dict:
     """The run as a model that runs with onnxruntime alone, in the folder ``out`` (the model,
     its metadata and gate); ``predict``, ``load`` and ``serve`` take that folder as a run.
@@ -270,12 +336,15 @@ def demo(out: str | Path = "demo-run", data: str | Path | None = None,
     out = Path(out)
     if (out / "run" / "config.json").exists():
         raise FileExistsError(f"{out} already holds a demo; remove it or choose another folder")
+    drawn = not data
     data = Path(data) if data else make_synthetic_dataset(
         out / "data", n_per_class=n_per_class, size=2 * image_size, seed=seed)
     pretrained = offline_weights(get_backbone(OFFLINE_BACKBONE))
     recipe = (dict(backbone=OFFLINE_BACKBONE, weights="imagenet", head_epochs=epochs,
-                   finetune_epochs=max(1, epochs // 2)) if pretrained else
+                   finetune_epochs=0) if pretrained else
               dict(weights="none", finetune_epochs=epochs))
+    if drawn:  # the shipped lung segmenter knows real films, not the drawn ones: a fixed crop
+        recipe["crop"] = LUNG_FALLBACK_CROP
     log.info("demo: training %s on %s", f"{OFFLINE_BACKBONE} (ImageNet weights, offline)"
              if pretrained else "ResNet50 from random weights", data)
     run = train(data, out / "run", verbose=verbose, image_size=image_size, batch_size=16,

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from covidxray import __version__, api
-from covidxray.api import BACKBONES, DEMO, EVALUATION, INTENSITY_MODES, RESEARCH_NOTICE, \
-    SCHEDULES, SERVE, AugmentConfig, TrainConfig
+from covidxray.api import BACKBONES, DEMO, DICOM_NODE, EVALUATION, INTENSITY_MODES, \
+    LUNG_CROP, RESEARCH_NOTICE, SCHEDULES, SERVE, AugmentConfig, TrainConfig
 
 log = logging.getLogger("covidxray")
 GIVEN = argparse.SUPPRESS  # an option not given is absent: the API's default applies
@@ -38,6 +38,17 @@ def _stages(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number or 'all', got {value!r}") from None
 
 
+def _crop(value: str) -> float | str:
+    """--crop: a fraction of each side, or 'lungs'."""
+    if value == LUNG_CROP:
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction or '{LUNG_CROP}', "
+                                         f"got {value!r}") from None
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     d = TRAIN_DEFAULTS
     model = parser.add_argument_group("model")
@@ -53,10 +64,23 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--intensity", choices=INTENSITY_MODES, default=GIVEN,
                        help="grey-level normalisation of every image, in training and use "
                             "(default: none with pretrained weights, equalize from scratch)")
-    model.add_argument("--crop", type=float, default=GIVEN,
+    model.add_argument("--crop", type=_crop, default=GIVEN, metavar="F|lungs",
                        help="fraction of each side cut off every image before resizing, away "
-                            "from text and markers (default: 0 pretrained, 0.08 from scratch)")
+                            "from text and markers, or 'lungs': the box of the lungs the "
+                            "shipped lung segmenter finds, with a margin (default: by the "
+                            "weights, see README)")
+    model.add_argument("--lung-model", metavar="DIR", default=GIVEN,
+                       help="with --crop lungs: a segmenter trained with 'covidxray lungs "
+                            "train' instead of the shipped one")
     model.add_argument("--dropout", type=float, default=GIVEN, help=f"default {d['dropout']}")
+    model.add_argument("--classes", nargs="+", default=GIVEN, metavar="CLASS",
+                       help="three or more classes for a softmax head, e.g. covid pneumonia "
+                            "normal (or covid,pneumonia,normal): each data label must be one of "
+                            "them; P(COVID) and its threshold as ever, the others' beside it "
+                            "(default: COVID against the rest, one sigmoid unit)")
+    model.add_argument("--pooled-stages", type=int, default=GIVEN, metavar="N",
+                       help="the head reads the pooled outputs of the backbone's top N stages, "
+                            "concatenated (default: by the weights, see README; 1: the last alone)")
     model.add_argument("--mixed-precision", choices=("auto", "on", "off"), default=GIVEN,
                        help="bfloat16 compute: auto = on a GPU only (default auto)")
     model.add_argument("--distribute", action="store_true", default=GIVEN,
@@ -139,6 +163,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     split.add_argument("--seed", type=int, default=GIVEN, help=f"default {d['seed']}")
     split.add_argument("--source-from-prefix", action="store_true", default=GIVEN,
                        help="take each image's source from its file name before the first '_'")
+    split.add_argument("--same-patients", nargs="+", metavar="A=B", default=GIVEN,
+                       help="patient-id namespaces that name the same patients (A:12 is B:12), "
+                            "e.g. ieeefull=ieee for cxr-ieee-extra beside cxr-dev")
+    split.add_argument("--same-sources", nargs="+", metavar="A=B", default=GIVEN,
+                       help="sources that are one collection (source A is read as B), so that "
+                            "leave-one-source-out holds them out together")
     split.add_argument("--sources", nargs="+", metavar="SOURCE", default=GIVEN,
                        help="train (and validate, test) on these sources only")
     split.add_argument("--exclude-sources", nargs="+", metavar="SOURCE", default=GIVEN,
@@ -153,7 +183,15 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="stop at the first unreadable file instead of skipping it")
     split.add_argument("--allow-leaks", action="store_true", default=GIVEN,
                        help="train even when identical files sit in different splits")
+    split.add_argument("--select-on", metavar="DATA", default=GIVEN,
+                       help="labelled films of a source the model does not train on (your "
+                            "hospital, a held-out source): they, not the validation split, "
+                            "choose the epoch and phase whose weights are kept")
     threshold = parser.add_argument_group("operating threshold (chosen on validation)")
+    threshold.add_argument("--confidence", type=float, default=GIVEN,
+                           help="of the prediction sets: each class's films get a set that "
+                                "holds their class at least this often, if they are like the "
+                                f"validation films (default {d['confidence']})")
     threshold.add_argument("--calibrate", action="store_true", default=GIVEN,
                            help="fit temperature scaling on validation; scores are rescaled")
     threshold.add_argument("--target-sensitivity", type=float, default=GIVEN,
@@ -183,14 +221,18 @@ def train_options(args: argparse.Namespace) -> dict:
         options["split_fractions"] = (1 - val - test, val, test)
     if "target_sensitivity" in given:
         options["threshold_method"] = "sensitivity"
+    if "classes" in given:
+        options["classes"] = tuple(c.strip() for value in given["classes"]
+                                   for c in value.split(",") if c.strip())
     return options
 
 
 def cmd_train(args) -> int:
-    if not args.resume and args.data is None:
+    if not args.resume and not args.data:
         raise UsageError("train needs DATA (or --resume with --out of an interrupted run)")
-    run = api.train(args.data, args.out, resume=args.resume, verbose=_verbosity(args.quiet),
+    run = api.train(args.data or None, args.out, resume=args.resume, verbose=_verbosity(args.quiet),
                     track=args.track, tensorboard=args.tensorboard,
+                    ensemble=0 if args.resume else args.ensemble,
                     **({} if args.resume else train_options(args)))
     meta = api.metadata(run)
     print(f"run written to {run}")
@@ -202,8 +244,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_ensemble(args) -> int:
+    run = api.ensemble(args.runs, args.out, **_given(args, "confidence", "calibrate"))
+    meta = api.metadata(run)
+    print(f"ensemble of {len(meta.members)} written to {run}; validation ROC-AUC "
+          f"{meta.validation_metrics['roc_auc']:.3f} on the films its members share; "
+          f"threshold {meta.threshold:.4f}")
+    print(f"next: covidxray evaluate {run}")
+    return 0
+
+
+def cmd_lungs_train(args) -> int:
+    card = api.train_lungs(args.folders, args.out, **_given(args, "image_size", "epochs",
+                                                            "seed", "licence"),
+                           verbose=_verbosity(args.quiet))
+    print(f"lung segmenter written to {args.out} ({card['name']}, sha256 "
+          f"{card['sha256'][:12]}...); held-out Dice by patient:")
+    for folder, scores in card["heldout"].items():
+        print(f"  {folder}: median {scores['dice_median']:.3f}, mean {scores['dice_mean']:.3f}, "
+              f"5th percentile {scores['dice_p5']:.3f} ({scores['pairs']} pairs)")
+    print(f"next: covidxray train DATA --crop lungs --lung-model {args.out}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
-    result = api.evaluate(args.run, args.data, **_given(args, "bootstrap", "shortcut_images",
+    result = api.evaluate(args.run, args.data or None, **_given(args, "bootstrap", "shortcut_images",
                                                         "source_from_prefix", "out", "seed",
                                                         "strict"))
     if args.json:
@@ -227,7 +292,9 @@ def cmd_data_download(args) -> int:
 def cmd_audit(args) -> int:
     result = api.audit(args.data, args.out,
                        near_distance=None if args.no_near else args.near_distance,
-                       **_given(args, "split_file", "positive_class", "source_from_prefix"))
+                       image_statistics=not args.no_image_statistics,
+                       **_given(args, "split_file", "positive_class", "source_from_prefix",
+                                "strict", "same_patients"))
     failed = api.audit_failures(result, args.fail_on + (["leak"] if args.fail_on_leak else []))
     if args.json:
         print(json.dumps({"data": args.data, **result.to_dict(), "failed_on": failed}, indent=2))
@@ -252,8 +319,11 @@ def cmd_explain(args) -> int:
         raise UsageError(f"no image files found in {' '.join(args.images)}")
     for p in results:
         if not p.error:
+            lungs = (f"  heat in the lungs {p.lung_heat_share:.0%}"
+                     if p.lung_heat_share is not None else
+                     "  no plausible lungs found" if p.lungs_found is False else "")
             print(f"{Path(args.out) / (Path(p.path).stem + '_gradcam.png')}  "
-                  f"P(COVID)={p.probability:.4f}  {p.label}")
+                  f"P(COVID)={p.probability:.4f}  {p.label}{lungs}")
     return _report_failures(results)
 
 
@@ -273,7 +343,7 @@ def cmd_crossval(args) -> int:
 
 SERVE_OPTIONS = ("host", "port", "max_upload_mb", "max_pixels", "max_files",
                  "max_request_pixels", "queue", "allowed_hosts", "cors_origins", "api_keys",
-                 "audit_db", "workers")
+                 "key_failures_allowed", "audit_db", "workers")
 
 
 def cmd_serve(args) -> int:
@@ -285,6 +355,24 @@ def cmd_serve(args) -> int:
     print(f"{RESEARCH_NOTICE}\nserving {args.run} on http://{host}:{port}/ "
           f"(API docs at /docs, metrics at /metrics)")
     api.serve(args.run, **settings)
+    return 0
+
+
+NODE_OPTIONS = ("ae_title", "host", "port", "allowed_aes", "allowed_hosts", "send_to", "out",
+                "max_associations", "max_pdu", "max_instances", "max_instance_mb",
+                "max_pixels", "timeout_s", "tls_cert", "tls_key", "tls_ca", "audit_db",
+                "metrics_port")
+
+
+def cmd_dicom_node(args) -> int:
+    settings = _given(args, *NODE_OPTIONS)
+    for name in ("allowed_aes", "allowed_hosts"):
+        if name in settings:
+            settings[name] = tuple(settings[name])
+    print(f"{RESEARCH_NOTICE}\nDICOM node of {args.run}: "
+          f"{settings.get('ae_title', DICOM_NODE.ae_title)} on "
+          f"{settings.get('host', DICOM_NODE.host)}:{settings.get('port', DICOM_NODE.port)}")
+    api.dicom_node(args.run, **settings)
     return 0
 
 
@@ -314,6 +402,8 @@ def cmd_predict(args) -> int:
         print(f"{done['files']} files: {done['scored']} scored now ({done['errors']} could not "
               f"be read), {done['already_done']} already in {out}; {done['files_per_s']} "
               f"files/s")
+        if done.get("drift"):
+            print(done["drift"]["verdict"])
         for path, reason in done["error_examples"]:
             print(f"error: {path}: {reason}", file=sys.stderr)
         if done["errors"] > len(done["error_examples"]):
@@ -378,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("-v", "--verbose", action="store_true", help="debug logs")
 
     p = commands.add_parser("train", parents=[common], help="train a model and write a run folder")
-    p.add_argument("data", nargs="?", help="class folders, split folders, or a CSV manifest")
+    p.add_argument("data", nargs="*", metavar="DATA",
+                   help="class folders, split folders, or a CSV manifest; several: trained on "
+                        "together, their sources and patients kept apart")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--track", nargs="?", const="mlflow", metavar="mlflow[=URI]",
@@ -386,13 +478,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "server or store at URI (pip install 'covidxray[track]')")
     p.add_argument("--tensorboard", metavar="DIR",
                    help="every epoch's metrics as TensorBoard scalars in DIR")
+    p.add_argument("--ensemble", type=int, default=0, metavar="K",
+                   help="train K seeds (--seed and on) on one split and write them as one "
+                        "ensemble run (see 'covidxray ensemble')")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("ensemble", parents=[common],
+                            help="one run of several: their mean, spread, one threshold")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="trained run folders (two or more)")
+    p.add_argument("--out", required=True, help="the ensemble's run folder")
+    p.add_argument("--confidence", type=float, default=GIVEN,
+                   help="of its prediction sets (default: the first run's)")
+    p.add_argument("--calibrate", action="store_true", default=GIVEN,
+                   help="fit temperature scaling on the shared validation films")
+    p.set_defaults(func=cmd_ensemble)
 
     p = commands.add_parser("evaluate", parents=[common],
                             help="metrics with 95%% CIs at the frozen threshold")
     p.add_argument("run")
-    p.add_argument("data", nargs="?", help="labelled data (default: the run's test split)")
+    p.add_argument("data", nargs="*", metavar="DATA",
+                   help="labelled data, one data set or several (default: the run's test "
+                        "split)")
     p.add_argument("--out", default=GIVEN, help="metrics file (default RUN/metrics.json)")
     p.add_argument("--bootstrap", type=int, default=GIVEN,
                    help=f"bootstrap resamples for CIs (default {EVALUATION.bootstrap})")
@@ -408,6 +515,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the metrics as JSON on standard output, nothing else there")
     p.set_defaults(func=cmd_evaluate)
 
+    p = commands.add_parser("lungs", help="the lung segmenter")
+    lung_commands = p.add_subparsers(dest="lungs_command", required=True, metavar="ACTION")
+    p = lung_commands.add_parser("train", parents=[common],
+                                 help="train a lung segmenter on image/mask folders")
+    p.add_argument("folders", nargs="+", metavar="FOLDER",
+                   help="folders of images/, masks/ (same file names) and an optional "
+                        "manifest.csv (file, mask, patient_id, image_license)")
+    p.add_argument("--out", required=True, help="folder for the weights and model card")
+    p.add_argument("--image-size", type=int, default=GIVEN,
+                   help="square input size (default 128)")
+    p.add_argument("--epochs", type=int, default=GIVEN, help="at most (default 100)")
+    p.add_argument("--seed", type=int, default=GIVEN, help="split and training (default 0)")
+    p.add_argument("--licence", default=GIVEN,
+                   help="what the model card says of the masks' and images' licences")
+    p.set_defaults(func=cmd_lungs_train)
+
     p = commands.add_parser("data", help="get data sets")
     data_commands = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data_commands.add_parser("download", parents=[common],
@@ -419,7 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("audit", parents=[common],
                             help="duplicates, leaks, label conflicts, source x class")
-    p.add_argument("data", help="class folders, split folders, or a CSV manifest")
+    p.add_argument("data", nargs="+", metavar="DATA",
+                   help="class folders, split folders, or a CSV manifest; several: audited "
+                        "together (duplicates and leaks across them too)")
     p.add_argument("--split", dest="split_file", metavar="SPLIT_CSV", default=GIVEN,
                    help="audit the split of a run (its split.csv)")
     p.add_argument("--out", default="audit.json", help="JSON file (default %(default)s)")
@@ -427,22 +552,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="near duplicate: difference-hash distance <= this, of 256 bits "
                         "(default %(default)s)")
     p.add_argument("--no-near", action="store_true", help="skip the near-duplicate search")
+    p.add_argument("--no-image-statistics", action="store_true",
+                   help="skip measuring how well thumbnails, grey-level histograms and sizes "
+                        "alone separate each source's classes, under each pixel option")
     p.add_argument("--fail-on", nargs="+", default=[], choices=api.AUDIT_FINDINGS,
                    metavar="FINDING",
                    help="exit 1 when the audit finds any of these: leak (duplicates or patients "
                         "across splits), conflict (one image with two labels), duplicate, "
                         "confounding (a source that predicts the class)")
     p.add_argument("--fail-on-leak", action="store_true", help="the same as --fail-on leak")
+    p.add_argument("--strict", action="store_true", default=GIVEN,
+                   help="a manifest's repeated, conflicting, empty or differently spelt labels "
+                        "are an error, not a warning")
     p.add_argument("--positive-class", default=GIVEN)
     p.add_argument("--source-from-prefix", action="store_true", default=GIVEN,
                    help="source = file name before the first '_'")
+    p.add_argument("--same-patients", nargs="+", metavar="A=B", default=GIVEN,
+                   help="patient-id namespaces that name the same patients (A:12 is B:12)")
     p.add_argument("--json", action="store_true",
                    help="the audit as JSON on standard output, nothing else there")
     p.set_defaults(func=cmd_audit)
 
     p = commands.add_parser("crossval", parents=[common],
                             help="leave-one-source-out training and testing")
-    p.add_argument("data", help="class folders, split folders, or a CSV manifest")
+    p.add_argument("data", nargs="+", metavar="DATA",
+                   help="class folders, split folders, or a CSV manifest; several together")
     p.add_argument("--by", default=GIVEN, choices=["source"],
                    help="what to hold out, one value at a time (default source)")
     p.add_argument("--out", required=True, help="folder for the fold runs and results")
@@ -523,10 +657,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-keys", default=GIVEN, metavar="FILE",
                    help="every API call needs one of these keys (X-API-Key header); make "
                         "them with 'covidxray apikey FILE --id NAME'")
+    p.add_argument("--key-failures-allowed", type=int, default=GIVEN, metavar="N",
+                   help="wrong API keys a client address may send before each further one "
+                        "locks it out for twice as long as the last (1 s, 2 s, ... 5 min), "
+                        f"answered 429 (default {SERVE.key_failures_allowed})")
     p.add_argument("--audit-db", default=GIVEN, metavar="URL",
                    help="SQLAlchemy URL of the record of every prediction, e.g. "
                         "postgresql+psycopg://user@host/db (default: SQLite in RUN/serve/)")
     p.set_defaults(func=cmd_serve)
+
+    n = DICOM_NODE
+    p = commands.add_parser("dicom-node", parents=[common],
+                            help="a DICOM node for the PACS: C-STORE in, SR and heat map out")
+    p.add_argument("run", help="a run folder (or an exported model)")
+    p.add_argument("--ae-title", default=GIVEN, help=f"this node's AE title (default {n.ae_title})")
+    p.add_argument("--host", default=GIVEN,
+                   help=f"address to listen on (default {n.host}: this machine only)")
+    p.add_argument("--port", type=int, default=GIVEN, help=f"default {n.port}")
+    p.add_argument("--allow-ae", dest="allowed_aes", nargs="+", default=GIVEN, metavar="AE",
+                   help="calling AE titles that may associate (default: any)")
+    p.add_argument("--allow-host", dest="allowed_hosts", nargs="+", default=GIVEN,
+                   metavar="ADDRESS", help="peer addresses that may connect (default: "
+                                           "loopback)")
+    p.add_argument("--send-to", default=GIVEN, metavar="AE@HOST:PORT",
+                   help="C-STORE the Structured Report and the heat map there (the PACS)")
+    p.add_argument("--out", default=GIVEN, metavar="DIR",
+                   help="also write them as files, one folder per study")
+    p.add_argument("--max-associations", type=int, default=GIVEN,
+                   help=f"at once (default {n.max_associations})")
+    p.add_argument("--max-pdu", type=int, default=GIVEN,
+                   help=f"bytes per PDU received (default {n.max_pdu})")
+    p.add_argument("--max-instances", type=int, default=GIVEN,
+                   help=f"per association (default {n.max_instances})")
+    p.add_argument("--max-instance-mb", type=float, default=GIVEN,
+                   help=f"one instance's size (default {n.max_instance_mb})")
+    p.add_argument("--max-pixels", type=int, default=GIVEN,
+                   help=f"per instance, every frame counted (default {n.max_pixels})")
+    p.add_argument("--timeout", dest="timeout_s", type=float, default=GIVEN,
+                   help=f"ACSE, DIMSE and network timeouts in seconds (default {n.timeout_s})")
+    p.add_argument("--tls-cert", default=GIVEN, metavar="PEM",
+                   help="TLS: this node's certificate (with --tls-key); then only TLS")
+    p.add_argument("--tls-key", default=GIVEN, metavar="PEM")
+    p.add_argument("--tls-ca", default=GIVEN, metavar="PEM",
+                   help="TLS: clients must show a certificate this CA signed")
+    p.add_argument("--audit-db", default=GIVEN, metavar="URL",
+                   help="the prediction record (default: SQLite in RUN/serve/)")
+    p.add_argument("--metrics-port", type=int, default=GIVEN,
+                   help="Prometheus metrics on this loopback port")
+    p.set_defaults(func=cmd_dicom_node)
 
     p = commands.add_parser("export", parents=[common],
                             help="the run as an ONNX model that needs no Keras")

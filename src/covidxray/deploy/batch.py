@@ -16,6 +16,7 @@ once.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import os
@@ -24,11 +25,13 @@ from pathlib import Path
 
 from covidxray.fileutil import atomic_path
 from covidxray.progress import progress
-from covidxray.run.predictor import Prediction, Predictor, collect_paths, prepare_input
+from covidxray.run.predictor import Prediction, Predictor, collect_paths, \
+    input_preprocessing_of, load_segmenter, prepare_input
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("path", "input_sha256", "probability", "label", "positive", "ood", "ood_reason",
+COLUMNS = ("path", "input_sha256", "probability", "label", "positive", "verdict",
+           "prediction_set", "class_probabilities", "ood", "ood_reason", "feature_distance",
            "error", "model_id", "synthetic_data")
 CHUNK = 256  # rows written at a time
 ERROR_EXAMPLES = 20  # unreadable files named in the summary (all are in the output)
@@ -52,36 +55,63 @@ def input_paths(sources) -> list[str]:
 
 
 def key(path: str) -> str:
-    """A path as it can be stored (a name that is not valid UTF-8 keeps its odd bytes as
-    backslash escapes): what resuming compares."""
-    return path.encode("utf-8", "backslashreplace").decode("utf-8")
+    """A path resolved (absolute, links followed: the same file however it is named), as it
+    can be stored (a name that is not valid UTF-8 keeps its odd bytes as backslash escapes):
+    what a result row holds and resuming compares."""
+    return str(Path(path).resolve()).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def row_of(prediction: Prediction, metadata) -> dict:
     """A result row: the prediction, and which model made it (trained on synthetic data?)."""
+    import json
     values = prediction.to_dict()
+    chosen = values.get("prediction_set")
+    classes = values.get("class_probabilities")
     return {**{name: values.get(name) for name in COLUMNS}, "path": key(prediction.path),
+            "prediction_set": None if chosen is None else "|".join(chosen),
+            "class_probabilities": None if classes is None else json.dumps(classes),
             "model_id": metadata.model_id, "synthetic_data": metadata.synthetic_data}
 
 
 class CsvResults:
-    """Results appended to a CSV file; a line cut short by a kill is dropped on resume."""
+    """Results appended to a CSV file; a last row cut short by a kill is dropped on resume (and
+    its file scored again), with a notice."""
 
     def __init__(self, path: Path, model_id: str):
         self.path = path
         self.done = set()
         if path.is_file() and path.stat().st_size:
-            data = path.read_bytes()
-            if not data.endswith(b"\n"):  # the last row was being written when it stopped
-                with open(path, "r+b") as handle:
-                    handle.truncate(data.rfind(b"\n") + 1)
-            with open(path, newline="", encoding="utf-8") as handle:
-                rows = list(csv.DictReader(handle))
+            rows = self._rows_kept()
             _check_model(path, {r["model_id"] for r in rows}, model_id)
-            self.done = {r["path"] for r in rows}
+            self.done = {key(r["path"]) for r in rows}
         else:
             with atomic_path(path) as tmp:
                 tmp.write_text(",".join(COLUMNS) + "\n", encoding="utf-8")
+
+    def _rows_kept(self) -> list[dict]:
+        """The complete rows; a cut last row is removed from the file. A cut row before the
+        last is damage this cannot repair: an error naming its line."""
+        data = self.path.read_bytes()
+        parsed = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+        if not parsed or tuple(parsed[0]) != COLUMNS:
+            raise ValueError(f"{self.path}: not a results file of this covidxray version (its "
+                             f"header is not {','.join(COLUMNS)}); write the results to "
+                             f"another file")
+        complete = [len(row) == len(COLUMNS) for row in parsed]
+        if not data.endswith(b"\n") or not complete[-1]:
+            # the last row was being written when the job stopped
+            end = len(data) - 1 if data.endswith(b"\n") else len(data)
+            cut = data.rfind(b"\n", 0, end) + 1
+            log.warning("%s: its last row was cut short (%r): dropped, and that file is "
+                        "scored again", self.path, data[cut:cut + 60].decode("utf-8", "replace"))
+            with open(self.path, "r+b") as handle:
+                handle.truncate(cut)
+            parsed, complete = parsed[:-1], complete[:-1]
+        if not all(complete):
+            raise ValueError(f"{self.path}: line {complete.index(False) + 1} is not a complete "
+                             f"result row; the file is damaged: remove that line, or write to "
+                             f"another file")
+        return [dict(zip(COLUMNS, row)) for row in parsed[1:]]
 
     def write(self, rows: list[dict]) -> None:
         buffer = io.StringIO()
@@ -105,7 +135,7 @@ class ParquetResults:
         tables = [pq.read_table(part, columns=["path", "model_id"]) for part in parts]
         _check_model(folder, {m for t in tables for m in t.column("model_id").to_pylist()},
                      model_id)
-        self.done = {p for t in tables for p in t.column("path").to_pylist()}
+        self.done = {key(p) for t in tables for p in t.column("path").to_pylist()}
         self.next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=-1)
 
     def write(self, rows: list[dict]) -> None:
@@ -122,7 +152,9 @@ def result_schema():
     import pyarrow as pa
     return pa.schema([("path", pa.string()), ("input_sha256", pa.string()),
                       ("probability", pa.float64()), ("label", pa.string()),
-                      ("positive", pa.bool_()), ("ood", pa.bool_()),
+                      ("positive", pa.bool_()), ("verdict", pa.string()),
+                      ("prediction_set", pa.string()), ("class_probabilities", pa.string()),
+                      ("ood", pa.bool_()), ("feature_distance", pa.float64()),
                       ("ood_reason", pa.string()), ("error", pa.string()),
                       ("model_id", pa.string()), ("synthetic_data", pa.bool_())])
 
@@ -153,14 +185,16 @@ def score(run: str | Path, sources, out: str | Path, engine: str = "local",
     metadata = RunMetadata.load(Path(run) / METADATA_FILE)
     model_id = metadata.model_id
     results = open_results(out, model_id)
-    paths = input_paths(sources)
+    # each file once, however often and however it is named among the sources
+    paths = list({key(p): p for p in input_paths(sources)}.values())
     todo = [p for p in paths if key(p) not in results.done]
     bar = progress(desc="scored", total=len(todo), unit="file", enabled=not quiet)
     started = time.monotonic()
     counts = {"files": len(paths), "already_done": len(paths) - len(todo), "scored": 0,
               "errors": 0}
     examples = []  # the first files that could not be read, to name them
-    chunks = (_score_on_ray(run, metadata, todo, address, workers, batch_size, chunk)
+    distances = []  # the gate's feature distances of the files scored now: the drift test
+    chunks = (_score_on_ray(run, todo, address, workers, batch_size, chunk)
               if engine == "ray"
               else _score_locally(run, todo, batch_size, chunk) if engine == "local"
               else _unknown(engine))
@@ -169,15 +203,30 @@ def score(run: str | Path, sources, out: str | Path, engine: str = "local",
             results.write(rows)
             counts["scored"] += len(rows)
             failed = [(r["path"], r["error"]) for r in rows if r["error"]]
+            distances += [r["feature_distance"] for r in rows if r["feature_distance"] is not None]
             counts["errors"] += len(failed)
             examples += failed[:ERROR_EXAMPLES - len(examples)]
             bar.update(len(rows))
     finally:
         bar.close()
     seconds = time.monotonic() - started
+    drift = _drift(run, distances)
     return {**counts, "error_examples": examples, "seconds": round(seconds, 1),
+            "drift": None if drift is None else drift.to_dict(),
             "files_per_s": round(counts["scored"] / seconds, 2) if seconds else None,
             "out": str(out), "model_id": model_id}
+
+
+def _drift(run, distances: list[float]):
+    """The drift test of the files scored now against the run's validation films."""
+    from covidxray.run.ood import OOD_FILE, OODGate
+    gate_file = Path(run) / OOD_FILE
+    if not distances or not gate_file.is_file():
+        return None
+    try:
+        return OODGate.load(gate_file).drift_of_distances(distances)
+    except (ValueError, KeyError):
+        return None
 
 
 def _unknown(engine: str):
@@ -191,7 +240,7 @@ def _score_locally(run, todo: list[str], batch_size: int, chunk: int):
             todo[start:start + chunk], batch_size=batch_size)]
 
 
-def _score_on_ray(run, metadata, todo: list[str], address: str | None, workers: int,
+def _score_on_ray(run, todo: list[str], address: str | None, workers: int,
                   batch_size: int, chunk: int):
     try:
         import ray
@@ -206,9 +255,8 @@ def _score_on_ray(run, metadata, todo: list[str], address: str | None, workers: 
         logging.getLogger("ray.data").setLevel(logging.ERROR)
     try:
         dataset = ray.data.from_items([{"path": p} for p in todo])
-        decoded = dataset.map_batches(_decode, fn_kwargs={
-            "preprocessing": metadata.preprocessing}, batch_size=batch_size,
-            batch_format="pyarrow")
+        decoded = dataset.map_batches(_decode, fn_kwargs={"run": str(run)},
+                                      batch_size=batch_size, batch_format="pyarrow")
         scored = decoded.map_batches(_Score, fn_constructor_kwargs={"run": str(run)},
                                      batch_size=batch_size,
                                      compute=ray.data.ActorPoolStrategy(size=workers),
@@ -219,20 +267,31 @@ def _score_on_ray(run, metadata, todo: list[str], address: str | None, workers: 
         ray.shutdown()
 
 
-def _decode(batch, preprocessing):
-    """Ray stage 1, in parallel tasks: files -> the model's input (or why they cannot be
-    read)."""
+@functools.lru_cache(maxsize=2)
+def _inputs(run: str):
+    """What the run prepares an input with (its preprocessing, or its members', and its lung
+    segmenter), loaded once per worker process."""
+    return input_preprocessing_of(Path(run)), load_segmenter(Path(run))
+
+
+def _decode(batch, run: str):
+    """Ray stage 1, in parallel tasks: files -> the model's input and the lungs found (or why
+    they cannot be read)."""
+    import pickle
+
     import pyarrow as pa
     rows = []
+    preprocessing, segmenter = _inputs(run)
     for path in batch.column("path").to_pylist():
         try:
-            item = prepare_input(path, preprocessing)
+            item = prepare_input(path, preprocessing, segmenter=segmenter)
             rows.append({"path": path, "image": item.image.tobytes(),
+                         "shape": list(item.image.shape),
                          "colourfulness": item.colourfulness, "sha256": item.sha256,
-                         "error": None})
+                         "lungs": pickle.dumps(item.lungs), "error": None})
         except Exception as error:  # ImageReadError; anything else is this file's too
-            rows.append({"path": path, "image": None, "colourfulness": 0.0,
-                         "sha256": getattr(error, "sha256", None),
+            rows.append({"path": path, "image": None, "shape": None, "colourfulness": 0.0,
+                         "sha256": getattr(error, "sha256", None), "lungs": None,
                          "error": getattr(error, "reason", str(error))})
     return pa.Table.from_pylist(rows)
 
@@ -244,18 +303,22 @@ class _Score:
         self.predictor = Predictor.load(run)
 
     def __call__(self, batch):
+        import pickle
+
         import numpy as np
         import pyarrow as pa
 
         from covidxray.run.predictor import Prepared
-        size = self.predictor.image_size
         rows, items, positions = batch.to_pylist(), [], []
         for index, row in enumerate(rows):
             if row["error"] is None:
-                image = np.frombuffer(row["image"], np.uint8).reshape(size, size)
+                image = np.frombuffer(row["image"], np.uint8).reshape(row["shape"])
+                size = image.shape[-1]
                 # the decoded original stays in the task: no heat maps are made here
-                items.append(Prepared(row["path"], image, image / 255.0, row["colourfulness"],
-                                      row["sha256"]))
+                items.append(Prepared(row["path"], image, image.reshape(-1, size, size)[0] / 255.0,
+                                      row["colourfulness"], row["sha256"],
+                                      (slice(0, size), slice(0, size)),
+                                      pickle.loads(row["lungs"])))
                 positions.append(index)
         predictions = dict(zip(positions, self.predictor.predict_items(items)))
         metadata = self.predictor.metadata

@@ -20,10 +20,12 @@ from covidxray.pixels.imageio import as_preprocessing
 THUMBNAIL_SIZE = 16
 
 
-def thumbnails(records: list[Record], spec: int | Preprocessing = THUMBNAIL_SIZE):
+def thumbnails(records: list[Record], spec: int | Preprocessing = THUMBNAIL_SIZE,
+               segmenter=None):
     """(n, size * size) pixel values in [0, 1] through the one preprocessing path, and the
-    targets and records of the readable images (unreadable ones are left out, as in training)."""
-    loaded = load_images(records, spec)
+    targets and records of the readable images (unreadable ones are left out, as in training);
+    ``segmenter``: for a lung crop."""
+    loaded = load_images(records, spec, segmenter=segmenter)
     matrix = loaded.images.reshape(len(loaded.records), -1).astype(np.float32) / 255.0
     return matrix, loaded.targets.astype(int), loaded.records
 
@@ -39,20 +41,22 @@ class BaselineScores:
 def thumbnail_logistic_regression(train: list[Record], val: list[Record], test: list[Record],
                                   spec: int | Preprocessing = THUMBNAIL_SIZE,
                                   threshold_method: str = "youden",
-                                  target_sensitivity: float = 0.95) -> BaselineScores:
+                                  target_sensitivity: float = 0.95,
+                                  segmenter=None) -> BaselineScores:
     """Fit on ``train`` (standardised pixels, L2-regularised, balanced classes), freeze the
     threshold on ``val``, score ``test``. ``spec``: the thumbnail size, or a ``Preprocessing``
-    with the intensity normalisation and crop of the recipe it sits beside."""
+    with the intensity normalisation and crop of the recipe it sits beside (``segmenter``: for
+    a lung crop)."""
     spec = as_preprocessing(spec)
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     model = make_pipeline(StandardScaler(),
                           LogisticRegression(C=0.1, class_weight="balanced", max_iter=5000))
-    model.fit(*thumbnails(train, spec)[:2])
-    val_x, val_y, _ = thumbnails(val, spec)
+    model.fit(*thumbnails(train, spec, segmenter)[:2])
+    val_x, val_y, _ = thumbnails(val, spec, segmenter)
     threshold = choose_threshold(val_y, model.predict_proba(val_x)[:, 1], threshold_method,
                                  target_sensitivity)
-    test_x, _, test_records = thumbnails(test, spec)
+    test_x, _, test_records = thumbnails(test, spec, segmenter)
     return BaselineScores(f"thumbnail-logistic-{spec.name}", float(threshold), test_records,
                           model.predict_proba(test_x)[:, 1])

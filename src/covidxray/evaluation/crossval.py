@@ -22,9 +22,9 @@ from covidxray.data.dataset import DataError, Record, discover
 from covidxray.data.split import assign_splits
 from covidxray.evaluation.baselines import THUMBNAIL_SIZE, thumbnail_logistic_regression
 from covidxray.evaluation.evaluate import evaluate, per_source, summarise
-from covidxray.fileutil import write_json_atomic, write_text_atomic
+from covidxray.fileutil import folder_lock, write_json_atomic, write_text_atomic
 from covidxray.progress import Steps
-from covidxray.training.fit import RunExistsError, train
+from covidxray.training.fit import RunExistsError, segmenter_of, train
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 def _write_manifest(path: Path, records: list[Record]) -> Path:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["file", "label", "patient_id", "source", "split"])
+    writer.writerow(["file", "label", "patient_id", "source", "split", "view"])
     for r in records:
-        writer.writerow([str(Path(r.path).resolve()), r.label, r.patient_id, r.source, r.split])
+        writer.writerow([str(Path(r.path).resolve()), r.label, r.patient_id, r.source, r.split,
+                         r.view])
     write_text_atomic(path, buffer.getvalue())
     return path
 
@@ -58,7 +59,8 @@ def _baseline_score(records: list[Record], config: TrainConfig, n_bootstrap: int
                                              Preprocessing(THUMBNAIL_SIZE, config.intensity,
                                                            config.crop),
                                              threshold_method=config.threshold_method,
-                                             target_sensitivity=config.target_sensitivity)
+                                             target_sensitivity=config.target_sensitivity,
+                                             segmenter=segmenter_of(config))
     y_true = np.array([r.target for r in baseline.test_records], dtype=int)
     overall = summarise(y_true, baseline.test_scores, baseline.threshold, n_bootstrap,
                         config.seed)
@@ -100,7 +102,12 @@ def _train_and_score(records: list[Record], name: str, config: TrainConfig, out:
            "threshold": metrics["threshold"], **fold_score(metrics),
            "metrics": {k: v["value"] for k, v in metrics["overall"]["metrics"].items()},
            "per_source": {s: fold_score({"overall": v})
-                          for s, v in metrics["per_source"].items()}}
+                          for s, v in metrics["per_source"].items()},
+           # how the prediction sets' promise held on the held-out data, per class
+           "prediction_sets": metrics.get("prediction_sets"),
+           "contrasts": metrics.get("contrasts"),
+           "drift": metrics.get("drift"),
+           "lungs": metrics.get("lungs")}
     write_json_atomic(finished, row)
     return row
 
@@ -135,7 +142,15 @@ def crossval(data: str | Path, out: str | Path, config: TrainConfig, by: str = "
     if by != "source":
         raise ValueError(f"crossval --by {by!r} is not supported (use source)")
     out = Path(out)
-    dataset = discover(data, config.positive_class, config.source_from_prefix)
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "covidxray crossval"):
+        return _crossval(data, out, config, by, random_split, n_bootstrap, train_models, resume)
+
+
+def _crossval(data, out: Path, config: TrainConfig, by: str, random_split: bool,
+              n_bootstrap: int, train_models: bool, resume: bool) -> dict:
+    dataset = discover(data, config.positive_class, config.source_from_prefix, config.strict,
+                       config.patient_aliases, config.source_aliases)
     missing = [r.path for r in dataset.records if not r.source]
     if missing:
         raise DataError(f"{len(missing)} images have no source (e.g. {missing[0]}); give a "
@@ -145,7 +160,7 @@ def crossval(data: str | Path, out: str | Path, config: TrainConfig, by: str = "
         raise DataError(f"leave-one-source-out needs at least two sources, found {sources}")
     plain = [replace(r, split="") for r in dataset.records]
     pool, left_out = select_sources(plain, config.sources, config.exclude_sources,
-                                    config.exclude_confounded)
+                                    config.exclude_confounded, by_share=not config.classes)
     for source, reason in left_out.items():
         log.info("source %s is only tested, never trained on: %s", source, reason)
     if train_models:
@@ -218,6 +233,13 @@ def format_crossval(result: dict) -> str:
         lines.append(f"{row['fold']:<22}{row['test_images']:>8}{row['test_positive']:>7}  "
                      f"{base['metric']:<12}{model}  {base['value']:>12.3f}  "
                      f"{base['ci95'][0]:.3f}-{base['ci95'][1]:.3f}")
+    for row in rows:
+        sets = row.get("prediction_sets")
+        if sets and "skipped" not in row:
+            cover = ", ".join(f"{name} {c['coverage']:.0%}" for name, c in
+                              sets["per_class"].items())
+            lines.append(f"{row['fold']}: prediction sets at {sets['confidence']:.0%} cover "
+                         f"{cover}; uncertain {sets['uncertain_rate']:.0%}")
     for source, reason in result.get("sources_left_out", {}).items():
         lines.append(f"{source} was never trained on ({reason}); it is only held out.")
     lines.append("A held-out source with one class is scored by the rate of that class at the "

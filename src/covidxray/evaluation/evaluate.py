@@ -14,9 +14,10 @@ import numpy as np
 from covidxray.data.dataset import DataError, LoadedImages, Record, discover, \
     source_from_filename
 from covidxray.data.split import read_split_records
-from covidxray.evaluation.explain import shortcut_check
+from covidxray.evaluation.explain import group_means, heat_in_masks, shortcut_check
 from covidxray.evaluation.metrics import (
     METRIC_NAMES,
+    roc_auc_ci,
     binary_metrics,
     bootstrap_ci,
     calibration_bins,
@@ -27,6 +28,7 @@ from covidxray.evaluation.metrics import (
 from covidxray.fileutil import write_json_atomic
 from covidxray.pixels.imageio import ImageReadError
 from covidxray.progress import progress
+from covidxray.run.conformal import coverage
 from covidxray.run.predictor import Predictor, Prepared
 
 log = logging.getLogger(__name__)
@@ -46,17 +48,40 @@ def run_test_records(run_dir: Path, positive_class: str, source_from_prefix: boo
     return records
 
 
+class LungMasks:
+    """Each image's lungs on its model input (``Prepared.lungs_on_input``), kept as packed bits
+    (a 224 px mask in 6 KB); None where none were found."""
+
+    def __init__(self, size: int):
+        self.size, self.packed = size, []
+
+    def append(self, mask: np.ndarray | None) -> None:
+        self.packed.append(None if mask is None else np.packbits(mask))
+
+    def __getitem__(self, index: int) -> np.ndarray | None:
+        packed = self.packed[index]
+        if packed is None:
+            return None
+        return np.unpackbits(packed, count=self.size * self.size).reshape(
+            self.size, self.size).astype(bool)
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+
 def prepared_images(predictor: Predictor, records: list[Record],
-                    strict: bool = False) -> LoadedImages:
-    """``records``' images as the run's ``Predictor`` prepares them; unreadable ones are logged
-    and skipped (``strict``: the first one raises)."""
+                    strict: bool = False) -> tuple[LoadedImages, LungMasks]:
+    """``records``' images as the run's ``Predictor`` prepares them, and their lungs;
+    unreadable ones are logged and skipped (``strict``: the first one raises)."""
     images, kept, failures = [], [], []
+    masks = LungMasks(predictor.image_size)
     batches = predictor.prepare_many([r.path for r in records])
     items = progress((item for batch in batches for item in batch), total=len(records),
                      desc="evaluate: reading images")
     for record, item in zip(records, items):
         if isinstance(item, Prepared):
             images.append(item.image)  # the decoded original is not kept: memory
+            masks.append(item.lungs_on_input())
             kept.append(record)
             continue
         if strict:
@@ -65,7 +90,95 @@ def prepared_images(predictor: Predictor, records: list[Record],
         failures.append(ImageReadError(item.path, item.error))
     size = predictor.image_size
     return LoadedImages(np.stack(images) if images else np.zeros((0, size, size), np.uint8),
-                        kept, failures)
+                        kept, failures), masks
+
+
+MIN_CONTRAST_IMAGES = 10  # per class: fewer, and a contrast is not scored
+
+
+def view_group(view: str) -> str:
+    """PA, AP (AP supine included) or "" (not said, or another view)."""
+    view = view.strip().upper()
+    return "AP" if view.startswith("AP") else "PA" if view == "PA" else ""
+
+
+def contrasts(records: list[Record], scores: np.ndarray, positive_class: str,
+              n_bootstrap: int, seed: int) -> dict:
+    """ROC-AUC of the positive class against each negative class the original labels name
+    (COVID against another pneumonia, COVID against no finding), with intervals; overall and
+    within each view (PA only, AP only) where the records say their view, so that a score
+    the view or the style explains shows as such."""
+    labels = np.array([r.label for r in records])
+    views = np.array([view_group(r.view) for r in records])
+    out = {}
+    for group in ["all", "PA", "AP"]:
+        inside = np.ones(len(records), bool) if group == "all" else views == group
+        for other in sorted(set(labels) - {positive_class}):
+            chosen = inside & np.isin(labels, [positive_class, other])
+            y = (labels[chosen] == positive_class).astype(int)
+            if min(y.sum(), (1 - y).sum()) < MIN_CONTRAST_IMAGES:
+                continue
+            out.setdefault(group, {})[f"{positive_class} vs {other}"] = roc_auc_ci(
+                y, np.asarray(scores)[chosen], n_bootstrap, seed=seed)
+    return out
+
+
+def class_table(records: list[Record], probabilities: np.ndarray, classes: list[str]) -> dict:
+    """A model of three or more classes: the confusion matrix of its most probable class
+    against each film's own (by its original label; films of other labels are left out),
+    and each class's recall and precision."""
+    index = {name.lower(): i for i, name in enumerate(classes)}
+    truth = np.array([index.get(r.label.lower(), -1) for r in records])
+    called = probabilities.argmax(axis=1)
+    known = truth >= 0
+    matrix = np.zeros((len(classes), len(classes)), int)
+    np.add.at(matrix, (truth[known], called[known]), 1)
+    per_class = {}
+    for i, name in enumerate(classes):
+        actual, predicted = matrix[i].sum(), matrix[:, i].sum()
+        per_class[name] = {"n": int(actual),
+                           "recall": float(matrix[i, i] / actual) if actual else float("nan"),
+                           "precision": float(matrix[i, i] / predicted) if predicted
+                           else float("nan")}
+    return {"classes": classes, "confusion": matrix.tolist(), "per_class": per_class,
+            "accuracy": float(np.trace(matrix) / matrix.sum()) if matrix.sum() else float("nan"),
+            "left_out": int((~known).sum())}
+
+
+def set_summary(conformal, sets: list[list[str]], records: list[Record],
+                confidence: float) -> dict:
+    """How the prediction sets held on labelled films: coverage and the shares of uncertain
+    and unlike films per class (what the confidence promises per class), per source and
+    overall."""
+    classes = conformal.classes
+    truth = [classes[r.target] for r in records]
+    overall = coverage(sets, truth, classes)
+    by_source = defaultdict(list)
+    for index, record in enumerate(records):
+        if record.source:
+            by_source[record.source].append(index)
+    return {"confidence": confidence, "classes": classes,
+            "calibration_images": conformal.sizes,
+            "uncertain_rate": float(np.mean([len(s) == 2 for s in sets])),
+            "unlike_rate": float(np.mean([len(s) == 0 for s in sets])),
+            "per_class": overall,
+            "per_source": {source: coverage([sets[i] for i in index], [truth[i] for i in index],
+                                            classes)
+                           for source, index in sorted(by_source.items())}}
+
+
+def lung_summary(records: list[Record], shares: np.ndarray, masks: LungMasks,
+                 segmenter: bool) -> dict:
+    """The share of Grad-CAM heat inside the lungs found, averaged per class and per source,
+    beside what an even spread would give (the lungs' share of the model's input)."""
+    found = np.isfinite(shares)
+    areas = np.array([masks[i].mean() if found[i] else np.nan for i in range(len(masks))])
+    return {"segmenter": segmenter, "images": len(records), "lungs_found": int(found.sum()),
+            "heat_in_lungs": float(np.nanmean(shares)) if found.any() else None,
+            "lung_area_share": float(np.nanmean(areas)) if found.any() else None,
+            "per_class": group_means(shares, [r.label for r in records]),
+            "per_source": group_means(shares, [r.source for r in records if r.source])
+            if all(r.source for r in records) else {}}
 
 
 def summarise(y_true: np.ndarray, scores: np.ndarray, threshold: float, n_bootstrap: int,
@@ -115,19 +228,29 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
         records = run_test_records(run_dir, meta.positive_class, source_from_prefix)
         data_name = f"{run_dir}/split.csv (test split)"
     else:
-        dataset = discover(data, meta.positive_class, source_from_prefix)
+        data = data if isinstance(data, (list, tuple)) else [data]
+        dataset = discover(list(data), meta.positive_class, source_from_prefix, strict)
         records = dataset.records
-        data_name = str(data)
-        if str(Path(dataset.root).resolve()) == meta.data_root:
-            log.warning("%s is the training data: its train and validation images are scored "
-                        "too; omit DATA to evaluate on the run's test split only", data)
-    loaded = prepared_images(predictor, records, strict)
+        data_name = " + ".join(map(str, data))
+        if meta.data_root in {str(Path(root).resolve()) for root in dataset.roots
+                              or [dataset.root]}:
+            log.warning("%s holds the training data: its train and validation images are "
+                        "scored too; omit DATA to evaluate on the run's test split only",
+                        data_name)
+    loaded, masks = prepared_images(predictor, records, strict)
     if not loaded.records:
         raise DataError(f"{data_name}: no readable images to evaluate")
-    scores = np.concatenate([np.zeros(0, np.float32)] + [
-        predictor.predict_prepared(loaded.images[start:start + SCORING_SLICE])
-        for start in progress(range(0, len(loaded.images), SCORING_SLICE),
-                              desc="evaluate: scoring", unit="slice")])
+    scores, shares, probabilities, embeddings = [np.zeros(0, np.float32)], [np.zeros(0)], [], []
+    for start in progress(range(0, len(loaded.images), SCORING_SLICE), desc="evaluate: scoring",
+                          unit="slice"):
+        chosen = range(start, min(start + SCORING_SLICE, len(loaded.images)))
+        result = predictor.forward_prepared(loaded.images[start:chosen.stop])
+        scores.append(result.scores)
+        shares.append(heat_in_masks(result.logit_maps, [masks[i] for i in chosen]))
+        embeddings.append(result.embeddings)
+        if result.probabilities is not None:
+            probabilities.append(result.probabilities)
+    scores, shares = np.concatenate(scores), np.concatenate(shares)
     y_true = loaded.targets.astype(int)
     threshold = predictor.threshold
     result = {
@@ -153,14 +276,34 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
     result["histogram"] = {"edges": np.linspace(0, 1, 21).tolist(), **{
         label: np.histogram(scores[np.array(labels) == label], bins=20, range=(0, 1))[0].tolist()
         for label in sorted(set(labels))}}
+    sets = predictor.conformal.sets(scores) if predictor.conformal else [None] * len(scores)
     result["cases"] = [{"path": r.path, "label": r.label, "target": r.target,
-                        "source": r.source, "score": float(score)}
-                       for r, score in zip(loaded.records, scores)]
+                        "source": r.source, "score": float(score),
+                        "prediction_set": chosen,
+                        "lung_heat_share": None if not np.isfinite(share) else float(share)}
+                       for r, score, share, chosen in zip(loaded.records, scores, shares, sets)]
+    if predictor.conformal:
+        result["prediction_sets"] = set_summary(predictor.conformal, sets, loaded.records,
+                                                meta.confidence)
+    if predictor.gate is not None:
+        drift = predictor.gate.drift(np.concatenate(embeddings))
+        if drift is not None:
+            result["drift"] = drift.to_dict()
+    result["lungs"] = lung_summary(loaded.records, shares, masks,
+                                   predictor.segmenter is not None)
     if shortcut_images:
         sample = np.random.default_rng(seed).permutation(len(labels))[:shortcut_images]
-        result["shortcut"] = shortcut_check(predictor, loaded.images[sample],
-                                            [labels[i] for i in sample]).to_dict()
+        result["shortcut"] = shortcut_check(
+            predictor, loaded.images[sample], [labels[i] for i in sample],
+            lung_masks=[masks[i] for i in sample],
+            sources=[loaded.records[i].source for i in sample]
+            if all(r.source for r in loaded.records) else None).to_dict()
     result["per_source"] = per_source(loaded.records, scores, threshold, n_bootstrap, seed)
+    result["contrasts"] = contrasts(loaded.records, scores, meta.positive_class, n_bootstrap,
+                                    seed)
+    if probabilities:
+        result["classes"] = class_table(loaded.records, np.concatenate(probabilities),
+                                        meta.output_classes)
     by_class = defaultdict(list)
     for index, record in enumerate(loaded.records):
         by_class[record.label].append(index)
@@ -176,15 +319,18 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
     return result
 
 
-def evaluation_file(run_dir: Path, data: str | Path | None) -> Path:
+def evaluation_file(run_dir: Path, data) -> Path:
     """Where an evaluation is written by default: the run's own test split to
-    ``RUN/metrics.json`` (what the report shows); other data beside it, under
-    ``RUN/evaluations/``, named by the data, so no evaluation overwrites another."""
+    ``RUN/metrics.json`` (what the report shows); other data (one data set or several)
+    beside it, under ``RUN/evaluations/``, named by the data, so no evaluation overwrites
+    another."""
     if data is None:
         return run_dir / "metrics.json"
-    resolved = str(Path(data).resolve())
-    digest = hashlib.sha256(resolved.encode()).hexdigest()[:8]
-    return run_dir / "evaluations" / f"{Path(resolved).stem or 'data'}-{digest}.json"
+    parts = data if isinstance(data, (list, tuple)) else [data]
+    resolved = [str(Path(d).resolve()) for d in parts]
+    digest = hashlib.sha256("|".join(resolved).encode()).hexdigest()[:8]
+    name = "+".join(Path(r).stem or "data" for r in resolved)
+    return run_dir / "evaluations" / f"{name}-{digest}.json"
 
 
 def _fmt(metric: dict) -> str:
@@ -214,8 +360,29 @@ def format_report(result: dict) -> str:
     lines += ["", f"calibration: expected calibration error {result['calibration']['ece']:.3f}"
               + (f" (temperature {result['calibration']['temperature']:.3f})"
                  if result["calibration"].get("temperature") else "")]
+    drift = result.get("drift")
+    if drift:
+        lines += ["", drift["verdict"]]
+    sets = result.get("prediction_sets")
+    if sets:
+        lines += ["", f"prediction sets at {sets['confidence']:.0%} confidence (each class's films "
+                  f"should be covered at least that often, if they are like the validation "
+                  f"films): uncertain {sets['uncertain_rate']:.1%}, unlike the calibration data "
+                  f"{sets['unlike_rate']:.1%}"]
+        lines += [f"  {name:<16} coverage {c['coverage']:.1%} of {c['n']}, uncertain "
+                  f"{c['uncertain']:.1%}, unlike {c['unlike']:.1%}"
+                  for name, c in sets["per_class"].items()]
+    lungs = result.get("lungs") or {}
+    if lungs.get("heat_in_lungs") is not None:
+        lines += ["", f"heat in the lungs: {lungs['heat_in_lungs']:.0%} of the Grad-CAM heat lies "
+                  f"inside the lungs found on {lungs['lungs_found']} of {lungs['images']} images "
+                  f"(an even spread: {lungs['lung_area_share']:.0%}, their area)"]
+        lines += [f"  {name:<16} {share:.0%}" for name, share in
+                  {**lungs["per_class"], **lungs["per_source"]}.items()]
+    elif lungs and not lungs.get("segmenter"):
+        lines += ["", "heat in the lungs: not measured (no lung segmenter installed)"]
     if "shortcut" in result:
-        lines += ["", "shortcut check (outer 15% border vs centre):",
+        lines += ["", "shortcut check (border vs centre, lungs vs the rest):",
                   "  " + result["shortcut"]["verdict"]]
     if result["per_source"]:
         lines += ["", "per source (a source with one class cannot show discrimination):",
@@ -226,6 +393,21 @@ def format_report(result: dict) -> str:
             lines.append(f"  {source:<14}{s['n']:>6}{s['n_positive']:>6}  "
                          f"{_fmt(m['sensitivity']):<24}{_fmt(m['specificity']):<24}"
                          f"{_fmt(m['roc_auc'])}")
+    table = result.get("classes")
+    if table:
+        names = table["classes"]
+        lines += ["", f"{len(names)} classes, the most probable one against each film's own "
+                  f"(accuracy {table['accuracy']:.3f}):",
+                  "  actual \\ called  " + "".join(f"{n:>12}" for n in names)
+                  + "    recall  precision"]
+        for name, row in zip(names, table["confusion"]):
+            c = table["per_class"][name]
+            lines.append(f"  {name:<16}" + "".join(f"{v:>12}" for v in row)
+                         + f"    {c['recall']:.3f}   {c['precision']:.3f}")
+    for group, found in (result.get("contrasts") or {}).items():
+        lines += ["", f"by original class ({'all views' if group == 'all' else group + ' only'}):"]
+        lines += [f"  {name:<28} ROC-AUC {_fmt(value)}  ({value['n_positive']} vs "
+                  f"{value['n'] - value['n_positive']} images)" for name, value in found.items()]
     lines += ["", "called positive per original class:"]
     lines += [f"  {label:<16} {c['called_positive']:>5} of {c['n']:<5} "
               f"({c['called_positive_rate']:.1%})" for label, c in result["per_class"].items()]

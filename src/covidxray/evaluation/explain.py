@@ -17,16 +17,23 @@ from covidxray.pixels.transforms import resize
 BORDER_FRACTION = 0.15  # outer 15% on each side: where text, markers and labels sit
 
 
+LUNG_OUTLINE_COLOUR = (255, 255, 255)
+
+
 def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4,
-            colormap: str = "jet") -> np.ndarray:
+            colormap: str = "jet", outline: np.ndarray | None = None) -> np.ndarray:
     """RGB uint8: the grayscale image (in [0, 1]) with the colour-mapped heat map blended in,
-    more strongly where the heat is higher."""
+    more strongly where the heat is higher; ``outline`` (boolean, the image's size): drawn on
+    top, e.g. the lungs found (``LungField.outline``)."""
     from matplotlib import colormaps
     heat = resize(heatmap, gray.shape) if heatmap.shape != gray.shape else heatmap
     colours = colormaps[colormap](np.clip(heat, 0, 1))[..., :3]
     weight = alpha * np.clip(heat, 0, 1)[..., None]
     blended = (1 - weight) * np.asarray(gray)[..., None] + weight * colours
-    return np.clip(np.rint(blended * 255), 0, 255).astype(np.uint8)
+    rgb = np.clip(np.rint(blended * 255), 0, 255).astype(np.uint8)
+    if outline is not None:
+        rgb[outline] = LUNG_OUTLINE_COLOUR
+    return rgb
 
 
 def border_mask(size: int, fraction: float = BORDER_FRACTION) -> np.ndarray:
@@ -39,7 +46,7 @@ def border_mask(size: int, fraction: float = BORDER_FRACTION) -> np.ndarray:
 
 @dataclass
 class ShortcutCheck:
-    """Does the model look at the border (markers, text) or at the centre (lungs)?"""
+    """Does the model look at the lungs, or at the border (markers, text) and the rest?"""
 
     border_share: dict  # per class: mean share of Grad-CAM mass in the border
     uniform_border_share: float  # what a heat map spread evenly would give
@@ -47,21 +54,61 @@ class ShortcutCheck:
     occlusion_centre: dict  # per class: the same when the centre is blanked
     flagged: bool
     verdict: str
+    # where the lung segmenter found lungs (None: no segmenter): per class (and per source),
+    # the mean share of the heat inside them, the share an even spread would put there (their
+    # area), and the mean |change in P| when the lungs or everything else is blanked
+    lungs_found: int | None = None
+    lung_heat_share: dict | None = None
+    lung_heat_share_per_source: dict | None = None
+    lung_area_share: float | None = None
+    occlusion_lungs: dict | None = None
+    occlusion_outside_lungs: dict | None = None
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
 
 
-def shortcut_check(predictor, images: np.ndarray, labels: list[str],
-                   batch_size: int = 32) -> ShortcutCheck:
-    """Grad-CAM border share and occlusion of border vs centre, per class, on a run's model
-    inputs ((n, size, size) uint8, as its ``Predictor`` prepares them).
+def heat_in_masks(cams: np.ndarray, masks) -> np.ndarray:
+    """Per image, the share of its heat map (any resolution) inside its mask (a boolean
+    array at the image's resolution; None: nan)."""
+    shares = []
+    for cam, mask in zip(cams, masks):
+        if mask is None:
+            shares.append(np.nan)
+            continue
+        heat = resize(cam, mask.shape) if cam.shape != mask.shape else cam
+        heat = np.clip(heat, 0, None)
+        total = heat.sum()
+        shares.append(float((heat * mask).sum() / total) if total > 0 else 0.0)
+    return np.array(shares, dtype=np.float64)
 
-    Flagged when blanking the border changes P(COVID) more than blanking the centre, or when
-    the Grad-CAM mass in the border clearly exceeds what an even spread would put there.
+
+def group_means(values: np.ndarray, groups) -> dict:
+    """Mean of the finite values per group."""
+    groups = np.asarray(groups)
+    out = {}
+    for group in sorted(set(groups.tolist())):
+        chosen = values[(groups == group) & np.isfinite(values)]
+        if chosen.size:
+            out[str(group)] = float(chosen.mean())
+    return out
+
+
+def shortcut_check(predictor, images: np.ndarray, labels: list[str],
+                   batch_size: int = 32, lung_masks=None, sources=None) -> ShortcutCheck:
+    """Grad-CAM border share and occlusion of border vs centre, per class, on a run's model
+    inputs ((n, size, size) uint8, as its ``Predictor`` prepares them); with ``lung_masks``
+    (each image's lungs on its model input, ``Prepared.lungs_on_input``; None where none were
+    found), also the share of heat inside the lungs and the occlusion of the lungs against
+    everything else, per class and per ``sources``.
+
+    Flagged when blanking the border changes P(COVID) more than blanking the centre, when the
+    Grad-CAM mass in the border clearly exceeds what an even spread would put there, when
+    blanking everything but the lungs changes P(COVID) more than blanking the lungs, or when
+    less heat lies inside the lungs than an even spread would put there.
     """
-    images = np.asarray(images)
-    size = images.shape[1]
+    images = np.asarray(images)  # (n, size, size), an ensemble's (n, members, size, size)
+    size = images.shape[-1]
     border = border_mask(size)
     # heat share measured on the maps upsampled to the image, as they are shown
     cams = np.stack([resize(cam, (size, size))
@@ -69,17 +116,20 @@ def shortcut_check(predictor, images: np.ndarray, labels: list[str],
     mass = cams.sum(axis=(1, 2))
     share = np.divide((cams * border).sum(axis=(1, 2)), mass, out=np.zeros_like(mass),
                       where=mass > 0)
-    fill = images.reshape(len(images), -1).mean(axis=1)[:, None, None]
-    no_border = np.where(border, fill, images).astype(images.dtype)
-    no_centre = np.where(border, images, fill).astype(images.dtype)
+    fill = images.mean(axis=tuple(range(1, images.ndim)), keepdims=True)
+
     def score(x):  # each image alone: the views would only blur the occlusion
         return predictor.predict_prepared(x, batch_size, test_time_views=0)
 
+    def blanked(where: np.ndarray, chosen=slice(None)) -> np.ndarray:
+        if where.ndim == 3 and images.ndim == 4:  # one mask per image, for every member
+            where = where[:, None]
+        return np.abs(score(np.where(where, fill[chosen], images[chosen]).astype(images.dtype))
+                      - base[chosen])
+
     base = score(images)
-    delta_border = np.abs(score(no_border) - base)
-    delta_centre = np.abs(score(no_centre) - base)
+    delta_border, delta_centre = blanked(border), blanked(~border)
     labels = np.asarray(labels)
-    per_class = lambda values: {c: float(values[labels == c].mean()) for c in sorted(set(labels))}
     uniform = float(border.mean())
     border_effect, centre_effect = float(delta_border.mean()), float(delta_centre.mean())
     heat_in_border = float(share.mean())
@@ -91,19 +141,56 @@ def shortcut_check(predictor, images: np.ndarray, labels: list[str],
         reasons.append(f"{heat_in_border:.0%} of the heat map lies in the outer "
                        f"{BORDER_FRACTION:.0%} border (an even spread would put "
                        f"{uniform:.0%} there)")
+    lungs, lung_words = {}, ""
+    found = [i for i, m in enumerate(lung_masks or []) if m is not None]
+    if found:
+        masks = np.stack([lung_masks[i] for i in found])
+        in_lungs = heat_in_masks(cams[found], masks)
+        area = float(masks.mean())
+        delta_lungs, delta_rest = blanked(masks, found), blanked(~masks, found)
+        all_shares = np.full(len(images), np.nan)
+        all_shares[found] = in_lungs
+        lungs = {"lungs_found": len(found), "lung_heat_share": group_means(all_shares, labels),
+                 "lung_heat_share_per_source": group_means(all_shares, sources)
+                 if sources is not None else None,
+                 "lung_area_share": area,
+                 "occlusion_lungs": group_means(_fill(len(images), found, delta_lungs), labels),
+                 "occlusion_outside_lungs": group_means(_fill(len(images), found, delta_rest),
+                                                   labels)}
+        lung_effect, rest_effect = float(delta_lungs.mean()), float(delta_rest.mean())
+        heat_share = float(in_lungs.mean())
+        if rest_effect > lung_effect:
+            reasons.append(f"blanking everything outside the lungs changes P(COVID) by "
+                           f"{rest_effect:.3f} on average, more than blanking the lungs "
+                           f"({lung_effect:.3f})")
+        if heat_share < area:
+            reasons.append(f"only {heat_share:.0%} of the heat map lies inside the lungs, less "
+                           f"than an even spread would put there ({area:.0%}, their area)")
+        lung_words = (f"; {heat_share:.0%} of the heat lies inside the lungs found on "
+                      f"{len(found)} of {len(images)} images (they cover {area:.0%} of it), "
+                      f"and blanking them changes P(COVID) by {lung_effect:.3f} against "
+                      f"{rest_effect:.3f} for everything else")
     if reasons:
-        verdict = ("WARNING: the model appears to decide from the image border, where text, "
-                   "markers and labels sit, rather than from the lungs: " + "; ".join(reasons)
+        verdict = ("WARNING: the model appears to decide from outside the lungs (the border, "
+                   "where text, markers and labels sit, or the rest of the film) rather than "
+                   "from the lungs: " + "; ".join(reasons)
                    + ". Its scores may reflect where an image came from, not the disease.")
     else:
         verdict = (f"The model relies more on the centre than on the border: blanking the centre "
                    f"changes P(COVID) by {centre_effect:.3f}, the border by {border_effect:.3f}; "
-                   f"{heat_in_border:.0%} of the heat map lies in the border. That does not "
-                   "show it learned the disease: a source can also be recognised from cues "
-                   "spread over the whole film (exposure, grain, sharpness), which only images "
-                   "from a hospital it never saw reveal ('covidxray crossval --by source').")
-    return ShortcutCheck(per_class(share), uniform, per_class(delta_border),
-                         per_class(delta_centre), bool(reasons), verdict)
+                   f"{heat_in_border:.0%} of the heat map lies in the border{lung_words}. "
+                   "That does not show it learned the disease: a source can also be recognised "
+                   "from cues spread over the whole film (exposure, grain, sharpness), which only "
+                   "images from a hospital it never saw reveal ('covidxray crossval --by "
+                   "source').")
+    return ShortcutCheck(group_means(share, labels), uniform, group_means(delta_border, labels),
+                         group_means(delta_centre, labels), bool(reasons), verdict, **lungs)
+
+
+def _fill(n: int, found: list[int], values: np.ndarray) -> np.ndarray:
+    out = np.full(n, np.nan)
+    out[found] = values
+    return out
 
 
 @dataclass
@@ -114,9 +201,10 @@ class Explanation:
     probability: float
     label: str
     heatmap: np.ndarray
-    overlay: np.ndarray  # RGB uint8, same size as the image
+    overlay: np.ndarray  # RGB uint8, same size as the image, with the lungs found outlined
     ood: bool | None = None  # the gate's verdict: a heat map of an unfamiliar image means little
     ood_reason: str | None = None
+    lung_heat_share: float | None = None  # of the heat, inside the lungs found (None: none)
 
 
 def explain_image(predictor, source, alpha: float = 0.4) -> Explanation:
@@ -130,9 +218,12 @@ def explain_image(predictor, source, alpha: float = 0.4) -> Explanation:
 
 def explanation_of(prediction, alpha: float = 0.4) -> Explanation:
     """The ``Explanation`` of a ``Prediction`` made with its heat map."""
+    outline = prediction.lungs.outline(prediction.image.shape) \
+        if prediction.lungs_found else None
     return Explanation(prediction.path, prediction.probability, prediction.label,
-                       prediction.heatmap, overlay(prediction.image, prediction.heatmap, alpha),
-                       prediction.ood, prediction.ood_reason)
+                       prediction.heatmap, overlay(prediction.image, prediction.heatmap, alpha,
+                                                   outline=outline),
+                       prediction.ood, prediction.ood_reason, prediction.lung_heat_share)
 
 
 def save_png(path, rgb: np.ndarray) -> None:

@@ -101,6 +101,26 @@ def bootstrap_ci(y_true, scores, threshold: float, n_resamples: int = 1000,
     return intervals
 
 
+def roc_auc_ci(y_true, scores, n_resamples: int = 1000, confidence: float = 0.95,
+               seed: int = 0) -> dict:
+    """ROC-AUC with its percentile bootstrap interval (resamples with one class left out);
+    nan where the cases hold one class only."""
+    y_true, scores = _validate(y_true, scores)
+    n, positive = y_true.size, int(y_true.sum())
+    if not 0 < positive < n:
+        return {"value": float("nan"), "ci95": [float("nan")] * 2, "n": n, "n_positive": positive}
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        index = rng.integers(0, n, n)
+        if 0 < y_true[index].sum() < n:
+            values.append(roc_auc(y_true[index], scores[index]))
+    tail = (1 - confidence) / 2 * 100
+    interval = [float(v) for v in np.percentile(values, [tail, 100 - tail])] if values \
+        else [float("nan")] * 2
+    return {"value": roc_auc(y_true, scores), "ci95": interval, "n": n, "n_positive": positive}
+
+
 def choose_threshold(y_true, scores, method: str = "youden",
                      target_sensitivity: float = 0.95) -> float:
     """The operating threshold, chosen on validation data only.
@@ -143,29 +163,6 @@ def expected_calibration_error(y_true, scores, n_bins: int = 10) -> float:
     total = sum(b["count"] for b in bins)
     return float(sum(b["count"] / total * abs(b["observed_rate"] - b["mean_predicted"])
                      for b in bins if b["count"]))
-
-
-def _logit(scores: np.ndarray) -> np.ndarray:
-    p = np.clip(scores, 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
-
-
-def apply_temperature(scores, temperature: float) -> np.ndarray:
-    """Rescale probabilities as sigmoid(logit(p) / T); T > 1 softens over-confident scores."""
-    return 1 / (1 + np.exp(-_logit(np.asarray(scores, dtype=np.float64)) / temperature))
-
-
-def fit_temperature(y_true, scores) -> float:
-    """The temperature minimising the negative log-likelihood (fitted on validation data)."""
-    from scipy.optimize import minimize_scalar
-    y_true, scores = _validate(y_true, scores)
-    logits = _logit(scores)
-
-    def nll(log_t):
-        z = logits / np.exp(log_t)
-        return float(np.mean(np.logaddexp(0, z) - y_true * z))
-
-    return float(np.exp(minimize_scalar(nll, bounds=(-4, 4), method="bounded").x))
 
 
 def curves(y_true, scores) -> dict:

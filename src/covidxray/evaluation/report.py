@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from covidxray.config import STAND_IN_CAVEAT
+from covidxray.data.audit import AS_THEY_ARE, RUN_PIXELS
 from covidxray.evaluation.metrics import METRIC_NAMES
 from covidxray.fileutil import write_text_atomic
 from covidxray.run.metadata import RunMetadata
@@ -158,6 +160,128 @@ def _per_source(metrics: dict) -> str:
             "may only mean the model recognises the source.</p>")
 
 
+def _classes(metrics: dict) -> str:
+    table = metrics.get("classes")
+    if not table:
+        return ""
+    names = table["classes"]
+    head = "".join(f"<th>called {html.escape(n)}</th>" for n in names)
+    rows = "".join(f"<tr><td>{html.escape(n)}</td>" + "".join(f"<td>{v}</td>" for v in row)
+                   + f"<td>{_value(table['per_class'][n]['recall'])}</td>"
+                   f"<td>{_value(table['per_class'][n]['precision'])}</td></tr>"
+                   for n, row in zip(names, table["confusion"]))
+    return (f"<h3>{len(names)} classes</h3><p>The most probable class against each film's own "
+            f"(accuracy {_value(table['accuracy'])}).</p><table><tr><th>actual</th>{head}"
+            f"<th>recall</th><th>precision</th></tr>{rows}</table>")
+
+
+def _contrasts(metrics: dict) -> str:
+    found = metrics.get("contrasts") or {}
+    if not found:
+        return ("<p>The labels name no other class with enough images (10 of each) to score "
+                "the positive class against it.</p>")
+    rows = "".join(f"<tr><td>{'all views' if group == 'all' else html.escape(group) + ' only'}"
+                   f"</td><td>{html.escape(name)}</td><td>{v['n_positive']} vs "
+                   f"{v['n'] - v['n_positive']}</td><td>{_value(v['value'])}</td>"
+                   f"<td>{_interval(v['ci95'])}</td></tr>"
+                   for group, values in found.items() for name, v in values.items())
+    return ("<table><tr><th>films</th><th>contrast</th><th>images</th><th>ROC-AUC</th>"
+            f"<th>95% CI</th></tr>{rows}</table><p>COVID against another pneumonia is the "
+            "question a clinician asks; against films with no finding it is an easier one. A "
+            "score that holds for all views and falls within one view was partly the view's "
+            "(AP films are mostly COVID in public collections).</p>")
+
+
+def _selection(meta: RunMetadata) -> str:
+    """Which phase's weights the run kept, on which data and evidence."""
+    kept = meta.selection
+    if not kept:
+        return "<p>Not recorded (a run from an older version).</p>"
+    if meta.members:
+        return f"<p>An ensemble of {len(meta.members)}: {html.escape(kept['evidence'])}.</p>"
+    scores = ", ".join(f"{name} {value:.3f}" for name, value in
+                       kept.get("per_phase_roc_auc", {}).items())
+    return (f"<p>Kept: the weights of phase {kept['phase_kept']} ({html.escape(kept['phase_name'])})"
+            f", epoch {kept['epoch']}, chosen by ROC-AUC on {html.escape(kept['selected_on'])} "
+            f"(best per phase: {html.escape(scores)}). {html.escape(kept['evidence'])}.</p>"
+            "<p>Selecting on the training collection's own validation split rewards what that "
+            "collection shares, which a new hospital does not. Labelled films of another source "
+            "(<code>--select-on</code>) make a better judge.</p>")
+
+
+def _image_statistics(meta: RunMetadata) -> str:
+    """How well image statistics alone separate each training source's classes."""
+    found = meta.image_statistics
+    if not found:
+        return "<p>No training source has enough images of both classes to measure it.</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(source)}</td><td>{r['images']}</td>"
+        f"<td>{r['options'][AS_THEY_ARE]['thumbnail']:.2f}</td>"
+        f"<td>{r['options'][AS_THEY_ARE]['histogram']:.2f}</td>"
+        f"<td>{r['options'][RUN_PIXELS]['thumbnail']:.2f}</td>"
+        f"<td>{r['options'][RUN_PIXELS]['histogram']:.2f}</td>"
+        f"<td>{r['size_and_aspect']:.2f}</td></tr>" for source, r in found.items())
+    return ("<table><tr><th>source</th><th>images</th><th>thumbnail, as the files are</th>"
+            "<th>histogram, as the files are</th><th>thumbnail, as this run prepares them</th>"
+            "<th>histogram, as prepared</th><th>size and aspect</th></tr>" + rows + "</table>"
+            "<p>Cross-validated ROC-AUC of a logistic regression on 16x16 thumbnails, on the "
+            "grey-level histogram and on the files' size and aspect, within each training source"
+            " (0.5: they tell nothing). What they give away, a network can learn instead of the "
+            "disease; <code>covidxray audit</code> tries every pixel option.</p>")
+
+
+def _prediction_sets(metrics: dict) -> str:
+    sets = metrics.get("prediction_sets")
+    if not sets:
+        return "<p>This run has no prediction sets (a run from an older version).</p>"
+    rows = "".join(f"<tr><td>{html.escape(scope)}</td><td>{html.escape(name)}</td><td>{c['n']}</td>"
+                   f"<td>{c['coverage']:.1%}</td><td>{c['uncertain']:.1%}</td>"
+                   f"<td>{c['unlike']:.1%}</td></tr>"
+                   for scope, per_class in [("all", sets["per_class"]),
+                                            *sets["per_source"].items()]
+                   for name, c in per_class.items())
+    examples = {kind: [Path(c["path"]).name for c in metrics["cases"]
+                       if c.get("prediction_set") is not None and test(c["prediction_set"])][:8]
+                for kind, test in (("uncertain: refer", lambda s: len(s) == 2),
+                                   ("unlike the calibration data", lambda s: len(s) == 0))}
+    drift = metrics.get("drift")
+    drift_text = f"<p>{html.escape(drift['verdict'])}.</p>" if drift else ""
+    return drift_text + (f"<p>Each film gets the set of classes that conformal prediction (Mondrian by "
+            f"class, calibrated on {' and '.join(map(str, sets['calibration_images']))} "
+            f"validation films) cannot rule out at {sets['confidence']:.0%} confidence: one "
+            f"class, both (<strong>uncertain: refer</strong>) or none (<strong>unlike the "
+            f"calibration data</strong>). The promise, each class covered at least "
+            f"{sets['confidence']:.0%} of the time, holds for films like the validation films "
+            f"only; here is how it held on these films: uncertain "
+            f"{sets['uncertain_rate']:.1%}, unlike {sets['unlike_rate']:.1%}.</p>"
+            "<table><tr><th>films</th><th>class</th><th>n</th><th>coverage</th>"
+            f"<th>uncertain</th><th>unlike</th></tr>{rows}</table>"
+            + "".join(f"<p>{html.escape(kind)}: {html.escape(', '.join(names) or 'none')}"
+                      f"</p>" for kind, names in examples.items()))
+
+
+def _lungs(metrics: dict, predictor) -> str:
+    lungs = metrics.get("lungs") or {}
+    if not lungs.get("segmenter"):
+        return "<p>Not measured: no lung segmenter was installed.</p>"
+    card = predictor.segmenter.card
+    heldout = "; ".join(f"{k}: Dice {v['dice_median']:.3f} (median)"
+                        for k, v in card.heldout.items())
+    if lungs.get("heat_in_lungs") is None:
+        found = "<p>No plausible lungs were found on any image.</p>"
+    else:
+        rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{share:.0%}</td></tr>" for name, share
+                       in {**lungs["per_class"], **lungs["per_source"]}.items())
+        found = (f"<p>{lungs['heat_in_lungs']:.0%} of the Grad-CAM heat lies inside the lungs "
+                 f"found on {lungs['lungs_found']} of {lungs['images']} images; an even spread "
+                 f"would put {lungs['lung_area_share']:.0%} there (their share of the image).</p>"
+                 f"<table><tr><th>class or source</th><th>heat in the lungs</th></tr>{rows}"
+                 "</table>")
+    return found + (f"<p>Lungs found by the segmenter {html.escape(card.name)} (held out by "
+                    f"patient: {html.escape(heldout)}; never shown: "
+                    f"{html.escape('; '.join(card.not_shown))}).</p>")
+
+
 def gallery_cases(metrics: dict, per_kind: int = GALLERY_PER_KIND) -> dict[str, list[dict]]:
     """The most confident true/false positives/negatives at the frozen threshold."""
     t = metrics["threshold"]
@@ -249,7 +373,9 @@ def audit_split(run_dir: Path, positive_class: str) -> dict:
     from covidxray.data.audit import audit
     from covidxray.data.split import read_split_records
     from covidxray.fileutil import write_json_atomic
-    result = audit(read_split_records(run_dir / "split.csv", positive_class)).to_dict()
+    # the image statistics of the training data were measured by training (RunMetadata)
+    result = audit(read_split_records(run_dir / "split.csv", positive_class),
+                   separability=False).to_dict()
     write_json_atomic(run_dir / "audit.json", result)
     return result
 
@@ -263,7 +389,9 @@ def build_report(run_dir: str | Path, out: str | Path, predictor=None, metrics: 
     run_dir = Path(run_dir)
     predictor = predictor or Predictor.load(run_dir)
     meta = predictor.metadata
-    config = json.loads((run_dir / "config.json").read_text())
+    config_file = run_dir / "config.json"  # an ensemble built from runs: its first member's
+    config = json.loads((config_file if config_file.is_file() else
+                         run_dir / meta.members[0] / "config.json").read_text())
     audit = audit_split(run_dir, meta.positive_class) if audit else None
     if metrics is None:
         metrics_file = run_dir / "metrics.json"
@@ -296,7 +424,8 @@ def build_report(run_dir: str | Path, out: str | Path, predictor=None, metrics: 
 <p>Run <code>{esc(str(run_dir))}</code> · created {esc(meta.created)} ·
 {esc(meta.backbone)} at {meta.image_size} px · backend {esc(meta.backend)}</p>
 <div class="notice"><strong>{esc(meta.notice)}</strong> This report describes a research
-model. It must not be read as a diagnosis or used to make clinical decisions.</div>
+model. It must not be read as a diagnosis or used to make clinical decisions.
+{esc(STAND_IN_CAVEAT)}</div>
 {'<div class="synthetic">SYNTHETIC DATA: this run was trained on synthetic images.</div>'
  if meta.synthetic_data else ''}
 <h2>Data</h2>
@@ -313,10 +442,17 @@ model. It must not be read as a diagnosis or used to make clinical decisions.</d
 {_metrics_table(overall)}
 {_confusion(overall['confusion'], esc(meta.positive_class))}
 <h3>Per source</h3>{_per_source(metrics)}
+{_classes(metrics)}
+<h3>By original class and view</h3>{_contrasts(metrics)}
+<h3>Model selection</h3>{_selection(meta)}
+<h3>Image statistics of the training sources</h3>{_image_statistics(meta)}
+<h2>When the model does not know</h2>{_prediction_sets(metrics)}
 <h2>Plots</h2><div class="plots">{''.join(_img(p, 'plot') for p in plots)}</div>
 <h2>Shortcut check</h2>
 {f'<p class="{"warn" if shortcut["flagged"] else "ok"}">{esc(shortcut["verdict"])}</p>'
  if shortcut else '<p>not run</p>'}
+<h2>Heat in the lungs</h2>
+{_lungs(metrics, predictor)}
 <h2>Grad-CAM gallery</h2>
 <p>Where the model found evidence for COVID (red = most). The most confident cases of each kind.</p>
 {_gallery(predictor, metrics)}

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from covidxray.config import RESEARCH_NOTICE, Preprocessing
+from covidxray.config import LUNG_FALLBACK_CROP, RESEARCH_NOTICE, Preprocessing
 from covidxray.fileutil import write_json_atomic
 
 SCHEMA_VERSION = 2
@@ -43,12 +43,24 @@ class RunMetadata:
     target_sensitivity: float | None = None
     temperature: float | None = None  # temperature scaling fitted on validation, if any
     test_time_views: int = 0  # source-cue views averaged with each image's own score
+    confidence: float | None = None  # of the prediction sets (run.conformal); None: no sets
+    # an ensemble: its member run folders, relative to its own (run.ensemble); each prepares
+    # its own input, ``preprocessing`` is the first member's
+    members: list[str] = field(default_factory=list)
+    # a softmax head's classes, in the order of its outputs (empty: one sigmoid unit)
+    output_classes: list[str] = field(default_factory=list)
     validation_metrics: dict[str, float] = field(default_factory=dict)
     split_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     unreadable_training_files: int = 0
     sources_left_out: dict[str, str] = field(default_factory=dict)  # source -> why
     synthetic_data: bool = False
     dtype_policy: str = "float32"
+    # which phase's weights were kept, on what data and evidence (training.fit.selection_record)
+    selection: dict = field(default_factory=dict)
+    no_lungs_in_training: int = 0  # lung crop: training images cropped by the fallback
+    # per training source with both classes: how well thumbnails, grey-level histograms and
+    # sizes alone separate its classes, as the files are and as the run prepares them
+    image_statistics: dict = field(default_factory=dict)
     data_root: str = ""  # where the training data was; private: never served
     notice: str = RESEARCH_NOTICE
     schema_version: int = SCHEMA_VERSION
@@ -56,6 +68,11 @@ class RunMetadata:
     @property
     def image_size(self) -> int:
         return self.preprocessing.image_size
+
+    @property
+    def positive_index(self) -> int:
+        """The positive class's output of a softmax head (0 for one sigmoid unit)."""
+        return self.output_classes.index(self.positive_class) if self.output_classes else 0
 
     @property
     def negative_classes(self) -> list[str]:
@@ -74,7 +91,9 @@ class RunMetadata:
         p = self.preprocessing
         return ["decode to grayscale in [0, 1] (DICOM: modality LUT, VOI LUT, MONOCHROME1 "
                 "inverted)",
-                *([f"crop {p.crop:.0%} off each side"] if p.crop else []),
+                *([f"crop to the box of the lungs found by the lung segmenter, with a margin "
+                   f"(no plausible lungs: {LUNG_FALLBACK_CROP:.0%} off each side)"]
+                  if p.lung_crop else [f"crop {p.crop:.0%} off each side"] if p.crop else []),
                 *([f"intensity: {p.intensity}"] if p.intensity != "none" else []),
                 f"bilinear resize to {p.image_size}x{p.image_size}", "quantise to uint8 0..255",
                 f"in the model: gray to 3 channels, then the {self.backbone} weights' own "

@@ -1,6 +1,6 @@
 """Out-of-distribution gate: is this image like the frontal chest X-rays the model trained on?
 
-Three tests, any one of which flags an image:
+Four tests, any one of which flags an image:
 
 - colour: an X-ray has none, so a file whose mean chroma is over ``COLOUR_LIMIT`` (a photograph,
   a screenshot of a coloured page) is flagged before anything else is looked at;
@@ -9,7 +9,11 @@ Three tests, any one of which flags an image:
   training thumbnails. A frontal film has dark lungs left and right of a bright mediastinum; a
   lateral view, a CT slice, a document or a photograph has no training image near it;
 - features: the Mahalanobis distance of the backbone's pooled embedding to the training
-  embeddings (reduced by PCA, covariance shrunk by Ledoit-Wolf).
+  embeddings (reduced by PCA, covariance shrunk by Ledoit-Wolf);
+- lungs: the lung segmenter (``model.lungs``) finds no plausible pair of lungs (too little or
+  too much lung, or lungs on one side only), as on a lateral view, a CT slice or a photograph;
+  on only where it finds them on at least ``LUNG_TEST_MIN_SHARE`` of the validation films
+  (it was trained on real films, not on drawn ones such as the demo's).
 
 Each fitted threshold is a high quantile of the distances of held-out validation X-rays (training
 distances are optimistically small), so about 1% of real in-distribution images are flagged by
@@ -33,6 +37,7 @@ EMBEDDING_COMPONENTS = 32
 QUANTILE = 0.995  # per fitted test: two of them together flag about 1% of validation X-rays
 COLOUR_LIMIT = 0.04  # mean chroma; a gray film with a coloured arrow or label stays far below
 OOD_FILE = "ood.npz"  # in the run folder
+LUNG_TEST_MIN_SHARE = 0.9  # of validation films with plausible lungs, for the lung test
 
 
 def thumbnails(images: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
@@ -90,6 +95,41 @@ class Verdict:
         return self.__dict__.copy()
 
 
+DRIFT_ALPHA = 0.01  # a batch whose drift test gives a p-value below it is said to drift
+MIN_DRIFT_BATCH = 20  # films: fewer, and no drift test is made
+
+
+def ks_two_sample(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """The two-sample Kolmogorov-Smirnov statistic and its asymptotic p-value (Stephens'
+    approximation), in plain numpy."""
+    a, b = np.sort(np.asarray(a, float)), np.sort(np.asarray(b, float))
+    values = np.concatenate([a, b])
+    statistic = float(np.max(np.abs(np.searchsorted(a, values, side="right") / len(a)
+                                    - np.searchsorted(b, values, side="right") / len(b))))
+    n = len(a) * len(b) / (len(a) + len(b))
+    lam = (np.sqrt(n) + 0.12 + 0.11 / np.sqrt(n)) * statistic
+    k = np.arange(1, 101)
+    p = float(np.clip(2 * np.sum((-1) ** (k - 1) * np.exp(-2 * k ** 2 * lam ** 2)), 0, 1)) \
+        if lam > 0 else 1.0
+    return statistic, p
+
+
+@dataclass
+class Drift:
+    """Whether a batch of films is like the calibration (validation) films, by the gate's
+    feature distances."""
+
+    n: int
+    reference_n: int
+    statistic: float
+    p_value: float
+    drifted: bool
+    verdict: str
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
 @dataclass
 class OODGate:
     """Flags images unlike the training X-rays; fitted at training time, saved in the run."""
@@ -98,28 +138,63 @@ class OODGate:
     layout_threshold: float
     embedding: _Mahalanobis
     embedding_threshold: float
+    # the validation films' feature distances: the reference of the drift test (None: a gate
+    # of an older version)
+    reference_distances: np.ndarray | None = None
+    lung_test: bool = True  # films without plausible lungs are flagged
 
     @classmethod
     def fit(cls, train_embeddings, train_images, val_embeddings, val_images,
-            quantile: float = QUANTILE) -> "OODGate":
+            quantile: float = QUANTILE, lung_test: bool = True) -> "OODGate":
         """Fit on training images; each threshold is ``quantile`` of the validation images'
         distances."""
         reference = thumbnails(train_images)
         embedding = _Mahalanobis.fit(np.asarray(train_embeddings, np.float64),
                                      EMBEDDING_COMPONENTS)
+        distances = embedding.distance(val_embeddings)
         return cls(reference,
                    float(np.quantile(nearest_distance(reference, thumbnails(val_images)),
                                      quantile)),
-                   embedding, float(np.quantile(embedding.distance(val_embeddings), quantile)))
+                   embedding, float(np.quantile(distances, quantile)), distances, lung_test)
 
-    def check(self, embeddings, images, colour=None) -> list[Verdict]:
-        """One verdict per image; ``colour`` holds each file's colourfulness (None: unknown)."""
+    def drift(self, embeddings) -> Drift | None:
+        """The two-sample Kolmogorov-Smirnov test of a batch's feature distances against the
+        validation films' (the films the prediction sets were calibrated on): a small p-value
+        says the batch is not like them, and the sets' stated error rate need not hold for it.
+        None for fewer than ``MIN_DRIFT_BATCH`` films or a gate of an older version."""
+        if self.reference_distances is None or len(embeddings) < MIN_DRIFT_BATCH:
+            return None
+        return self.drift_of_distances(self.embedding.distance(embeddings))
+
+    def drift_of_distances(self, distances) -> Drift | None:
+        """``drift`` of feature distances already measured (``Prediction.feature_distance``)."""
+        distances = np.asarray([d for d in distances if d is not None], float)
+        if self.reference_distances is None or len(distances) < MIN_DRIFT_BATCH:
+            return None
+        statistic, p = ks_two_sample(distances, self.reference_distances)
+        drifted = p < DRIFT_ALPHA
+        verdict = (f"DRIFT: these {len(distances)} films are not like the validation films the "
+                   f"prediction sets were calibrated on (feature distances, Kolmogorov-Smirnov "
+                   f"p = {p:.2g}): the stated error rate need not hold for them"
+                   if drifted else
+                   f"no drift found: the {len(distances)} films' feature distances are like the "
+                   f"validation films' (Kolmogorov-Smirnov p = {p:.2g}); that does not prove they "
+                   f"are alike")
+        return Drift(len(distances), len(self.reference_distances), statistic, p, drifted,
+                     verdict)
+
+    def check(self, embeddings, images, colour=None, lungs=None) -> list[Verdict]:
+        """One verdict per image; ``colour`` holds each file's colourfulness (None: unknown),
+        ``lungs`` each image's ``model.lungs.LungField`` (None: not looked for)."""
         layout = nearest_distance(self.train_thumbnails, thumbnails(images))
         features = self.embedding.distance(embeddings)
         colour = np.zeros(len(layout)) if colour is None else np.asarray(colour, float)
+        lungs = [None] * len(layout) if lungs is None else lungs
         verdicts = []
-        for dl, de, chroma in zip(layout, features, colour):
+        for dl, de, chroma, field in zip(layout, features, colour, lungs):
             reasons = []
+            if self.lung_test and field is not None and not field.plausible:
+                reasons.append(f"no plausible lungs ({field.reason})")
             if chroma > COLOUR_LIMIT:
                 reasons.append(f"it is a colour image (mean chroma {chroma:.2f} > "
                                f"{COLOUR_LIMIT}); X-rays are gray")
@@ -141,7 +216,9 @@ class OODGate:
                      embedding_mean=self.embedding.mean,
                      embedding_precision=self.embedding.precision,
                      embedding_projection=self.embedding.projection,
-                     embedding_threshold=self.embedding_threshold)
+                     embedding_threshold=self.embedding_threshold, lung_test=self.lung_test,
+                     **({} if self.reference_distances is None else
+                        {"reference_distances": self.reference_distances}))
 
     @classmethod
     def load(cls, path: str | Path) -> "OODGate":
@@ -153,4 +230,6 @@ class OODGate:
                        float(data["layout_threshold"]),
                        _Mahalanobis(data["embedding_mean"], data["embedding_precision"],
                                     data["embedding_projection"]),
-                       float(data["embedding_threshold"]))
+                       float(data["embedding_threshold"]),
+                       data["reference_distances"] if "reference_distances" in data else None,
+                       bool(data["lung_test"]) if "lung_test" in data else True)

@@ -15,17 +15,22 @@ from pathlib import Path
 import numpy as np
 
 from covidxray.config import Preprocessing
+from covidxray.model.lungs import heat_share
 from covidxray.model.outputs import cams_from_logit_maps
-from covidxray.pixels.imageio import ImageReadError, decode, decode_array, header_facts, \
-    is_image_candidate, prepare
+from covidxray.pixels.imageio import ImageReadError, crop_region, decode, decode_array, \
+    declared_pixels, is_image_candidate, prepare
 from covidxray.pixels.transforms import uncrop
 from covidxray.progress import progress
+from covidxray.run.conformal import UNCERTAIN
 from covidxray.run.engines import KERAS_FILE, ONNX_FILE, KerasEngine, OnnxEngine, load_engine
+from covidxray.run.ensemble import MEMBERS_FOLDER, EnsembleEngine, member_folders
 from covidxray.run.metadata import METADATA_FILE, RunError, RunMetadata
 
 log = logging.getLogger(__name__)
 
 ARRAY_NAME = "<array>"
+LUNGS_FOLDER = "lungs"  # in a run folder: the lung segmenter its lung crop used
+LUNGS_ONNX = "lungs.onnx"  # in an exported folder's lungs/
 
 
 @dataclass
@@ -40,14 +45,27 @@ class Prediction:
     ood_reason: str | None = None
     error: str | None = None
     input_sha256: str | None = None  # of the file's bytes (an array's pixels); None: unread
-    # with heat maps asked for: Grad-CAM in [0, 1] on the input's own pixels (zero on the band
-    # the run's crop removes), and the input as the model read it, gray in [0, 1]
+    # the conformal prediction set at the run's confidence, and it in words: a class,
+    # "uncertain: refer" (both) or "unlike the calibration data" (neither); None: no sets
+    prediction_set: list[str] | None = None
+    verdict: str | None = None
+    member_spread: float | None = None  # an ensemble's: the members' standard deviation
+    # a model of three or more classes: each one's probability (P(COVID) is ``probability``)
+    class_probabilities: dict[str, float] | None = None
+    # the gate's feature distance of the input to the training films (a batch's drift test)
+    feature_distance: float | None = None
+    lungs_found: bool | None = None  # plausible lungs found (None: no lung segmenter)
+    # with heat maps asked for: the share of the heat inside the lungs found (None: none found)
+    lung_heat_share: float | None = None
+    # with heat maps asked for: Grad-CAM in [0, 1] on the input's own pixels (zero where the
+    # run's crop cut), and the input as the model read it, gray in [0, 1]
     heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
     image: np.ndarray | None = field(default=None, repr=False, compare=False)
+    lungs: object | None = field(default=None, repr=False, compare=False)  # its LungField
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("heatmap", "image")}
+                if f.name not in ("heatmap", "image", "lungs")}
 
 
 @dataclass
@@ -55,16 +73,32 @@ class Prepared:
     """An input read and prepared for the model."""
 
     name: str
-    image: np.ndarray  # (size, size) uint8: the model's input
+    image: np.ndarray  # (size, size) uint8: the model's input; an ensemble's: (K, size, size)
     gray: np.ndarray  # the decoded input, 2-D float32 in [0, 1], bone bright
     colourfulness: float  # an X-ray has none
     sha256: str  # of the file's bytes, or of an array's pixels
+    box: tuple[slice, slice]  # the rows and columns of ``gray`` the crop kept
+    lungs: object | None = None  # its model.lungs.LungField (None: no segmenter)
+
+    def lungs_on_input(self) -> np.ndarray | None:
+        """The lungs found, on the model's input (cropped and resized as ``image`` is); None
+        where no plausible lungs were found."""
+        if self.lungs is None or not self.lungs.plausible:
+            return None
+        rows, cols = self.box
+        inside = self.lungs.mask_at(self.gray.shape)[rows, cols]
+        size = self.image.shape[-2:]
+        return inside[(np.arange(size[0]) * inside.shape[0] // size[0])][
+            :, (np.arange(size[1]) * inside.shape[1] // size[1])]
 
 
-def prepare_input(source, preprocessing: Preprocessing, name: str | None = None,
-                  max_pixels: int | None = None) -> Prepared:
+def prepare_input(source, preprocessing: Preprocessing | list[Preprocessing],
+                  name: str | None = None, max_pixels: int | None = None,
+                  segmenter=None) -> Prepared:
     """The one place an input becomes a model's input: ``source`` a path, the bytes of a file
-    (``name`` names it in errors) or an array (``imageio.decode_array``). Raises
+    (``name`` names it in errors) or an array (``imageio.decode_array``); ``preprocessing`` a
+    run's, or its members' (an ensemble: one input per member, stacked). ``segmenter`` (a
+    ``model.lungs.LungSegmenter``; needed by a lung crop) finds the lungs. Raises
     ``ImageReadError`` naming the input and the reason (with the ``sha256`` of what was read,
     when something was)."""
     if isinstance(source, np.ndarray):
@@ -74,8 +108,7 @@ def prepare_input(source, preprocessing: Preprocessing, name: str | None = None,
             decoded = decode_array(source)
         except ValueError as error:
             raise ImageReadError(name, str(error)) from error
-        return Prepared(name, prepare(decoded.gray, preprocessing), decoded.gray,
-                        decoded.colourfulness, sha256)
+        return _prepared(name, decoded, sha256, preprocessing, segmenter)
     if isinstance(source, (bytes, bytearray)):
         name, data = name or "<bytes>", bytes(source)
     else:
@@ -90,8 +123,16 @@ def prepare_input(source, preprocessing: Preprocessing, name: str | None = None,
     except ImageReadError as error:
         error.sha256 = sha256
         raise
-    return Prepared(name, prepare(decoded.gray, preprocessing), decoded.gray,
-                    decoded.colourfulness, sha256)
+    return _prepared(name, decoded, sha256, preprocessing, segmenter)
+
+
+def _prepared(name: str, decoded, sha256: str, preprocessing, segmenter) -> Prepared:
+    lungs = segmenter.field(decoded.gray) if segmenter is not None else None
+    specs = preprocessing if isinstance(preprocessing, list) else [preprocessing]
+    images = [prepare(decoded.gray, spec, lungs) for spec in specs]
+    return Prepared(name, np.stack(images) if isinstance(preprocessing, list) else images[0],
+                    decoded.gray, decoded.colourfulness, sha256,
+                    crop_region(decoded.gray.shape, specs[0], lungs), lungs)
 
 
 def collect_paths(inputs) -> list[str]:
@@ -113,13 +154,23 @@ class Predictor:
     """A trained model with everything needed to use it: its metadata, gate and heat maps."""
 
     def __init__(self, model_or_engine, metadata: RunMetadata,
-                 run_dir: str | Path | None = None, gate=None):
-        """``model_or_engine``: a Keras classifier, or an engine of ``run.engines``."""
-        self.engine = model_or_engine if isinstance(model_or_engine, (KerasEngine, OnnxEngine)) \
-            else KerasEngine(model_or_engine)
+                 run_dir: str | Path | None = None, gate=None, segmenter=None,
+                 conformal=None):
+        """``model_or_engine``: a Keras classifier, or an engine of ``run.engines``;
+        ``segmenter``: the ``model.lungs.LungSegmenter`` that finds each input's lungs (for a
+        lung crop, the gate and the heat inside the lungs; None: lungs are not looked for);
+        ``conformal``: its ``run.conformal.ConformalSets`` (None: no prediction sets)."""
+        self.engine = model_or_engine if isinstance(
+            model_or_engine, (KerasEngine, OnnxEngine, EnsembleEngine)) \
+            else KerasEngine(model_or_engine, metadata.positive_index)
         self.metadata = metadata
         self.run_dir = Path(run_dir) if run_dir else None
         self.gate = gate
+        if segmenter is None and metadata.preprocessing.lung_crop:
+            raise RunError(f"{run_dir or 'this run'} crops to the lungs, and no lung segmenter "
+                           f"was found (reinstall covidxray: its weights ship with it)")
+        self.segmenter = segmenter
+        self.conformal = conformal
 
     @property
     def model(self):
@@ -131,7 +182,8 @@ class Predictor:
         """A run folder (``model.keras``), or an exported model's folder (``model.onnx``, run
         with onnxruntime alone)."""
         run_dir = Path(run_dir)
-        has_model = (run_dir / KERAS_FILE).is_file() or (run_dir / ONNX_FILE).is_file()
+        has_model = (run_dir / KERAS_FILE).is_file() or (run_dir / ONNX_FILE).is_file() or \
+            (run_dir / MEMBERS_FOLDER).is_dir()
         if not has_model or not (run_dir / METADATA_FILE).is_file():
             missing = ", ".join(name for name, present in (
                 (f"{KERAS_FILE} or {ONNX_FILE}", has_model),
@@ -140,20 +192,24 @@ class Predictor:
                            f"'covidxray train DATA --out {run_dir}'")
         metadata = RunMetadata.load(run_dir / METADATA_FILE)
         from covidxray.run.ood import OOD_FILE, OODGate
-        engine = load_engine(run_dir)
+        engine = EnsembleEngine([cls.load(f) for f in member_folders(run_dir, metadata.members)]) \
+            if metadata.members else load_engine(run_dir, metadata.positive_index)
         gate = None
         if (run_dir / OOD_FILE).is_file():
             try:
                 gate = OODGate.load(run_dir / OOD_FILE)
             except (ValueError, KeyError) as error:
                 log.warning("no out-of-distribution gate, verdicts are unknown: %s", error)
-        return cls(engine, metadata, run_dir, gate)
+        from covidxray.run.conformal import CONFORMAL_FILE, ConformalSets
+        conformal = ConformalSets.load(run_dir / CONFORMAL_FILE) \
+            if (run_dir / CONFORMAL_FILE).is_file() else None
+        return cls(engine, metadata, run_dir, gate, load_segmenter(run_dir), conformal)
 
     def with_test_time_views(self, views: int) -> "Predictor":
         """The same model scoring with ``views`` test-time views (its threshold was chosen with
         the run's own number: for measuring, not for use)."""
         return Predictor(self.engine, dataclasses.replace(self.metadata, test_time_views=views),
-                         self.run_dir, self.gate)
+                         self.run_dir, self.gate, self.segmenter, self.conformal)
 
     @property
     def threshold(self) -> float:
@@ -165,6 +221,14 @@ class Predictor:
 
     @property
     def preprocessing(self) -> Preprocessing:
+        """The run's (an ensemble's first member's; see ``input_preprocessing``)."""
+        return self.metadata.preprocessing
+
+    @property
+    def input_preprocessing(self) -> Preprocessing | list[Preprocessing]:
+        """What ``prepare`` applies: the run's, or each member's of an ensemble."""
+        if isinstance(self.engine, EnsembleEngine):
+            return [m.preprocessing for m in self.engine.members]
         return self.metadata.preprocessing
 
     @property
@@ -178,16 +242,12 @@ class Predictor:
     def prepare(self, source, name: str | None = None,
                 max_pixels: int | None = None) -> Prepared:
         """``prepare_input`` with this run's preprocessing: the one path to its model."""
-        return prepare_input(source, self.preprocessing, name, max_pixels)
+        return prepare_input(source, self.input_preprocessing, name, max_pixels, self.segmenter)
 
     def declared_pixels(self, data: bytes, name: str = "<bytes>") -> int:
-        """The pixel count a file's header declares, without decoding it (0: no readable
-        header; reading the file will say why)."""
-        try:
-            width, height, _, _ = header_facts(name, data)
-        except ImageReadError:
-            return 0
-        return width * height
+        """The pixel count a file's header declares, every frame of a DICOM included, without
+        decoding it (0: no readable header; reading the file will say why)."""
+        return declared_pixels(name, data)
 
     def predict_prepared(self, images: np.ndarray, batch_size: int = 32,
                          test_time_views: int | None = None) -> np.ndarray:
@@ -195,6 +255,16 @@ class Predictor:
         another number of views than the run's, e.g. 0 for the image alone)."""
         return self._final_scores(images, self.engine.forward(images, batch_size).scores,
                                   batch_size, test_time_views)
+
+    def forward_prepared(self, images: np.ndarray, batch_size: int = 32):
+        """One forward pass (plus the test-time views) of (n, size, size) uint8 model inputs:
+        a ``Forward`` with the run's final P(positive) as ``scores`` and the Grad-CAM maps (at
+        the last stage's resolution, in [0, 1]) as ``logit_maps``, beside the embeddings and a
+        softmax head's class probabilities."""
+        result = self.engine.forward(images, batch_size, maps=True)
+        return dataclasses.replace(result, scores=self._final_scores(images, result.scores,
+                                                                     batch_size),
+                                   logit_maps=cams_from_logit_maps(result.logit_maps))
 
     def heatmaps_prepared(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Grad-CAM maps (n, h, w) in [0, 1] of model inputs, at the last stage's resolution."""
@@ -205,7 +275,7 @@ class Predictor:
                       views: int | None = None) -> np.ndarray:
         """The run's score from the model's score of the images themselves: the mean over the
         test-time views, then the temperature (both as the threshold was chosen)."""
-        from covidxray.evaluation.metrics import apply_temperature
+        from covidxray.run.calibration import apply_temperature
         from covidxray.pixels.transforms import mean_over_views
         views = self.test_time_views if views is None else views
         if views:
@@ -224,21 +294,37 @@ class Predictor:
         images = np.stack([item.image for item in items])
         result = self.engine.forward(images, batch_size, maps=heatmaps)
         scores = self._final_scores(images, result.scores, batch_size)
-        verdicts = self.gate.check(result.embeddings, images,
-                                   [item.colourfulness for item in items]) \
+        # the layout test looks at the (first member's) input
+        verdicts = self.gate.check(result.embeddings, images if images.ndim == 3 else images[:, 0],
+                                   [item.colourfulness for item in items],
+                                   [item.lungs for item in items]) \
             if self.gate is not None else [None] * len(items)
         cams = cams_from_logit_maps(result.logit_maps) if heatmaps else [None] * len(items)
+        sets = self.conformal.sets(scores) if self.conformal else [None] * len(items)
+        spreads = result.spread if result.spread is not None else [None] * len(items)
+        classes = result.probabilities if result.probabilities is not None \
+            else [None] * len(items)
         predictions = []
-        for item, score, verdict, cam in zip(items, scores, verdicts, cams):
+        for item, score, verdict, cam, chosen, spread, each in zip(
+                items, scores, verdicts, cams, sets, spreads, classes):
             prediction = Prediction(
                 path=item.name, probability=float(score),
                 label=self.metadata.label_of(float(score)), positive=bool(score >= self.threshold),
                 ood=None if verdict is None else verdict.ood,
                 ood_reason=None if verdict is None else verdict.reason or None,
-                input_sha256=item.sha256)
+                feature_distance=None if verdict is None else verdict.embedding_distance,
+                input_sha256=item.sha256, prediction_set=chosen,
+                member_spread=None if spread is None else float(spread),
+                class_probabilities=None if each is None else {
+                    name: float(p) for name, p in zip(self.metadata.output_classes, each)},
+                verdict=None if chosen is None else self.conformal.verdict(chosen),
+                lungs_found=None if item.lungs is None else bool(item.lungs.plausible),
+                lungs=item.lungs)
             if heatmaps:
-                prediction.heatmap = uncrop(cam, item.gray.shape, self.preprocessing.crop)
+                prediction.heatmap = uncrop(cam, item.gray.shape, item.box)
                 prediction.image = item.gray
+                if prediction.lungs_found:
+                    prediction.lung_heat_share = heat_share(prediction.heatmap, item.lungs)
             predictions.append(prediction)
         return predictions
 
@@ -301,19 +387,56 @@ class Predictor:
         return self.predict_many([item], heatmaps=heatmap)[0]
 
 
+def input_preprocessing_of(folder: Path) -> Preprocessing | list[Preprocessing]:
+    """``Predictor.input_preprocessing`` of a run or ensemble folder, read from its metadata
+    without loading a model."""
+    metadata = RunMetadata.load(Path(folder) / METADATA_FILE)
+    if not metadata.members:
+        return metadata.preprocessing
+    return [RunMetadata.load(f / METADATA_FILE).preprocessing
+            for f in member_folders(folder, metadata.members)]
+
+
+def load_segmenter(folder: Path):
+    """The lung segmenter of a run or exported folder (``lungs/``, copied there by training or
+    export; exported: ``lungs/lungs.onnx``), else the one shipped with the package (None, with
+    a warning, where it is not installed)."""
+    from covidxray.model.lungs import CARD_NAME, LungCard, LungSegmenter, default_segmenter
+    own = Path(folder) / LUNGS_FOLDER
+    if (own / LUNGS_ONNX).is_file():
+        return LungSegmenter.from_onnx(own / LUNGS_ONNX, LungCard.load(own / CARD_NAME))
+    if own.is_dir():
+        return LungSegmenter.load(own)
+    return default_segmenter()
+
+
 def format_predictions(predictions: list[Prediction], metadata: RunMetadata) -> str:
     """A table for the terminal, under the research-use notice."""
     lines = [metadata.notice]
     if metadata.synthetic_data:
         lines.append("*** model trained on SYNTHETIC data: outputs mean nothing clinically ***")
     width = max([len(p.path) for p in predictions] + [4])
-    lines.append(f"{'file':<{width}}  P(COVID)  label (threshold {metadata.threshold:.4f})")
+    sets = any(p.verdict for p in predictions)
+    lines.append(f"{'file':<{width}}  P(COVID)  {'label':<12}"
+                 + (f"  {'verdict (set)':<28}" if sets else "")
+                 + f"  (threshold {metadata.threshold:.4f})")
     for p in predictions:
         if p.error:
             lines.append(f"{p.path:<{width}}  {'-':>8}  ERROR: {p.error}")
-        else:
-            warning = f"  OUT OF DISTRIBUTION: {p.ood_reason}" if p.ood else ""
-            lines.append(f"{p.path:<{width}}  {p.probability:8.4f}  {p.label}{warning}")
+            continue
+        warning = f"  OUT OF DISTRIBUTION: {p.ood_reason}" if p.ood else ""
+        verdict = f"  {p.verdict.upper() if p.verdict == UNCERTAIN else p.verdict:<28}" \
+            if sets else ""
+        classes = "  " + " ".join(f"{name} {value:.3f}" for name, value in
+                                  p.class_probabilities.items()) if p.class_probabilities else ""
+        lines.append(f"{p.path:<{width}}  {p.probability:8.4f}  {p.label:<12}{verdict}{warning}"
+                     f"{classes}")
+    if sets:
+        lines.append(f"Verdict: the conformal prediction set at {metadata.confidence:.0%} "
+                     f"confidence. UNCERTAIN: REFER means the model cannot tell at that "
+                     f"confidence; 'unlike the calibration data' that the film is like neither "
+                     f"class it was calibrated on. The error rate holds only for films like the "
+                     f"validation films.")
     if any(p.ood for p in predictions):
         lines.append("Out-of-distribution images: their probability is shown but means nothing.")
     return "\n".join(lines)

@@ -31,11 +31,11 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel
 
-from covidxray.config import RESEARCH_NOTICE, SERVE, ServeConfig
+from covidxray.config import RESEARCH_NOTICE, SERVE, STAND_IN_CAVEAT, ServeConfig
 from covidxray.deploy.serve.records import Metrics, PredictionLog, Served, default_audit_url
-from covidxray.deploy.serve.security import API_KEY_HEADER, APIKeys, RequestSizeLimit, \
-    SameOriginPost, SecurityHeaders
-from covidxray.evaluation.explain import overlay
+from covidxray.deploy.serve.security import API_KEY_HEADER, APIKeys, FailedKeyThrottle, \
+    RequestSizeLimit, SameOriginPost, SecurityHeaders
+from covidxray.evaluation.explain import LUNG_OUTLINE_COLOUR, overlay
 from covidxray.run.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,16 @@ class ImageResult(BaseModel):
     image_png: str | None = None
     heatmap_png: str | None = None
     overlay_png: str | None = None
+    # the conformal prediction set and it in words: a class, "uncertain: refer" (both
+    # classes) or "unlike the calibration data" (neither); null: the run has no sets
+    prediction_set: list[str] | None = None
+    verdict: str | None = None
+    confidence: float | None = None  # of the set
+    # a model of three or more classes: each class's probability (null: COVID against the rest)
+    class_probabilities: dict[str, float] | None = None
+    lungs_found: bool | None = None  # null: no lung segmenter
+    lung_heat_share: float | None = None  # of the heat map, inside the lungs found
+    lung_outline_png: str | None = None  # the lungs found, outlined on a transparent image
     error: str | None = None
 
 
@@ -84,6 +94,13 @@ def _preview(gray: np.ndarray) -> np.ndarray:
         image = image.resize((max(1, round(image.width * scale)),
                               max(1, round(image.height * scale))), Image.Resampling.BILINEAR)
     return np.asarray(image)
+
+
+def _outline_rgba(outline: np.ndarray) -> np.ndarray:
+    """A lung outline as a transparent image with the outline drawn opaque."""
+    rgba = np.zeros((*outline.shape, 4), np.uint8)
+    rgba[outline] = (*LUNG_OUTLINE_COLOUR, 255)
+    return rgba
 
 
 def _heatmap_rgba(heat: np.ndarray) -> np.ndarray:
@@ -121,6 +138,7 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
     run_dir = run_dir or predictor.run_dir
     meta = predictor.metadata
     keys = APIKeys.load(settings.api_keys) if settings.api_keys else None
+    throttle = FailedKeyThrottle(settings.key_failures_allowed)
     records = PredictionLog(settings.audit_db or default_audit_url(run_dir))
     metrics = Metrics()
     inference_lock = threading.Lock()  # one forward pass at a time; each request is a batch
@@ -135,14 +153,24 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
         """The API key id of the request (None without keys); 401 when a key is needed."""
         if keys is None:
             return None
+        client = request.client.host if request.client else "unknown"
+        wait = throttle.retry_after(client)
+        if wait:
+            metrics.requests.labels("429").inc()
+            raise HTTPException(429, detail=f"too many wrong API keys from {client}: try again "
+                                            f"in {wait:.0f} s",
+                                headers={"Retry-After": str(max(1, round(wait)))})
         given = request.headers.get(API_KEY_HEADER)
         bearer = request.headers.get("authorization", "")
         if not given and bearer.lower().startswith("bearer "):
             given = bearer[7:]
         key_id = keys.identify(given)
         if key_id is None:
+            if given:
+                throttle.failed(client)
             raise HTTPException(401, detail="an API key is needed (header X-API-Key)",
                                 headers={"WWW-Authenticate": "Bearer"})
+        throttle.succeeded(client)
         return key_id
 
     @app.get("/health")
@@ -154,12 +182,22 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
         caller(request)
         return {"model_id": meta.model_id, "metadata": meta.public_dict(),
                 "model_card": {"intended_use": INTENDED_USE, "notice": meta.notice,
+                               "limitations": STAND_IN_CAVEAT,
                                "synthetic_data": meta.synthetic_data,
                                "threshold": meta.threshold,
                                "threshold_method": meta.threshold_method,
+                               "classes": meta.output_classes or [meta.positive_class,
+                                                                  meta.negative_label],
                                "validation_metrics": meta.validation_metrics,
                                "training_data": meta.split_counts,
-                               "ood_gate": predictor.gate is not None}}
+                               "ood_gate": predictor.gate is not None,
+                               "prediction_sets": None if predictor.conformal is None else {
+                                   "confidence": meta.confidence,
+                                   "calibration_images": predictor.conformal.sizes,
+                                   "holds_for": "films like the validation films (the "
+                                                "error rate is not measured elsewhere)"},
+                               "lung_segmenter": None if predictor.segmenter is None else
+                               predictor.segmenter.card.name}}
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus(request: Request) -> Response:
@@ -171,6 +209,8 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
               responses={401: {"description": "an API key is needed"},
                          403: {"description": "a cross-site request"},
                          413: {"description": "request too large (bytes, files or pixels)"},
+                         429: {"description": "too many wrong API keys: try again after "
+                                              "Retry-After seconds"},
                          422: {"description": "no uploaded file could be used as an image"},
                          503: {"description": "busy: try again after Retry-After seconds"}})
     def predict(request: Request,
@@ -200,9 +240,8 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
         finally:
             admission.release()
         request_id = uuid.uuid4().hex
-        records.record([Served(request_id, meta.model_id,
-                               p.input_sha256 or hashlib.sha256(data).hexdigest(), p.path,
-                               p.probability, p.label, p.ood, p.error, key_id)
+        records.record([Served.of(p, request_id, meta.model_id,
+                                  hashlib.sha256(data).hexdigest(), key_id)
                         for p, data in zip(predictions, contents)])
         for p in predictions:
             if p.error:
@@ -227,12 +266,19 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
         if prediction.error:
             return ImageResult(**common, error=prediction.error)
         preview, heat = _preview(prediction.image), _preview(prediction.heatmap)
+        outline = prediction.lungs.outline(preview.shape) if prediction.lungs_found else None
         return ImageResult(
             **common, probability=prediction.probability, label=prediction.label,
             positive=prediction.positive,
             ood=OODVerdict(flag=prediction.ood, reason=prediction.ood_reason),
             image_png=_png(np.rint(preview * 255).astype(np.uint8)),
-            heatmap_png=_png(_heatmap_rgba(heat)), overlay_png=_png(overlay(preview, heat)))
+            heatmap_png=_png(_heatmap_rgba(heat)),
+            overlay_png=_png(overlay(preview, heat, outline=outline)),
+            prediction_set=prediction.prediction_set, verdict=prediction.verdict,
+            confidence=meta.confidence if prediction.verdict else None,
+            class_probabilities=prediction.class_probabilities,
+            lungs_found=prediction.lungs_found, lung_heat_share=prediction.lung_heat_share,
+            lung_outline_png=None if outline is None else _png(_outline_rgba(outline)))
 
     @app.get("/", include_in_schema=False)
     def page():

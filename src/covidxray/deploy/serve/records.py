@@ -24,6 +24,12 @@ PREDICTIONS = Table(
     Column("ood", Boolean),
     Column("error", String(500)),
     Column("api_key_id", String(128)),
+    # added later: a table of an older version gets them (nullable) when the record opens
+    Column("verdict", String(64)),  # the prediction set in words (run.conformal)
+    Column("prediction_set", String(300)),  # its classes, joined by "|"
+    Column("channel", String(16)),  # "rest" (the server) or "dicom" (the DICOM node)
+    Column("sop_instance_uid", String(64)),  # an instance the DICOM node received
+    Column("calling_ae", String(16)),  # and the AE title that sent it
 )
 
 
@@ -46,6 +52,22 @@ class Served:
     ood: bool | None
     error: str | None
     api_key_id: str | None
+    verdict: str | None = None
+    prediction_set: str | None = None
+    channel: str = "rest"
+    sop_instance_uid: str | None = None
+    calling_ae: str | None = None
+
+    @classmethod
+    def of(cls, prediction, request_id: str, model_id: str, input_sha256: str,
+           api_key_id: str | None = None, **channel) -> "Served":
+        """The record of a ``run.predictor.Prediction``; ``channel``: how it came (the DICOM
+        node's channel, SOP Instance UID and calling AE title)."""
+        return cls(request_id, model_id, prediction.input_sha256 or input_sha256,
+                   prediction.path, prediction.probability, prediction.label, prediction.ood,
+                   prediction.error, api_key_id, prediction.verdict,
+                   None if prediction.prediction_set is None
+                   else "|".join(prediction.prediction_set), **channel)
 
 
 class PredictionLog:
@@ -55,6 +77,19 @@ class PredictionLog:
         self.url = url
         self.engine = create_engine(url, pool_pre_ping=True)
         METADATA.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Columns this version records that a table made by an older one lacks (all of them
+        nullable, so the old rows stay as they are)."""
+        from sqlalchemy import inspect, text
+        present = {c["name"] for c in inspect(self.engine).get_columns(PREDICTIONS.name)}
+        missing = [c for c in PREDICTIONS.columns if c.name not in present]
+        with self.engine.begin() as connection:
+            for column in missing:
+                kind = column.type.compile(dialect=self.engine.dialect)
+                connection.execute(text(f"ALTER TABLE {PREDICTIONS.name} ADD COLUMN "
+                                        f"{column.name} {kind}"))
 
     def record(self, served: list[Served]) -> None:
         now = datetime.datetime.now(datetime.timezone.utc)

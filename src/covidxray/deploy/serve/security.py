@@ -7,6 +7,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
 
 from covidxray.fileutil import atomic_path
@@ -156,6 +159,41 @@ class APIKeys:
             if hmac.compare_digest(known, digest):
                 return key_id
         return None
+
+
+class FailedKeyThrottle:
+    """Wrong API keys, counted per client address: after ``allowed`` of them each further one
+    locks the address out for twice as long as the one before (``base`` seconds first, at most
+    ``longest``), answered 429 with Retry-After; a right key clears the count. Guessing keys
+    then takes forever, a mistyped key costs a second. At most ``clients`` addresses are
+    remembered (the longest quiet go first)."""
+
+    def __init__(self, allowed: int = 5, base: float = 1.0, longest: float = 300.0,
+                 clients: int = 10_000, clock=time.monotonic):
+        self.allowed, self.base, self.longest, self.clients = allowed, base, longest, clients
+        self.clock = clock
+        self._state: OrderedDict[str, tuple[int, float]] = OrderedDict()  # failures, until
+        self._lock = threading.Lock()
+
+    def retry_after(self, client: str) -> float:
+        """Seconds ``client`` must wait before its next key is looked at (0: none)."""
+        with self._lock:
+            _, until = self._state.get(client, (0, 0.0))
+        return max(0.0, until - self.clock())
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            failures = self._state.pop(client, (0, 0.0))[0] + 1
+            over = failures - self.allowed
+            until = self.clock() + min(self.longest, self.base * 2 ** (over - 1)) \
+                if over > 0 else 0.0
+            self._state[client] = (failures, until)
+            while len(self._state) > self.clients:
+                self._state.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._state.pop(client, None)
 
 
 def new_api_key(path: str | Path, key_id: str) -> str:

@@ -33,8 +33,25 @@ function show(r) {
   $("fill").style.width = (100 * p) + "%";
   $("mark").style.left = (100 * t) + "%";
   $("marklabel").style.left = (100 * t) + "%";
-  $("verdict").textContent = (r.positive ? "Above" : "Below") + " the threshold: the model calls this image " + r.label +
-    ". A research score, not a diagnosis.";
+  const classes = r.class_probabilities;
+  $("classes").hidden = !classes;
+  if (classes) $("classes").textContent = "Each class: " + Object.entries(classes)
+    .map(([name, p]) => name + " " + p.toFixed(3)).join(" · ");
+  const level = r.confidence ? Math.round(100 * r.confidence) + "%" : "";
+  const state = r.verdict === "uncertain: refer" ? "uncertain" :
+    (r.verdict === "unlike the calibration data" ? "unlike" : "result");
+  $("verdict").className = "verdict " + state;
+  $("verdict").dataset.state = state;
+  if (state === "uncertain") {
+    $("verdict").textContent = "UNCERTAIN: REFER. At " + level + " confidence the model cannot tell " +
+      "this film either way; it gives no result for it.";
+  } else if (state === "unlike") {
+    $("verdict").textContent = "NO RESULT: this film is unlike every film the model was calibrated on " +
+      "(at " + level + " confidence it belongs to neither class).";
+  } else {
+    $("verdict").textContent = (r.positive ? "Above" : "Below") + " the threshold: the model calls this image " + r.label +
+      (level ? " (at " + level + " confidence)" : "") + ". A research score, not a diagnosis.";
+  }
   const ood = r.ood && r.ood.flag;
   $("oodbox").hidden = !ood;
   if (ood) $("oodbox").textContent = "Warning: this does not look like a frontal chest X-ray of the kind the model was trained on (" +
@@ -43,6 +60,13 @@ function show(r) {
   $("base").src = r.image_png;
   $("heat").src = r.heatmap_png;
   $("heat").style.opacity = $("opacity").value / 100;
+  const lungs = Boolean(r.lung_outline_png);
+  $("lungrow").hidden = !lungs;
+  $("lungs").hidden = !lungs || !$("showlungs").checked;
+  if (lungs) $("lungs").src = r.lung_outline_png;
+  $("lungshare").textContent = r.lung_heat_share !== null && r.lung_heat_share !== undefined ?
+    " " + Math.round(100 * r.lung_heat_share) + "% of the heat lies inside the lungs found." :
+    (r.lungs_found === false ? " No plausible lungs were found on this image." : "");
 }
 
 async function upload(file) {
@@ -70,5 +94,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("drop").ondragleave = () => $("drop").classList.remove("over");
   $("drop").ondrop = e => { e.preventDefault(); $("drop").classList.remove("over"); if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]); };
   $("opacity").oninput = e => $("heat").style.opacity = e.target.value / 100;
+  $("showlungs").onchange = e => $("lungs").hidden = !e.target.checked;
   loadModel();
 });
