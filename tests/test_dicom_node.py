@@ -93,6 +93,19 @@ def test_a_film_stored_comes_back_as_a_report_and_a_heat_map(node, tiny_run, tmp
     assert (row["channel"], row["sop_instance_uid"], row["calling_ae"]) == (
         "dicom", source.SOPInstanceUID, "TESTSCU")
 
+    # a sender that leaves out Type 2 patient and study attributes still gets its results
+    from pydicom.uid import generate_uid
+    sparse = pydicom.dcmread(film)
+    for keyword in ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName", "AccessionNumber", "StudyID"):
+        if keyword in sparse:
+            delattr(sparse, keyword)
+    sparse.SOPInstanceUID = sparse.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    assoc = client(films=[sparse]).associate("127.0.0.1", node.port, ae_title="COVIDXRAY")
+    assert assoc.send_c_store(sparse).Status == 0
+    assoc.release()
+    assert len(list((tmp_path / "out" / source.StudyInstanceUID).glob("SR-*.dcm"))) == 2
+
 
 def test_an_unknown_calling_ae_is_rejected_and_a_hostile_instance_refused(node, tmp_path):
     from pydicom.dataset import Dataset

@@ -24,6 +24,11 @@ def test_lung_field_keeps_two_lungs_and_judges_them():
     assert not field.mask[2:4, 2:4].any() and field.mask[20, 15] and field.mask[20, 45]
     one_side = lung_field(two_lungs(right=(36, 36)))
     assert not one_side.plausible and "one lung field only" in one_side.reason
+    # an off-centre film: both lungs left of the image's midline, still side by side
+    assert lung_field(two_lungs(left=(2, 14), right=(17, 30))).plausible
+    stacked = np.zeros((64, 64), np.float32)  # one above the other, as no frontal film has them
+    stacked[4:30, 20:34], stacked[34:62, 22:36] = 0.9, 0.9
+    assert "not side by side" in lung_field(stacked).reason
     uneven = two_lungs()
     uneven[30:54, 36:56] = 0  # the right lung's top half only, 20 rows lower
     uneven[10:30, 36:56] = 0

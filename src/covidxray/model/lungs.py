@@ -46,6 +46,9 @@ SHIPPED_SHA256 = "221327c62253ec2b81a493c619160cdb6bb3abca1093ddb844a3ad6a5c033b
 # bound lies beyond what 98% or more of frontal films show, so that few are flagged
 AREA_RANGE = (0.06, 0.75)  # of the image: both lungs together
 MIN_SECOND_LUNG = 0.45  # the smaller lung against the larger (a lateral view shows one field)
+# the two lungs lie side by side (wherever the film is centred): their column ranges overlap
+# by at most this much of the narrower one's width
+MAX_SIDE_OVERLAP = 0.25
 MAX_APEX_OFFSET = 0.12  # of the image's height, between the tops of the two lungs
 MIN_ELONGATION = 1.0  # height over width of each lung: taller than wide
 MIN_HEIGHT = 0.3  # of the image's height, each lung
@@ -166,8 +169,8 @@ def _filled(mask: np.ndarray) -> np.ndarray:
 
 def lung_field(probabilities: np.ndarray) -> LungField:
     """The two largest connected regions above 0.5 (holes filled), and whether they look like
-    the lungs of a frontal film: enough and not too much of the image, one on each side of the
-    midline, of similar size, their tops level, each taller than wide and tall enough, and the
+    the lungs of a frontal film: enough and not too much of the image, side by side, of
+    similar size, their tops level, each taller than wide and tall enough, and the
     network sure of them (the bounds above; the reason names the first one failed)."""
     mask = probabilities >= 0.5
     labels = components(mask)
@@ -193,8 +196,11 @@ def _judged(probabilities, labels, keep, sizes, area) -> tuple[bool, str]:
     for region in keep:
         rows, cols = np.nonzero(labels == region)
         boxes.append((rows.min(), rows.max() + 1, cols.min(), cols.max() + 1, cols.mean()))
-    if (boxes[0][4] < width / 2) == (boxes[1][4] < width / 2):
-        return False, "both lung regions on one side of the midline"
+    (_, _, left_a, right_a, _), (_, _, left_b, right_b, _) = boxes
+    overlap = min(right_a, right_b) - max(left_a, left_b)
+    if overlap > MAX_SIDE_OVERLAP * min(right_a - left_a, right_b - left_b):
+        return False, (f"the two lung regions are not side by side (their columns overlap by "
+                       f"{overlap / width:.0%} of the image's width)")
     if abs(boxes[0][0] - boxes[1][0]) > MAX_APEX_OFFSET * height:
         return False, (f"the tops of the two lung regions are "
                        f"{abs(boxes[0][0] - boxes[1][0]) / height:.0%} of the image apart")

@@ -250,6 +250,8 @@ def start_node(run_dir: str | Path, config: DicomNodeConfig, block: bool = False
     from covidxray.run.predictor import Predictor
     predictor = Predictor.load(run_dir)
     _config.STORE_RECV_CHUNKED_DATASET = True  # instances go to a temporary file, not memory
+    # highdicom tells every attribute it copies at INFO: one line per module per result
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     node = DicomNode(config, predictor,
                      PredictionLog(config.audit_db or default_audit_url(Path(run_dir))),
                      NodeMetrics.create())

@@ -31,6 +31,21 @@ def _code(value: str, meaning: str, scheme: str = SCHEME):
     return CodedConcept(value, scheme, meaning)
 
 
+# the patient and study attributes the results copy from the film: Type 2 in its IOD (present,
+# possibly empty), yet some senders leave them out
+COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def with_type2_attributes(source):
+    """``source`` with every attribute of ``COPIED_TYPE2`` it lacks present and empty (what
+    an absent Type 2 attribute means), so that the results can copy them."""
+    for keyword in COPIED_TYPE2:
+        if keyword not in source:
+            setattr(source, keyword, "")
+    return source
+
+
 P_COVID = ("P-COVID", "Probability of COVID-19 (model score)")
 THRESHOLD = ("THRESHOLD", "Operating threshold, frozen on validation")
 
@@ -76,7 +91,7 @@ def structured_report(source, prediction, metadata):
     for item in items:
         root.ContentSequence.append(item)
     report = hd.sr.ComprehensiveSR(
-        evidence=[source], content=root, series_instance_uid=generate_uid(),
+        evidence=[with_type2_attributes(source)], content=root, series_instance_uid=generate_uid(),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False)
     report.SeriesDescription = f"covidxray {__version__}: {BURNED_IN}"
@@ -100,7 +115,7 @@ def secondary_capture(source, overlay_rgb: np.ndarray, prediction):
     # shown (rows toward the patient's left, columns toward the feet)
     orientation = tuple(getattr(source, "PatientOrientation", None) or ()) or ("L", "F")
     capture = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=image, photometric_interpretation="RGB",
+        ref_dataset=with_type2_attributes(source), pixel_array=image, photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system="PATIENT", patient_orientation=orientation[:2],
         series_instance_uid=generate_uid(),
         series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
