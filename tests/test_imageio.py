@@ -337,3 +337,20 @@ def test_a_deflated_multi_frame_dicom_is_inflated_only_to_its_first_frame(tmp_pa
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(data[:len(data) - 8000])  # the later frames' part of the stream is gone
     np.testing.assert_array_equal(read_image(cut), whole)
+
+
+def test_a_multi_frame_bomb_is_refused_on_every_path_to_the_model(tiny_run, tmp_path, capsys):
+    """300 declared frames of 1000x1000 (a few hundred KB, deflated): read_image, the
+    predictor's one preparation path and ``covidxray predict`` all refuse it by name."""
+    from covidxray.cli import main
+    from covidxray.config import Preprocessing
+    from covidxray.run.predictor import prepare_input
+    path = write_dicom(tmp_path / "frames.dcm", np.zeros((1000, 1000), np.uint8), bits=8,
+                       deflated=True, pixel_data=bytes(300 * 1000 * 1000), NumberOfFrames=300)
+    with pytest.raises(ImageReadError, match="300 frames .* over the limit"):
+        read_image(path)
+    with pytest.raises(ImageReadError, match="over the limit"):
+        prepare_input(path, Preprocessing(64))
+    code = main(["predict", str(tiny_run), str(path)])
+    printed = capsys.readouterr().out
+    assert code == 1 and "frames.dcm" in printed and "over the limit" in printed

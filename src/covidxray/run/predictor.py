@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covidxray.config import Preprocessing
+from covidxray.config import READ, Preprocessing
 from covidxray.model.lungs import heat_share
 from covidxray.model.outputs import cams_from_logit_maps
 from covidxray.pixels.imageio import ImageReadError, crop_region, decode, decode_array, \
@@ -93,7 +93,7 @@ class Prepared:
 
 
 def prepare_input(source, preprocessing: Preprocessing | list[Preprocessing],
-                  name: str | None = None, max_pixels: int | None = None,
+                  name: str | None = None, max_pixels: int | None = READ.max_pixels,
                   segmenter=None) -> Prepared:
     """The one place an input becomes a model's input: ``source`` a path, the bytes of a file
     (``name`` names it in errors) or an array (``imageio.decode_array``); ``preprocessing`` a
@@ -240,7 +240,7 @@ class Predictor:
         return self.metadata.test_time_views
 
     def prepare(self, source, name: str | None = None,
-                max_pixels: int | None = None) -> Prepared:
+                max_pixels: int | None = READ.max_pixels) -> Prepared:
         """``prepare_input`` with this run's preprocessing: the one path to its model."""
         return prepare_input(source, self.input_preprocessing, name, max_pixels, self.segmenter)
 
@@ -329,7 +329,7 @@ class Predictor:
         return predictions
 
     def prepare_many(self, sources, names=None, batch_size: int = 32, workers: int = 2,
-                     max_pixels: int | None = None):
+                     max_pixels: int | None = READ.max_pixels):
         """Batches, in input order, of ``Prepared`` inputs and, for those that cannot be read,
         ``Prediction``s carrying the error; ``workers`` threads decode the next batch while the
         caller works on this one."""
@@ -355,7 +355,7 @@ class Predictor:
                 yield list(pending[number])
 
     def predict_many(self, sources, names=None, heatmaps: bool = False, batch_size: int = 32,
-                     workers: int = 2, max_pixels: int | None = None,
+                     workers: int = 2, max_pixels: int | None = READ.max_pixels,
                      progress_label: str | None = None) -> list[Prediction]:
         """Predict paths, bytes or arrays, in input order; one that cannot be read comes back
         with ``error`` set, and the others are still predicted. ``progress_label``: show a
