@@ -25,7 +25,7 @@ import numpy as np
 
 import covidxray  # noqa: F401  (sets the Keras backend before keras is imported)
 import covidxray.pixels.transforms as transforms
-from covidxray.data.dataset import load_images
+from covidxray.data.dataset import discover, load_images
 from covidxray.data.split import read_split_records
 from covidxray.evaluation.crossval import fold_score
 from covidxray.evaluation.evaluate import per_source, summarise
@@ -41,10 +41,11 @@ def per_image_view(images, view, seed=0, augment=None):
         for image in images]).reshape(images.shape)
 
 
-def score_run(run: str, views: int | None = None) -> dict:
-    """split -> (records, scores) of a fold run's validation and test images, with ``views``
-    test-time views instead of the run's own number where given; records sorted by path, so
-    that runs of one split line up."""
+def score_run(run: str, views: int | None = None, held_out: list | None = None) -> dict:
+    """split -> (records, scores) of a fold run's validation and test images (``held_out``:
+    the held-out source's records as its test images), with ``views`` test-time views instead
+    of the run's own number where given; records sorted by path, so that runs of one split
+    line up."""
     predictor = Predictor.load(run)
     if views is not None:
         predictor = predictor.with_test_time_views(views)
@@ -52,8 +53,9 @@ def score_run(run: str, views: int | None = None) -> dict:
                      key=lambda r: r.path)
     scored = {}
     for split in ("val", "test"):
-        loaded = load_images([r for r in records if r.split == split], predictor.preprocessing,
-                             segmenter=predictor.segmenter)
+        chosen = held_out if split == "test" and held_out is not None else \
+            [r for r in records if r.split == split]
+        loaded = load_images(chosen, predictor.preprocessing, segmenter=predictor.segmenter)
         scored[split] = (loaded.records, predictor.predict_prepared(loaded.images))
     return scored
 
@@ -82,8 +84,22 @@ def main(argv=None) -> None:
     if args.per_image:
         transforms.source_cue_view = per_image_view
     results = [json.loads((Path(d) / "crossval.json").read_text()) for d in args.crossval_dirs]
+    dataset = discover(results[0]["data"], source_from_prefix=True)
     for rows in aligned_rows(results):
-        members = [score_run(row["run"], args.views) for row in rows]
+        if any("run" not in row for row in rows):  # a source trained on is not held out
+            continue
+        held_out = None
+        if rows[0]["fold"].startswith("holdout-"):
+            source = rows[0]["fold"][len("holdout-"):]
+            held_out = sorted((r for r in dataset.records if r.source == source),
+                              key=lambda r: r.path)
+            if len({r.target for r in held_out}) < 2 and len({row["run"] for row in rows}) > 1:
+                # one class: a rate at a threshold, chosen on validation splits that differ
+                print(f"{rows[0]['fold']}: as trained",
+                      *(f"{row['value']:.3f}" for row in rows), "| scored: n/a (one class, "
+                      "validation splits differ)", flush=True)
+                continue
+        members = [score_run(row["run"], args.views, held_out) for row in rows]
         cells = [f"{rows[0]['fold']}: as trained", *(f"{row['value']:.3f}" for row in rows)]
         (test_records, _), (val_records, _) = members[0]["test"], members[0]["val"]
         if any(m["test"][0] != test_records for m in members):
