@@ -11,7 +11,7 @@ declare -A ARMS=(
   [binary]=""
   [three]="--classes covid pneumonia normal"
 )
-for seed in 0 1 2; do
+for seed in ${SEEDS:-0 1 2}; do
   for name in binary three; do
     started=$(date +%s)
     covidxray crossval "$data/cxr-dev" "$data/cxr-ieee-extra" --by source --source-from-prefix \
