@@ -12,8 +12,8 @@ from pathlib import Path
 
 # what the command line builds its options from: typed defaults and names, no heavy import
 from covidxray.config import AUDIT_FINDINGS, DEMO, DICOM_NODE, EVALUATION, INTENSITY_MODES, \
-    KAGGLE_DATASET, LUNG_CROP, LUNG_FALLBACK_CROP, RESEARCH_NOTICE, SCHEDULES, SERVE, \
-    AugmentConfig, TrainConfig  # noqa: F401
+    KAGGLE_DATASET, LUNG_CROP, RESEARCH_NOTICE, SCHEDULES, SERVE, AugmentConfig, \
+    TrainConfig  # noqa: F401
 from covidxray.fileutil import write_json_atomic
 from covidxray.model.backbones import BACKBONES  # noqa: F401
 
@@ -336,15 +336,12 @@ def demo(out: str | Path = "demo-run", data: str | Path | None = None,
     out = Path(out)
     if (out / "run" / "config.json").exists():
         raise FileExistsError(f"{out} already holds a demo; remove it or choose another folder")
-    drawn = not data
     data = Path(data) if data else make_synthetic_dataset(
         out / "data", n_per_class=n_per_class, size=2 * image_size, seed=seed)
     pretrained = offline_weights(get_backbone(OFFLINE_BACKBONE))
     recipe = (dict(backbone=OFFLINE_BACKBONE, weights="imagenet", head_epochs=epochs,
                    finetune_epochs=0) if pretrained else
               dict(weights="none", finetune_epochs=epochs))
-    if drawn:  # the shipped lung segmenter knows real films, not the drawn ones: a fixed crop
-        recipe["crop"] = LUNG_FALLBACK_CROP
     log.info("demo: training %s on %s", f"{OFFLINE_BACKBONE} (ImageNet weights, offline)"
              if pretrained else "ResNet50 from random weights", data)
     run = train(data, out / "run", verbose=verbose, image_size=image_size, batch_size=16,

@@ -13,7 +13,7 @@ Four tests, any one of which flags an image:
 - lungs: the lung segmenter (``model.lungs``) finds no plausible pair of lungs (too little or
   too much lung, or lungs on one side only), as on a lateral view, a CT slice or a photograph;
   on only where it finds them on at least ``LUNG_TEST_MIN_SHARE`` of the validation films
-  (it was trained on real films, not on drawn ones such as the demo's).
+  (a model trained on another kind of image is not made to refuse its own films).
 
 Each fitted threshold is a high quantile of the distances of held-out validation X-rays (training
 distances are optimistically small), so about 1% of real in-distribution images are flagged by
