@@ -23,7 +23,7 @@ thumbnails (16x16, not enough to show a patient) in ``ood.npz``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +92,7 @@ class Verdict:
     colourfulness: float
 
     def to_dict(self) -> dict:
-        return self.__dict__.copy()
+        return asdict(self)
 
 
 DRIFT_ALPHA = 0.01  # a batch whose drift test gives a p-value below it is said to drift
@@ -127,7 +127,7 @@ class Drift:
     verdict: str
 
     def to_dict(self) -> dict:
-        return self.__dict__.copy()
+        return asdict(self)
 
 
 @dataclass

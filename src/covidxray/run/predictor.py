@@ -178,9 +178,10 @@ class Predictor:
         return self.engine.model
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> "Predictor":
+    def load(cls, run_dir: str | Path, segmenter=None) -> "Predictor":
         """A run folder (``model.keras``), or an exported model's folder (``model.onnx``, run
-        with onnxruntime alone)."""
+        with onnxruntime alone). ``segmenter``: the lung segmenter to use instead of the run's
+        own (an ensemble's members get the ensemble's, the only one its inputs go through)."""
         run_dir = Path(run_dir)
         has_model = (run_dir / KERAS_FILE).is_file() or (run_dir / ONNX_FILE).is_file() or \
             (run_dir / MEMBERS_FOLDER).is_dir()
@@ -192,7 +193,10 @@ class Predictor:
                            f"'covidxray train DATA --out {run_dir}'")
         metadata = RunMetadata.load(run_dir / METADATA_FILE)
         from covidxray.run.ood import OOD_FILE, OODGate
-        engine = EnsembleEngine([cls.load(f) for f in member_folders(run_dir, metadata.members)]) \
+        if segmenter is None:
+            segmenter = load_segmenter(run_dir)
+        engine = EnsembleEngine([cls.load(f, segmenter)
+                                 for f in member_folders(run_dir, metadata.members)]) \
             if metadata.members else load_engine(run_dir, metadata.positive_index)
         gate = None
         if (run_dir / OOD_FILE).is_file():
@@ -203,7 +207,7 @@ class Predictor:
         from covidxray.run.conformal import CONFORMAL_FILE, ConformalSets
         conformal = ConformalSets.load(run_dir / CONFORMAL_FILE) \
             if (run_dir / CONFORMAL_FILE).is_file() else None
-        return cls(engine, metadata, run_dir, gate, load_segmenter(run_dir), conformal)
+        return cls(engine, metadata, run_dir, gate, segmenter, conformal)
 
     def with_test_time_views(self, views: int) -> "Predictor":
         """The same model scoring with ``views`` test-time views (its threshold was chosen with

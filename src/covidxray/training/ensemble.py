@@ -31,7 +31,7 @@ from covidxray.run.conformal import CONFORMAL_FILE, ConformalSets
 from covidxray.run.ensemble import MEMBERS_FOLDER, EnsembleEngine, EnsembleError
 from covidxray.run.metadata import METADATA_FILE
 from covidxray.run.ood import OOD_FILE
-from covidxray.run.predictor import LUNGS_FOLDER, Predictor, Prepared, load_segmenter
+from covidxray.run.predictor import LUNGS_FOLDER, Predictor, Prepared
 from covidxray.version import __version__
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,7 @@ def _finish(members: list[Predictor], runs: list[Path], out: Path,
     if min(val_counts[0], val_counts[1]) < FEW_SHARED_PER_CLASS:
         log.warning("the ensemble's threshold and prediction sets rest on %d positive and %d "
                     "negative shared validation films: rough", val_counts[1], val_counts[0])
-    segmenter = load_segmenter(runs[0])
-    ensemble = Predictor(EnsembleEngine(members), first, out, None, segmenter)
+    ensemble = Predictor(EnsembleEngine(members), first, out, None, members[0].segmenter)
     val, train = _prepared(ensemble, splits["val"]), _prepared(ensemble, splits["train"])
     val_pass = ensemble.engine.forward(val.images, batch_size)
     scores = val_pass.scores

@@ -196,12 +196,11 @@ class DicomNode:
 
         import pydicom
 
-        from covidxray.deploy.dicom.results import secondary_capture, structured_report
+        from covidxray.deploy.dicom.results import result_objects
         from covidxray.evaluation.explain import explanation_of
         source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-        metadata = self.predictor.metadata
-        return [structured_report(source, prediction, metadata),
-                secondary_capture(source, explanation_of(prediction).overlay, prediction)]
+        return result_objects(source, prediction, self.predictor.metadata,
+                              explanation_of(prediction).overlay)
 
     def _deliver(self, results: list) -> None:
         if self.config.out:

@@ -46,13 +46,22 @@ def with_type2_attributes(source):
     return source
 
 
+def result_objects(source, prediction, metadata, overlay_rgb: np.ndarray) -> list:
+    """The Structured Report and the Secondary Capture of ``prediction`` of the film
+    ``source`` (its pydicom data set, pixel data not needed; its missing Type 2 attributes are
+    added, empty)."""
+    source = with_type2_attributes(source)
+    return [structured_report(source, prediction, metadata),
+            secondary_capture(source, overlay_rgb, prediction)]
+
+
 P_COVID = ("P-COVID", "Probability of COVID-19 (model score)")
 THRESHOLD = ("THRESHOLD", "Operating threshold, frozen on validation")
 
 
 def structured_report(source, prediction, metadata):
     """The Comprehensive SR of ``prediction`` (a ``run.predictor.Prediction``) of the film
-    ``source`` (its pydicom data set, pixel data not needed), made by the run of
+    ``source`` (its pydicom data set with ``COPIED_TYPE2`` present), made by the run of
     ``metadata``."""
     import highdicom as hd
     from highdicom.sr import CodeContentItem, ContainerContentItem, ImageContentItem, \
@@ -91,7 +100,7 @@ def structured_report(source, prediction, metadata):
     for item in items:
         root.ContentSequence.append(item)
     report = hd.sr.ComprehensiveSR(
-        evidence=[with_type2_attributes(source)], content=root, series_instance_uid=generate_uid(),
+        evidence=[source], content=root, series_instance_uid=generate_uid(),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False)
     report.SeriesDescription = f"covidxray {__version__}: {BURNED_IN}"
@@ -106,7 +115,7 @@ def _label_code(prediction, metadata):
 
 def secondary_capture(source, overlay_rgb: np.ndarray, prediction):
     """A Secondary Capture of the heat-map overlay (RGB, the film's size), with the notice
-    and the score burned into the pixels."""
+    and the score burned into the pixels (``source`` with ``COPIED_TYPE2`` present)."""
     import highdicom as hd
     from pydicom.uid import generate_uid
     image = burn_in(overlay_rgb, [BURNED_IN, f"P(COVID) {prediction.probability:.3f}: "
@@ -115,7 +124,7 @@ def secondary_capture(source, overlay_rgb: np.ndarray, prediction):
     # shown (rows toward the patient's left, columns toward the feet)
     orientation = tuple(getattr(source, "PatientOrientation", None) or ()) or ("L", "F")
     capture = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=with_type2_attributes(source), pixel_array=image, photometric_interpretation="RGB",
+        ref_dataset=source, pixel_array=image, photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system="PATIENT", patient_orientation=orientation[:2],
         series_instance_uid=generate_uid(),
         series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
