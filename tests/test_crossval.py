@@ -169,3 +169,34 @@ def test_training_sources_chosen_folds_share_their_run(tiny_data, tmp_path):
     assert "web was never trained on" in text and "not scored" in text
     split = list(csv.DictReader(open(Path(by_fold["holdout-web"]["run"]) / "split.csv")))
     assert {r["source"] for r in split if r["split"] != "test"} == {"mixed"}
+
+
+def test_the_thumbnail_baseline_scores_covid_against_each_other_class(tmp_path):
+    """COVID against pneumonia and against no finding, in each view, for the baseline too:
+    the table shows what image statistics alone do on the very contrast a model is judged on."""
+    from covidxray.config import TrainConfig
+    from covidxray.evaluation.crossval import crossval, format_crossval
+    from tests.test_classes import three_classes
+    rows = []
+    for seed, source in enumerate(("north", "south")):
+        folder = three_classes(tmp_path / source, n=24, seed=seed)
+        for row in csv.DictReader(open(folder / "manifest.csv")):
+            rows.append({**row, "file": f"{source}/{row['file']}", "source": source,
+                         "patient_id": f"{source}-{row['patient_id']}"})
+    with open(tmp_path / "data.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    config = TrainConfig(data=str(tmp_path / "data.csv"), out=str(tmp_path / "cv"),
+                         weights="none", classes=("covid", "pneumonia", "normal"),
+                         intensity="none", crop=0.0)
+    result = crossval(tmp_path / "data.csv", tmp_path / "cv", config, n_bootstrap=50,
+                      train_models=False)
+    held = {f["fold"]: f for f in result["folds"]}["holdout-south"]["thumbnail_baseline"]
+    found = held["contrasts"]
+    assert set(found) == {"all", "PA", "AP"}
+    assert set(found["all"]) == {"COVID vs PNEUMONIA", "COVID vs NORMAL"}
+    assert found["all"]["COVID vs NORMAL"]["n"] == 48  # the held-out source's two classes
+    assert found["all"]["COVID vs NORMAL"]["value"] > 0.9  # its bar is in every thumbnail
+    assert "holdout-south, PA: COVID vs PNEUMONIA (12 vs 12 images) ROC-AUC thumbnail LR" \
+        in format_crossval(result)

@@ -21,7 +21,8 @@ from covidxray.data.audit import select_sources
 from covidxray.data.dataset import DataError, Record, discover
 from covidxray.data.split import assign_splits
 from covidxray.evaluation.baselines import THUMBNAIL_SIZE, thumbnail_logistic_regression
-from covidxray.evaluation.evaluate import evaluate, per_source, summarise
+from covidxray.evaluation.evaluate import contrasts, evaluate, format_metric, per_source, \
+    summarise
 from covidxray.fileutil import folder_lock, write_json_atomic, write_text_atomic
 from covidxray.progress import Steps
 from covidxray.training.fit import RunExistsError, segmenter_of, train
@@ -52,7 +53,8 @@ def fold_score(metrics: dict) -> dict:
             "ci95": overall["metrics"][name]["ci95"]}
 
 
-def _baseline_score(records: list[Record], config: TrainConfig, n_bootstrap: int) -> dict:
+def _baseline_score(records: list[Record], positive_class: str, config: TrainConfig,
+                    n_bootstrap: int) -> dict:
     """The thumbnail logistic regression on the same train / validation / test records."""
     split = {s: [r for r in records if r.split == s] for s in ("train", "val", "test")}
     baseline = thumbnail_logistic_regression(split["train"], split["val"], split["test"],
@@ -68,12 +70,14 @@ def _baseline_score(records: list[Record], config: TrainConfig, n_bootstrap: int
             **fold_score({"overall": overall}),
             "per_source": {s: fold_score({"overall": v}) for s, v in per_source(
                 baseline.test_records, baseline.test_scores, baseline.threshold, n_bootstrap,
-                config.seed).items()}}
+                config.seed).items()},
+            "contrasts": contrasts(baseline.test_records, baseline.test_scores,
+                                   positive_class, n_bootstrap, config.seed)}
 
 
-def _train_and_score(records: list[Record], name: str, config: TrainConfig, out: Path,
-                     n_bootstrap: int, train_model: bool = True, resume: bool = False,
-                     trained_run: Path | None = None) -> dict:
+def _train_and_score(records: list[Record], positive_class: str, name: str,
+                     config: TrainConfig, out: Path, n_bootstrap: int, train_model: bool = True,
+                     resume: bool = False, trained_run: Path | None = None) -> dict:
     """Train on ``records``' train / val split and test on their test split; with
     ``trained_run`` (a fold run trained on the very same records), only test it."""
     fold_dir = out / name
@@ -84,7 +88,7 @@ def _train_and_score(records: list[Record], name: str, config: TrainConfig, out:
     test = [r for r in records if r.split == "test"]
     row = {"fold": name, "test_images": len(test), "test_positive": sum(r.target for r in test),
            "trained_on": sorted({r.source for r in records if r.split != "test"}),
-           "thumbnail_baseline": _baseline_score(records, config, n_bootstrap)}
+           "thumbnail_baseline": _baseline_score(records, positive_class, config, n_bootstrap)}
     if not train_model:
         return row
     run = trained_run or fold_dir / "run"
@@ -183,8 +187,8 @@ def _crossval(data, out: Path, config: TrainConfig, by: str, random_split: bool,
             steps.finish()
             continue
         rest = assign_splits(training, (train_share, 1 - train_share, 0.0), config.seed)
-        row = _train_and_score(rest + test, f"holdout-{held}", config, out, n_bootstrap,
-                               train_models, resume, runs.get(trained_on))
+        row = _train_and_score(rest + test, dataset.positive_class, f"holdout-{held}", config,
+                               out, n_bootstrap, train_models, resume, runs.get(trained_on))
         runs.setdefault(trained_on, Path(row["run"]) if "run" in row else None)
         folds.append(row)
         steps.finish()
@@ -193,8 +197,8 @@ def _crossval(data, out: Path, config: TrainConfig, by: str, random_split: bool,
     if random_split:
         steps.start("random split of " + ("the sources trained on" if left_out else "all sources"))
         result["random_split"] = _train_and_score(
-            assign_splits(pool, config.split_fractions, config.seed), "random-split", config,
-            out, n_bootstrap, train_models, resume)
+            assign_splits(pool, config.split_fractions, config.seed), dataset.positive_class,
+            "random-split", config, out, n_bootstrap, train_models, resume)
     write_json_atomic(out / "crossval.json", result)
     rows = [f for f in folds if "skipped" not in f] + (
         [result["random_split"]] if random_split else [])
@@ -240,6 +244,22 @@ def format_crossval(result: dict) -> str:
                               sets["per_class"].items())
             lines.append(f"{row['fold']}: prediction sets at {sets['confidence']:.0%} cover "
                          f"{cover}; uncertain {sets['uncertain_rate']:.0%}")
+    for row in rows:  # COVID against each other original class, in each view
+        if "skipped" in row:
+            continue
+        scored = {"model": row.get("contrasts") or {},
+                  "thumbnail LR": row["thumbnail_baseline"].get("contrasts") or {}}
+        for group in dict.fromkeys(g for found in scored.values() for g in found):
+            names = dict.fromkeys(n for found in scored.values() for n in found.get(group, {}))
+            for name in names:
+                values = [f"{who} {format_metric(found[group][name])}"
+                          for who, found in scored.items() if name in found.get(group, {})]
+                value = next(found[group][name] for found in scored.values()
+                             if name in found.get(group, {}))
+                lines.append(f"{row['fold']}, {'all views' if group == 'all' else group}: "
+                             f"{name} ({value['n_positive']} vs "
+                             f"{value['n'] - value['n_positive']} images) ROC-AUC "
+                             + ", ".join(values))
     for source, reason in result.get("sources_left_out", {}).items():
         lines.append(f"{source} was never trained on ({reason}); it is only held out.")
     lines.append("A held-out source with one class is scored by the rate of that class at the "

@@ -333,7 +333,8 @@ def evaluation_file(run_dir: Path, data) -> Path:
     return run_dir / "evaluations" / f"{name}-{digest}.json"
 
 
-def _fmt(metric: dict) -> str:
+def format_metric(metric: dict) -> str:
+    """A metric's value and its 95% interval ("n/a" where it could not be scored)."""
     value, (low, high) = metric["value"], metric["ci95"]
     if not np.isfinite(value):
         return "n/a"
@@ -352,7 +353,7 @@ def format_report(result: dict) -> str:
               f"threshold: {result['threshold']:.4f} ({result['threshold_method']}, frozen on "
               f"validation)", "",
               f"{'metric':<12} value (95% bootstrap CI)"]
-    lines += [f"{name:<12} {_fmt(overall['metrics'][name])}" for name in METRIC_NAMES]
+    lines += [f"{name:<12} {format_metric(overall['metrics'][name])}" for name in METRIC_NAMES]
     c = overall["confusion"]
     lines += ["", "confusion matrix   predicted +   predicted -",
               f"  actual +         {c['tp']:>11}   {c['fn']:>11}",
@@ -391,8 +392,8 @@ def format_report(result: dict) -> str:
         for source, s in result["per_source"].items():
             m = s["metrics"]
             lines.append(f"  {source:<14}{s['n']:>6}{s['n_positive']:>6}  "
-                         f"{_fmt(m['sensitivity']):<24}{_fmt(m['specificity']):<24}"
-                         f"{_fmt(m['roc_auc'])}")
+                         f"{format_metric(m['sensitivity']):<24}{format_metric(m['specificity']):<24}"
+                         f"{format_metric(m['roc_auc'])}")
     table = result.get("classes")
     if table:
         names = table["classes"]
@@ -406,7 +407,7 @@ def format_report(result: dict) -> str:
                          + f"    {c['recall']:.3f}   {c['precision']:.3f}")
     for group, found in (result.get("contrasts") or {}).items():
         lines += ["", f"by original class ({'all views' if group == 'all' else group + ' only'}):"]
-        lines += [f"  {name:<28} ROC-AUC {_fmt(value)}  ({value['n_positive']} vs "
+        lines += [f"  {name:<28} ROC-AUC {format_metric(value)}  ({value['n_positive']} vs "
                   f"{value['n'] - value['n_positive']} images)" for name, value in found.items()]
     lines += ["", "called positive per original class:"]
     lines += [f"  {label:<16} {c['called_positive']:>5} of {c['n']:<5} "
