@@ -9,6 +9,10 @@ over the seeds with their range. A ``--baseline-only`` result is its thumbnail b
 
     python bench/loso_table.py default=cv/default/crossval.json,cv/default-s1/crossval.json \\
         plain-thumbnail=cv/thumb-none/crossval.json,cv/thumb-none-s1/crossval.json
+
+``--contrasts``: instead, a row per held-out fold, view and contrast (COVID against each other
+original class: ``covidxray evaluate``'s ``contrasts``), e.g. the binary default against a
+three-class model on held-out ieee8023 patients (bench/arms24.sh).
 """
 
 from __future__ import annotations
@@ -50,16 +54,48 @@ def score_rows(result: dict, source: str, score=model_score) -> list[dict | None
     return rows
 
 
+def contrast_rows(result: dict, score=model_score) -> dict[tuple, dict | None]:
+    """(fold, view, contrast) -> that contrast's ROC-AUC in one result (None: fold not
+    scored)."""
+    rows = {}
+    for fold in result["folds"] + ([result["random_split"]] if "random_split" in result else []):
+        found = score(fold)
+        for group, contrasts in ((found or {}).get("contrasts") or {}).items():
+            for name, value in contrasts.items():
+                rows[(fold["fold"].removeprefix("holdout-"), group, name)] = value
+    return rows
+
+
+def print_contrasts(arms: dict[str, list[dict]]) -> None:
+    first = next(iter(arms.values()))
+    columns = [[contrast_rows(r, baseline_score) for r in first]]
+    columns += [[contrast_rows(r) for r in results] for results in arms.values()]
+    keys = list(dict.fromkeys(k for column in columns for rows in column for k in rows))
+    print("| held out | view | contrast | images | thumbnail LR | " + " | ".join(arms) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(arms))
+    for key in keys:
+        some = next(rows[key] for column in columns for rows in column if key in rows)
+        print(f"| {key[0]} | {'all' if key[1] == 'all' else key[1] + ' only'} | {key[2]} | "
+              f"{some['n_positive']} vs {some['n'] - some['n_positive']} | "
+              + " | ".join(cell([rows.get(key) for rows in column]) for column in columns)
+              + " |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", metavar="NAME=PATH[,PATH...]")
     parser.add_argument("--source", default="raddb",
                         help="the source whose random-split score gets its own row")
+    parser.add_argument("--contrasts", action="store_true",
+                        help="COVID against each other class, per held-out fold and view")
     args = parser.parse_args(argv)
     arms = {}
     for item in args.results:
         name, paths = item.split("=", 1)
         arms[name] = [json.loads(Path(p).read_text()) for p in paths.split(",")]
+    if args.contrasts:
+        print_contrasts(arms)
+        return
     first = next(iter(arms.values()))
     labels = [f"| {f['fold'].removeprefix('holdout-')} | {f['test_images']} "
               f"({f['test_positive']}) | {f.get('thumbnail_baseline', {}).get('metric', '-')} |"
