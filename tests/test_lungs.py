@@ -124,6 +124,9 @@ def test_the_segmenter_runs_on_onnxruntime_with_the_keras_models_output(tmp_path
     if fast.onnx_file is None:
         pytest.skip("the ONNX exporter (the [export] extra) is not installed")
     assert fast.onnx_file.parent == tmp_path / "models" and fast.weights_file is not None
+    with monkeypatch.context() as patched:  # exported once: later loads build no network
+        patched.setattr("covidxray.model.lungs.build_unet", None)
+        assert LungSegmenter.load().onnx_file == fast.onnx_file
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
     plain = LungSegmenter.load()
     assert plain.onnx_file is None
