@@ -67,18 +67,25 @@ def contrast_rows(result: dict, score=model_score) -> dict[tuple, dict | None]:
 
 
 def print_contrasts(arms: dict[str, list[dict]]) -> None:
-    first = next(iter(arms.values()))
-    columns = [[contrast_rows(r, baseline_score) for r in first]]
-    columns += [[contrast_rows(r) for r in results] for results in arms.values()]
-    keys = list(dict.fromkeys(k for column in columns for rows in column for k in rows))
-    print("| held out | view | contrast | images | thumbnail LR | " + " | ".join(arms) + " |")
-    print("|---|---|---|---|---|" + "---|" * len(arms))
+    """Each arm's column beside its own thumbnail baseline (arms that train on other sources
+    have other baselines); "-": fewer than 10 films of a class there, so not scored."""
+    columns = {}
+    for name, results in arms.items():
+        columns[name] = [contrast_rows(r) for r in results]
+        columns[f"thumbnail LR ({name}'s folds)"] = [contrast_rows(r, baseline_score)
+                                                     for r in results]
+    keys = list(dict.fromkeys(k for column in columns.values() for rows in column
+                              for k in rows))
+    print("| held out | view | contrast | images | " + " | ".join(columns) + " |")
+    print("|---|---|---|---|" + "---|" * len(columns))
     for key in keys:
-        some = next(rows[key] for column in columns for rows in column if key in rows)
+        counts = dict.fromkeys(f"{v['n_positive']} vs {v['n'] - v['n_positive']}"
+                               for column in columns.values() for rows in column
+                               for v in [rows.get(key)] if v)
+        cells = [cell([rows.get(key) for rows in column]) if any(key in rows for rows in column)
+                 else "-" for column in columns.values()]
         print(f"| {key[0]} | {'all' if key[1] == 'all' else key[1] + ' only'} | {key[2]} | "
-              f"{some['n_positive']} vs {some['n'] - some['n_positive']} | "
-              + " | ".join(cell([rows.get(key) for rows in column]) for column in columns)
-              + " |")
+              f"{' / '.join(counts)} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None) -> None:
