@@ -68,7 +68,8 @@ def contrast_rows(result: dict, score=model_score) -> dict[tuple, dict | None]:
 
 def print_contrasts(arms: dict[str, list[dict]]) -> None:
     """Each arm's column beside its own thumbnail baseline (arms that train on other sources
-    have other baselines); "-": fewer than 10 films of a class there, so not scored."""
+    have other baselines); "-": fewer than 10 films of a class there, so not scored; a fold
+    that some seeds did not run (``--no-random-split``) says how many did."""
     columns = {}
     for name, results in arms.items():
         columns[name] = [contrast_rows(r) for r in results]
@@ -82,8 +83,11 @@ def print_contrasts(arms: dict[str, list[dict]]) -> None:
         counts = dict.fromkeys(f"{v['n_positive']} vs {v['n'] - v['n_positive']}"
                                for column in columns.values() for rows in column
                                for v in [rows.get(key)] if v)
-        cells = [cell([rows.get(key) for rows in column]) if any(key in rows for rows in column)
-                 else "-" for column in columns.values()]
+        cells = []
+        for column in columns.values():
+            found = [rows[key] for rows in column if key in rows]
+            cells.append("-" if not found else cell(found) + (
+                f" ({len(found)} of {len(column)} seeds)" if len(found) < len(column) else ""))
         print(f"| {key[0]} | {'all' if key[1] == 'all' else key[1] + ' only'} | {key[2]} | "
               f"{' / '.join(counts)} | " + " | ".join(cells) + " |")
 
