@@ -45,13 +45,27 @@ def baseline_score(row: dict) -> dict | None:
     return row.get("thumbnail_baseline")
 
 
+NOT_RUN = {"not_run": True}  # a random split this result did not run (--no-random-split)
+
+
 def score_rows(result: dict, source: str, score=model_score) -> list[dict | None]:
     """The table's rows of one result: each fold, the random split, its ``source``-only score."""
     rows = [score(fold) for fold in result["folds"]]
     if "random_split" in result:
         split = score(result["random_split"])
         rows += [split, split and split.get("per_source", {}).get(source)]
+    else:
+        rows += [NOT_RUN, NOT_RUN]
     return rows
+
+
+def seeds_cell(scores: list) -> str:
+    """``cell`` of the seeds that ran the row, saying how many where some did not."""
+    ran = [s for s in scores if s is not NOT_RUN]
+    if not ran:
+        return "not run"
+    return cell(ran) + (f" ({len(ran)} of {len(scores)} seeds)" if len(ran) < len(scores)
+                        else "")
 
 
 def contrast_rows(result: dict, score=model_score) -> dict[tuple, dict | None]:
@@ -83,11 +97,9 @@ def print_contrasts(arms: dict[str, list[dict]]) -> None:
         counts = dict.fromkeys(f"{v['n_positive']} vs {v['n'] - v['n_positive']}"
                                for column in columns.values() for rows in column
                                for v in [rows.get(key)] if v)
-        cells = []
-        for column in columns.values():
-            found = [rows[key] for rows in column if key in rows]
-            cells.append("-" if not found else cell(found) + (
-                f" ({len(found)} of {len(column)} seeds)" if len(found) < len(column) else ""))
+        cells = [seeds_cell([rows.get(key, NOT_RUN) for rows in column])
+                 if any(key in rows for rows in column) else "-"
+                 for column in columns.values()]
         print(f"| {key[0]} | {'all' if key[1] == 'all' else key[1] + ' only'} | {key[2]} | "
               f"{' / '.join(counts)} | " + " | ".join(cells) + " |")
 
@@ -111,8 +123,9 @@ def main(argv=None) -> None:
     labels = [f"| {f['fold'].removeprefix('holdout-')} | {f['test_images']} "
               f"({f['test_positive']}) | {f.get('thumbnail_baseline', {}).get('metric', '-')} |"
               for f in first[0]["folds"]]
-    if "random_split" in first[0]:
-        split = first[0]["random_split"]
+    with_split = [r for results in arms.values() for r in results if "random_split" in r]
+    if with_split:
+        split = with_split[0]["random_split"]
         labels += [f"| none (random split) | {split['test_images']} ({split['test_positive']}) "
                    f"| roc_auc |", f"| random split, {args.source} only | | roc_auc |"]
     columns = [[score_rows(r, args.source, baseline_score) for r in first]]
@@ -120,7 +133,7 @@ def main(argv=None) -> None:
     print("| held out | images (COVID) | metric | thumbnail LR | " + " | ".join(arms) + " |")
     print("|---|---|---|---|" + "---|" * len(arms))
     for index, label in enumerate(labels):
-        print(label + " " + " | ".join(cell([rows[index] for rows in column])
+        print(label + " " + " | ".join(seeds_cell([rows[index] for rows in column])
                                        for column in columns) + " |")
     minutes = {name: sum(f.get("train_seconds", 0) for r in results
                          for f in r["folds"] + [r.get("random_split", {})]) / 60
