@@ -68,9 +68,9 @@ def seeds_cell(scores: list) -> str:
                         else "")
 
 
-def contrast_rows(result: dict, score=model_score) -> dict[tuple, dict | None]:
-    """(fold, view, contrast) -> that contrast's ROC-AUC in one result (None: fold not
-    scored)."""
+def contrast_rows(result: dict, score=model_score) -> dict[tuple, dict]:
+    """(fold, view, contrast) -> that contrast's ROC-AUC in one result (a contrast not scored
+    there is absent)."""
     rows = {}
     for fold in result["folds"] + ([result["random_split"]] if "random_split" in result else []):
         found = score(fold)

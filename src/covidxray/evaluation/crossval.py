@@ -252,14 +252,14 @@ def format_crossval(result: dict) -> str:
         for group in dict.fromkeys(g for found in scored.values() for g in found):
             names = dict.fromkeys(n for found in scored.values() for n in found.get(group, {}))
             for name in names:
-                values = [f"{who} {format_metric(found[group][name])}"
-                          for who, found in scored.items() if name in found.get(group, {})]
-                value = next(found[group][name] for found in scored.values()
-                             if name in found.get(group, {}))
+                by_who = {who: found[group][name] for who, found in scored.items()
+                          if name in found.get(group, {})}
+                value = next(iter(by_who.values()))  # both score the same held-out films
                 lines.append(f"{row['fold']}, {'all views' if group == 'all' else group}: "
                              f"{name} ({value['n_positive']} vs "
                              f"{value['n'] - value['n_positive']} images) ROC-AUC "
-                             + ", ".join(values))
+                             + ", ".join(f"{who} {format_metric(v)}"
+                                         for who, v in by_who.items()))
     for source, reason in result.get("sources_left_out", {}).items():
         lines.append(f"{source} was never trained on ({reason}); it is only held out.")
     lines.append("A held-out source with one class is scored by the rate of that class at the "

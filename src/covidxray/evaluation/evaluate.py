@@ -392,8 +392,8 @@ def format_report(result: dict) -> str:
         for source, s in result["per_source"].items():
             m = s["metrics"]
             lines.append(f"  {source:<14}{s['n']:>6}{s['n_positive']:>6}  "
-                         f"{format_metric(m['sensitivity']):<24}{format_metric(m['specificity']):<24}"
-                         f"{format_metric(m['roc_auc'])}")
+                         f"{format_metric(m['sensitivity']):<24}"
+                         f"{format_metric(m['specificity']):<24}{format_metric(m['roc_auc'])}")
     table = result.get("classes")
     if table:
         names = table["classes"]

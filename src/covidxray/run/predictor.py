@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 ARRAY_NAME = "<array>"
 LUNGS_FOLDER = "lungs"  # in a run folder: the lung segmenter its lung crop used
+RUN_OWN = object()  # Predictor.load's default segmenter: the run's own (None means none)
 LUNGS_ONNX = "lungs.onnx"  # in an exported folder's lungs/
 
 
@@ -178,10 +179,11 @@ class Predictor:
         return self.engine.model
 
     @classmethod
-    def load(cls, run_dir: str | Path, segmenter=None) -> "Predictor":
+    def load(cls, run_dir: str | Path, segmenter=RUN_OWN) -> "Predictor":
         """A run folder (``model.keras``), or an exported model's folder (``model.onnx``, run
         with onnxruntime alone). ``segmenter``: the lung segmenter to use instead of the run's
-        own (an ensemble's members get the ensemble's, the only one its inputs go through)."""
+        own (an ensemble's members get the ensemble's, the only one its inputs go through,
+        None included)."""
         run_dir = Path(run_dir)
         has_model = (run_dir / KERAS_FILE).is_file() or (run_dir / ONNX_FILE).is_file() or \
             (run_dir / MEMBERS_FOLDER).is_dir()
@@ -193,7 +195,7 @@ class Predictor:
                            f"'covidxray train DATA --out {run_dir}'")
         metadata = RunMetadata.load(run_dir / METADATA_FILE)
         from covidxray.run.ood import OOD_FILE, OODGate
-        if segmenter is None:
+        if segmenter is RUN_OWN:
             segmenter = load_segmenter(run_dir)
         engine = EnsembleEngine([cls.load(f, segmenter)
                                  for f in member_folders(run_dir, metadata.members)]) \
