@@ -128,12 +128,13 @@ def test_config_validation():
 
 
 def test_the_pretrained_default_keeps_imagenet_features():
-    """No fine-tuning by default: the head alone on the frozen backbone (the outside figures
-    in docs/model-quality.md decide it), on grey levels that say nothing of the source."""
+    """No fine-tuning by default: the head alone on the frozen backbone's last stage, on
+    equalised films with 8% cut off each side (the outside figures in docs/model-quality.md
+    decide it)."""
     config = TrainConfig(data="d", out="o", backbone="efficientnet-lite0")
     assert config.finetune_epochs == 0 and config.head_epochs > 0
-    assert config.intensity == "equalize" and config.crop == "lungs"
-    assert config.pooled_stages == 4
+    assert config.intensity == "equalize" and config.crop == 0.08
+    assert config.pooled_stages == 1
     assert TrainConfig(data="d", out="o", weights="none").pooled_stages == 1
 
 
