@@ -1,10 +1,14 @@
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+# what covidxray derives once (ready models built, exports for onnxruntime) goes to a folder of
+# this test session's, never the user's own cache
+os.environ["COVIDXRAY_CACHE"] = tempfile.mkdtemp(prefix="covidxray-test-cache-")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CXR_DEV = SHARED_DATA / "cxr-dev"

@@ -11,6 +11,7 @@ from conftest import CXR_DEV
 from PIL import Image
 
 from covidxray.cli import main
+from covidxray.run.conformal import NOT_FRONTAL
 
 TRAIN_ARGS = ["--image-size", "64", "--backbone", "mobilenetv3small", "--weights", "none",
               "--head-epochs", "1", "--finetune-epochs", "1", "--batch-size", "8", "--quiet"]
@@ -25,7 +26,10 @@ def add_bad_files(folder):
 
 
 def run_cli(args, capsys):
-    code = main([str(a) for a in args])
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as stop:  # a usage error: argparse exits 2
+        code = stop.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -56,11 +60,16 @@ def test_train_evaluate_predict(tiny_data, tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     good = [r for r in rows if not r["error"]]
     assert len(good) == 1 + len(list((tiny_data / "COVID").glob("*.png")))
-    assert all(0 <= float(r["probability"]) <= 1 and r["label"] in ("COVID", "NON-COVID")
-               for r in good)
+    # a film the gate flags gets no call (a flat grey square is no chest X-ray)
+    assert all(0 <= float(r["probability"]) <= 1 and (
+        r["label"] in ("COVID", "NON-COVID") if r["ood"] != "True" else
+        (r["label"], r["positive"], r["verdict"], r["prediction_set"]) == ("", "", NOT_FRONTAL, ""))
+        for r in good)
+    assert any(r["label"] for r in good)
     assert {r["synthetic_data"] for r in rows} == {"True"}
 
-    code, out, _ = run_cli(["predict", run, inputs / "good.png", "--json"], capsys)
+    film = next(r["path"] for r in good if r["label"])
+    code, out, _ = run_cli(["predict", run, film, "--json"], capsys)
     assert code == 0
     result = json.loads(out)
     assert result["predictions"][0]["label"] in ("COVID", "NON-COVID")

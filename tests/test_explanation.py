@@ -211,3 +211,40 @@ def test_lung_crop_keeps_the_lungs_box(patch_model):
     assert (rows.start, cols.start, rows.stop) == (8, 8, 92)
     with pytest.raises(Exception, match="lung segmenter"):
         predictor_of(patch_model, SIZE, crop="lungs")
+
+
+def test_lungs_hidden_warns_where_the_class_is_written_outside_the_lungs(patch_model, tmp_path):
+    """Films whose class is a bright patch at the centre. Lungs drawn over the centre: hiding
+    them hides the class, and the model falls to chance (no warning). Lungs drawn along the
+    sides: the class is written outside them, the model still tells the classes apart with
+    them hidden, and evaluate says so, overall and per source."""
+    from PIL import Image
+
+    from covidxray.data.dataset import Record
+    from covidxray.evaluation.evaluate import evaluate, format_report
+    images, targets, _ = images_with_patch(80, central, seed=11)
+    records = []
+    for i, (image, target) in enumerate(zip(images, targets)):
+        Image.fromarray(image).save(tmp_path / f"film{i}.png")
+        records.append(Record(str(tmp_path / f"film{i}.png"), "COVID" if target else "NORMAL",
+                              int(target), source="a" if i % 4 < 2 else "b"))
+
+    def evaluated(boxes):
+        predictor = predictor_of(patch_model, SIZE, segmenter=FixedLungs(boxes, size=SIZE))
+        return evaluate(tmp_path, predictor=predictor, records=records, n_bootstrap=200,
+                        shortcut_images=0, out=tmp_path / "metrics.json")
+
+    over_the_class = evaluated([(0.2, 0.8, 0.2, 0.8)])["lungs_hidden"]
+    assert over_the_class["films_with_lungs"] == 80
+    assert over_the_class["overall"]["as_they_are"]["value"] > 0.95
+    assert over_the_class["overall"]["lungs_hidden"]["value"] < 0.7
+    assert over_the_class["overall"]["lungs_only"]["value"] > 0.95
+    assert not over_the_class["warnings"]
+
+    beside_the_class = evaluated(EDGE_LUNGS)
+    hidden = beside_the_class["lungs_hidden"]
+    assert hidden["overall"]["lungs_hidden"]["value"] > 0.95
+    assert set(hidden["per_source"]) == {"a", "b"}
+    assert len(hidden["warnings"]) == 3  # all films, a and b
+    assert "outside the lungs" in hidden["warnings"][0]
+    assert "WARNING (all films)" in format_report(beside_the_class)

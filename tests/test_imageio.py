@@ -354,3 +354,27 @@ def test_a_multi_frame_bomb_is_refused_on_every_path_to_the_model(tiny_run, tmp_
     code = main(["predict", str(tiny_run), str(path)])
     printed = capsys.readouterr().out
     assert code == 1 and "frames.dcm" in printed and "over the limit" in printed
+
+
+def test_fill_outside_lungs_leaves_the_lungs_alone():
+    """``Preprocessing.fill="outside-lungs"``: everything but the lungs (grown a little) is the
+    film's mean grey level, so text at the border says nothing; the lungs keep their pixels;
+    a film without plausible lungs keeps everything."""
+    from conftest import FixedLungs
+    from covidxray.config import Preprocessing
+    from covidxray.pixels.imageio import prepare
+    rng = np.random.default_rng(3)
+    gray = rng.uniform(0.2, 0.8, (128, 128)).astype(np.float32)
+    gray[2:10, 2:40] = 1.0  # a label in the corner
+    spec = Preprocessing(64, fill="outside-lungs")
+    lungs = FixedLungs([(0.25, 0.75, 0.15, 0.45), (0.25, 0.75, 0.55, 0.85)], size=64)
+    filled = prepare(gray, spec, lungs.field(gray))
+    plain = prepare(gray, Preprocessing(64))
+    assert len(np.unique(filled[:8, :])) == 1  # the label is gone: one grey level up there
+    assert np.array_equal(filled[24:40, 14:26], plain[24:40, 14:26])  # inside a lung
+    assert abs(int(filled[0, 0]) - plain.mean()) <= 2
+    unsure = FixedLungs([(0.25, 0.75, 0.15, 0.45)], plausible=False, size=64)
+    assert np.array_equal(prepare(gray, spec, unsure.field(gray)), plain)
+    with pytest.raises(ValueError, match="lung field is needed"):
+        prepare(gray, spec)
+    assert spec.uses_lungs and not Preprocessing(64).uses_lungs

@@ -123,6 +123,9 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unfreeze_stages"):
         TrainConfig(data="d", out="o", unfreeze_stages=0)
     assert TrainConfig(data="d", out="o", crop="lungs").preprocessing.lung_crop
+    assert TrainConfig(data="d", out="o", fill="outside-lungs").preprocessing.uses_lungs
+    with pytest.raises(ValueError, match="fill"):
+        TrainConfig(data="d", out="o", fill="lungs")
     with pytest.raises(ValueError, match="crop"):
         TrainConfig(data="d", out="o", crop="lung")
 

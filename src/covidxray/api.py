@@ -11,11 +11,15 @@ import logging
 from pathlib import Path
 
 # what the command line builds its options from: typed defaults and names, no heavy import
-from covidxray.config import AUDIT_FINDINGS, DEMO, DICOM_NODE, EVALUATION, INTENSITY_MODES, \
-    KAGGLE_DATASET, LUNG_CROP, RESEARCH_NOTICE, SCHEDULES, SERVE, AugmentConfig, \
-    TrainConfig  # noqa: F401
+from covidxray.config import AUDIT_FINDINGS, DEMO, DICOM_NODE, EVALUATION, FILL_MODES, \
+    INTENSITY_MODES, KAGGLE_DATASET, LUNG_CROP, RECIPES, RESEARCH_NOTICE, SCHEDULES, SERVE, \
+    AugmentConfig, TrainConfig  # noqa: F401
 from covidxray.fileutil import write_json_atomic
 from covidxray.model.backbones import BACKBONES  # noqa: F401
+from covidxray.model.weights import DEFAULT_READY_MODEL, READY_MODELS
+from covidxray.run.metadata import METADATA_FILE  # noqa: F401
+
+READY_MODEL_NAMES = tuple(READY_MODELS)
 
 log = logging.getLogger("covidxray")
 
@@ -38,10 +42,47 @@ def user_errors() -> tuple[type[Exception], ...]:
             FileNotFoundError, FileExistsError, ValueError, ImportError)
 
 
+def run_folder(run: str | Path) -> Path:
+    """A run folder as given, or the folder of a ready model named ``run`` (``models()``),
+    built once into the cache."""
+    from covidxray.run.ready import resolve_run
+    return resolve_run(run)
+
+
+def looks_like_run(path: str | Path) -> bool:
+    """A folder that holds (part of) a run, an exported model or an ensemble, rather than
+    images: its metadata, a model, a training's config or members."""
+    from covidxray.run.folder import CONFIG, KERAS_MODEL, MEMBERS, ONNX_MODEL
+    folder = Path(path)
+    return folder.is_dir() and any((folder / name).exists() for name in (
+        METADATA_FILE, KERAS_MODEL, ONNX_MODEL, CONFIG, MEMBERS))
+
+
+def models() -> list[dict]:
+    """The ready models shipped with covidxray: name, summary, and whether their files are
+    intact (``model_card(name)`` gives the whole card)."""
+    from covidxray.model.weights import ReadyModelError
+    listed = []
+    for name, spec in READY_MODELS.items():
+        try:
+            card, problem = spec.card(), None
+        except ReadyModelError as error:
+            card, problem = None, str(error)
+        listed.append({"name": name, "summary": spec.summary, "default":
+                       name == DEFAULT_READY_MODEL, "card": card, "problem": problem})
+    return listed
+
+
+def model_card(name: str) -> dict:
+    """The model card of a ready model (its files checked against their sha256)."""
+    from covidxray.model.weights import ready_model
+    return ready_model(name).card()
+
+
 def metadata(run: str | Path):
     """A run's ``RunMetadata``, read without loading its model."""
     from covidxray.run.metadata import METADATA_FILE, RunMetadata
-    return RunMetadata.load(Path(run) / METADATA_FILE)
+    return RunMetadata.load(run_folder(run) / METADATA_FILE)
 
 
 def train(data: str | Path, out: str | Path, resume: bool = False, verbose: int | str = "auto",
@@ -113,7 +154,8 @@ def ensemble(runs, out: str | Path, confidence: float | None = None,
     mean, their spread is kept per image, the threshold, gate and prediction sets are chosen
     again on the validation films they share. Every command takes it as a run."""
     from covidxray.training.ensemble import build_ensemble
-    return build_ensemble(runs, out, confidence=confidence, calibrate=calibrate)
+    return build_ensemble([run_folder(r) for r in runs], out, confidence=confidence,
+                          calibrate=calibrate)
 
 
 def train_lungs(folders, out: str | Path, image_size: int = 128, epochs: int = 100,
@@ -125,12 +167,13 @@ def train_lungs(folders, out: str | Path, image_size: int = 128, epochs: int = 1
                            licence=licence, verbose=verbose).to_dict()
 
 
-def load(run: str | Path):
-    """Load a run folder into a ``Predictor``; ``.predict(path, bytes or array)`` gives a
-    ``Prediction`` (P(COVID), label, out-of-distribution verdict; ``heatmap=True`` adds the
-    Grad-CAM on the input's own pixels)."""
+def load(run: str | Path = DEFAULT_READY_MODEL):
+    """Load a run folder, or a ready model by name (default: the one ``covidxray predict``
+    uses when given no run), into a ``Predictor``; ``.predict(path, bytes or array)`` gives a
+    ``Prediction`` (P(COVID), label, verdict; ``heatmap=True`` adds the Grad-CAM on the
+    input's own pixels)."""
     from covidxray.run.predictor import Predictor
-    return Predictor.load(run)
+    return Predictor.load(run_folder(run))
 
 
 def predict(run: str | Path, paths, batch_size: int = 32,
@@ -141,8 +184,11 @@ def predict(run: str | Path, paths, batch_size: int = 32,
     from covidxray.run.predictor import Predictor, collect_paths
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    predictor = Predictor.load(run)
-    results = predictor.predict_paths(collect_paths(paths), batch_size=batch_size,
+    paths = collect_paths(paths)
+    if not paths:
+        return []
+    predictor = Predictor.load(run_folder(run))
+    results = predictor.predict_paths(paths, batch_size=batch_size,
                                       heatmaps=heatmaps is not None)
     if heatmaps is not None:
         _write_overlays(results, heatmaps, alpha)
@@ -157,7 +203,8 @@ def score(run: str | Path, sources, out: str | Path, engine: str = "local",
     the files already there. ``engine``: "local" (this process) or "ray" (Ray Data: this
     machine, or the cluster at ``address``; ``workers`` actors each load the model once)."""
     from covidxray.deploy.batch import score as score_archive
-    return score_archive(run, sources, out, engine, address, workers, batch_size, quiet, chunk)
+    return score_archive(run_folder(run), sources, out, engine, address, workers, batch_size,
+                         quiet, chunk)
 
 
 def _write_overlays(predictions, folder: str | Path, alpha: float) -> None:
@@ -176,7 +223,8 @@ def evaluate(run: str | Path, data: str | Path | None = None,
     ``bootstrap`` resamples for the 95% intervals and the shortcut check on
     ``shortcut_images`` images; written to ``out`` (default: the run's metrics file)."""
     from covidxray.evaluation.evaluate import evaluate as evaluate_run
-    return evaluate_run(run, data, n_bootstrap=bootstrap, source_from_prefix=source_from_prefix,
+    return evaluate_run(run_folder(run), data, n_bootstrap=bootstrap,
+                        source_from_prefix=source_from_prefix,
                         out=out, seed=seed, strict=strict, shortcut_images=shortcut_images)
 
 
@@ -247,7 +295,7 @@ def report(run: str | Path, out: str | Path = "report.html", audit: bool = True)
     """One self-contained HTML report of a run (with the audit of its split unless
     ``audit=False``)."""
     from covidxray.evaluation.report import build_report
-    return build_report(run, out, audit=audit)
+    return build_report(run_folder(run), out, audit=audit)
 
 
 def crossval(data: str | Path, out: str | Path, by: str = "source", random_split: bool = True,
@@ -280,6 +328,7 @@ def serve(run: str | Path, **settings) -> None:
     from covidxray.config import ServeConfig
     from covidxray.deploy.serve.app import SETTINGS_ENV, app_from_environment, create_app
     config = ServeConfig(**settings)
+    run = run_folder(run)
     load(run)  # a bad run fails here, once, before any worker starts
     if config.workers == 1:
         uvicorn.run(create_app(run, settings=config), host=config.host, port=config.port,
@@ -303,7 +352,7 @@ def dicom_node(run: str | Path, block: bool = True, **settings):
         raise ImportError("the DICOM node needs pynetdicom and highdicom: pip install "
                           "'covidxray[dicom]'") from exc
     from covidxray.config import DicomNodeConfig
-    return start_node(run, DicomNodeConfig(**settings), block=block)
+    return start_node(run_folder(run), DicomNodeConfig(**settings), block=block)
 
 
 def export(run: str | Path, out: str | Path, format: str = "onnx") -> dict:
@@ -311,7 +360,7 @@ def export(run: str | Path, out: str | Path, format: str = "onnx") -> dict:
     its metadata and gate); ``predict``, ``load`` and ``serve`` take that folder as a run.
     Returns what ``out/export.json`` records (the parity with the run included)."""
     from covidxray.deploy.export import export as export_run
-    return export_run(run, out, format)
+    return export_run(run_folder(run), out, format)
 
 
 def new_api_key(keys_file: str | Path, key_id: str) -> str:
@@ -375,3 +424,8 @@ def format_crossval(result: dict) -> str:
 def format_predictions(predictions: list, metadata) -> str:
     from covidxray.run.predictor import format_predictions as predictions_text
     return predictions_text(predictions, metadata)
+
+
+def format_card(card: dict) -> str:
+    from covidxray.run.ready import format_card as card_text
+    return card_text(card)

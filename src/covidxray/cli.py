@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 from covidxray import __version__, api
-from covidxray.api import BACKBONES, DEMO, DICOM_NODE, EVALUATION, INTENSITY_MODES, \
-    LUNG_CROP, RESEARCH_NOTICE, SCHEDULES, SERVE, AugmentConfig, TrainConfig
+from covidxray.api import BACKBONES, DEMO, DICOM_NODE, EVALUATION, FILL_MODES, \
+    INTENSITY_MODES, LUNG_CROP, RECIPES, RESEARCH_NOTICE, SCHEDULES, SERVE, AugmentConfig, \
+    TrainConfig
 
 log = logging.getLogger("covidxray")
 GIVEN = argparse.SUPPRESS  # an option not given is absent: the API's default applies
@@ -63,12 +64,19 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                             f"(random), or the path of a weights file (default {d['weights']})")
     model.add_argument("--intensity", choices=INTENSITY_MODES, default=GIVEN,
                        help="grey-level normalisation of every image, in training and use "
-                            "(default: none with pretrained weights, equalize from scratch)")
+                            f"(default: {RECIPES['pretrained']['intensity']} with pretrained "
+                            f"weights, {RECIPES['random']['intensity']} from scratch)")
     model.add_argument("--crop", type=_crop, default=GIVEN, metavar="F|lungs",
                        help="fraction of each side cut off every image before resizing, away "
                             "from text and markers, or 'lungs': the box of the lungs the "
-                            "shipped lung segmenter finds, with a margin (default: by the "
-                            "weights, see README)")
+                            "shipped lung segmenter finds, with a margin (default: "
+                            f"{RECIPES['pretrained']['crop']} with pretrained weights, "
+                            f"{RECIPES['random']['crop']} from scratch)")
+    model.add_argument("--fill", choices=FILL_MODES, default=GIVEN,
+                       help="outside-lungs: everything but the lungs the shipped segmenter finds "
+                            "filled with the film's mean grey level, so that nothing around "
+                            "them (text, markers, borders, the body) is left to see (default "
+                            f"{d['fill']})")
     model.add_argument("--lung-model", metavar="DIR", default=GIVEN,
                        help="with --crop lungs: a segmenter trained with 'covidxray lungs "
                             "train' instead of the shipped one")
@@ -80,7 +88,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                             "(default: COVID against the rest, one sigmoid unit)")
     model.add_argument("--pooled-stages", type=int, default=GIVEN, metavar="N",
                        help="the head reads the pooled outputs of the backbone's top N stages, "
-                            "concatenated (default: by the weights, see README; 1: the last alone)")
+                            "concatenated (default: "
+                            f"{RECIPES['pretrained']['pooled_stages']}, the last alone)")
     model.add_argument("--mixed-precision", choices=("auto", "on", "off"), default=GIVEN,
                        help="bfloat16 compute: auto = on a GPU only (default auto)")
     model.add_argument("--distribute", action="store_true", default=GIVEN,
@@ -347,6 +356,7 @@ SERVE_OPTIONS = ("host", "port", "max_upload_mb", "max_pixels", "max_files",
 
 
 def cmd_serve(args) -> int:
+    args.run = default_run(args.run)
     settings = _given(args, *SERVE_OPTIONS)
     for name in ("allowed_hosts", "cors_origins"):
         if name in settings:
@@ -365,6 +375,7 @@ NODE_OPTIONS = ("ae_title", "host", "port", "allowed_aes", "allowed_hosts", "sen
 
 
 def cmd_dicom_node(args) -> int:
+    args.run = default_run(args.run)
     settings = _given(args, *NODE_OPTIONS)
     for name in ("allowed_aes", "allowed_hosts"):
         if name in settings:
@@ -391,7 +402,43 @@ def cmd_apikey(args) -> int:
     return 0
 
 
+def run_and_sources(inputs: list[str]) -> tuple[str, list[str]]:
+    """``predict [RUN] SOURCE...``: the first input is the run where it names a ready model or
+    a folder with a run's metadata; else every input is a source and the default ready model
+    answers (said on standard error)."""
+    if inputs[0] in api.READY_MODEL_NAMES or api.looks_like_run(inputs[0]):
+        if len(inputs) == 1:
+            raise UsageError(f"give the images to predict after {inputs[0]}")
+        return inputs[0], inputs[1:]
+    print(f"using the ready model {api.DEFAULT_READY_MODEL} ('covidxray models' describes "
+          f"it; give a run folder first to use your own)", file=sys.stderr)
+    return api.DEFAULT_READY_MODEL, inputs
+
+
+def default_run(run: str | None) -> str:
+    """A command's RUN, or the default ready model (said on standard error)."""
+    if run:
+        return run
+    print(f"no run given: using the ready model {api.DEFAULT_READY_MODEL} ('covidxray "
+          f"models' describes it)", file=sys.stderr)
+    return api.DEFAULT_READY_MODEL
+
+
+def cmd_models(args) -> int:
+    if args.name:
+        print(api.format_card(api.model_card(args.name)))
+        return 0
+    for entry in api.models():
+        mark = " (default)" if entry["default"] else ""
+        state = f"DAMAGED: {entry['problem']}" if entry["problem"] else entry["summary"]
+        print(f"{entry['name']}{mark}: {state}")
+    print("'covidxray models NAME' shows a model's card; every command that takes RUN takes a "
+          "name")
+    return 0
+
+
 def cmd_predict(args) -> int:
+    args.run, args.paths = run_and_sources(args.paths)
     out = args.out or args.csv
     if out is not None:
         if args.explain or args.json:
@@ -594,9 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("predict", parents=[common],
                             help="P(COVID) and label for images, folders, archives")
-    p.add_argument("run", help="a run folder, or a model exported with 'covidxray export'")
-    p.add_argument("paths", nargs="+", metavar="SOURCE",
-                   help="image files, folders (recursive), or CSV lists of paths")
+    p.add_argument("paths", nargs="+", metavar="[RUN] SOURCE",
+                   help="first, optionally, a run folder, a model exported with 'covidxray "
+                        f"export' or a ready model's name (default: {api.DEFAULT_READY_MODEL}); "
+                        "then image files, folders (recursive), or CSV lists of paths")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", metavar="FILE",
                    help="write one row per file to a .csv file or a .parquet folder as it goes "
@@ -630,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = commands.add_parser("serve", parents=[common], help="web page and REST API for a run")
-    p.add_argument("run")
+    p.add_argument("run", nargs="?", help="a run folder, an exported model or a ready model's "
+                                          f"name (default: {api.DEFAULT_READY_MODEL})")
     p.add_argument("--host", default=GIVEN, help=f"default {SERVE.host}")
     p.add_argument("--port", type=int, default=GIVEN, help=f"default {SERVE.port}")
     p.add_argument("--workers", type=int, default=GIVEN,
@@ -669,7 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     n = DICOM_NODE
     p = commands.add_parser("dicom-node", parents=[common],
                             help="a DICOM node for the PACS: C-STORE in, SR and heat map out")
-    p.add_argument("run", help="a run folder (or an exported model)")
+    p.add_argument("run", nargs="?", help="a run folder, an exported model or a ready "
+                                          f"model's name (default: {api.DEFAULT_READY_MODEL})")
     p.add_argument("--ae-title", default=GIVEN, help=f"this node's AE title (default {n.ae_title})")
     p.add_argument("--host", default=GIVEN,
                    help=f"address to listen on (default {n.host}: this machine only)")
@@ -705,6 +755,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=GIVEN,
                    help="Prometheus metrics on this loopback port")
     p.set_defaults(func=cmd_dicom_node)
+
+    p = commands.add_parser("models", parents=[common],
+                            help="the ready models shipped with covidxray, and their cards")
+    p.add_argument("name", nargs="?", help="show this model's card")
+    p.set_defaults(func=cmd_models)
 
     p = commands.add_parser("export", parents=[common],
                             help="the run as an ONNX model that needs no Keras")

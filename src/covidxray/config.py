@@ -23,6 +23,8 @@ INTENSITY_MODES = ("none", "percentile", "equalize", "clahe")
 LUNG_CROP = "lungs"
 # what a lung crop cuts from each side of a film on which no plausible lungs are found
 LUNG_FALLBACK_CROP = 0.08
+# Preprocessing.fill: what is filled with the film's mean grey level before the model sees it
+FILL_MODES = ("none", "outside-lungs")
 # the Kaggle data set of the reference design, what 'covidxray data download' fetches by default
 KAGGLE_DATASET = "akhilkasare/covid19-chest-xray-detection"
 
@@ -43,16 +45,27 @@ class Preprocessing:
     image_size: int
     intensity: str = "none"
     crop: float | str = 0.0
+    # "outside-lungs": everything but the lungs found (grown by pixels.transforms.LUNG_MARGIN)
+    # filled with the film's mean grey level, so that text, markers, borders and the body
+    # around the lungs cannot tell the model which collection a film came from (a film
+    # without plausible lungs keeps them; the gate flags it)
+    fill: str = "none"
 
     @property
     def name(self) -> str:
         """Short and unique, for cache folders."""
         crop = self.crop if isinstance(self.crop, str) else f"{self.crop:g}"
-        return f"{self.image_size}px-{self.intensity}-crop{crop}"
+        fill = "" if self.fill == "none" else f"-fill-{self.fill}"
+        return f"{self.image_size}px-{self.intensity}-crop{crop}{fill}"
 
     @property
     def lung_crop(self) -> bool:
         return self.crop == LUNG_CROP
+
+    @property
+    def uses_lungs(self) -> bool:
+        """Whether the lungs must be found first (a lung crop, or a fill outside them)."""
+        return self.lung_crop or self.fill != "none"
 
 
 def check_crop(crop) -> None:
@@ -129,6 +142,7 @@ class TrainConfig:
     intensity: str | None = None  # grey-level normalisation of every image: INTENSITY_MODES
     # fraction of each side cut off every image before resizing, or "lungs" (Preprocessing)
     crop: float | str | None = None
+    fill: str = "none"  # "outside-lungs": only the lungs are left to see (Preprocessing)
     backbone: str = "resnet50"
     weights: str = "imagenet"  # "imagenet", "none" or a path to a weights file
     dropout: float = 0.3
@@ -224,7 +238,7 @@ class TrainConfig:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.image_size, self.intensity, self.crop)
+        return Preprocessing(self.image_size, self.intensity, self.crop, self.fill)
 
     @property
     def patient_aliases(self) -> dict[str, str]:
@@ -258,6 +272,8 @@ class TrainConfig:
             raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got "
                              f"{self.intensity!r}")
         check_crop(self.crop)
+        if self.fill not in FILL_MODES:
+            raise ValueError(f"fill must be one of {FILL_MODES}, got {self.fill!r}")
         if self.mixed_precision not in ("auto", "on", "off"):
             raise ValueError(f"mixed_precision must be auto, on or off, got "
                              f"{self.mixed_precision!r}")

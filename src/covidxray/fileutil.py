@@ -7,6 +7,7 @@ import datetime
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -182,3 +183,38 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+CACHE_ENV = "COVIDXRAY_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where covidxray keeps what it derives once and reuses (ready models built from their
+    shipped weights, models exported for onnxruntime): ``$COVIDXRAY_CACHE``, else
+    ``$XDG_CACHE_HOME/covidxray``, else ``~/.cache/covidxray``. A folder that cannot be
+    written (a read-only home) is replaced by one under the system's temporary folder, with
+    the reason logged once, so that nothing fails for want of a cache."""
+    chosen = os.environ.get(CACHE_ENV) or (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "covidxray")
+    chosen = Path(chosen).expanduser()
+    if _writable(chosen):
+        return chosen
+    fallback = Path(tempfile.gettempdir()) / f"covidxray-cache-{os.getuid()}"
+    if fallback not in _CACHE_WARNED:
+        _CACHE_WARNED.add(fallback)
+        logging.getLogger("covidxray").warning(
+            "cache folder %s cannot be written: using %s (set %s to choose another)", chosen,
+            fallback, CACHE_ENV)
+    fallback.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return fallback
+
+
+_CACHE_WARNED: set[Path] = set()
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)

@@ -278,7 +278,7 @@ def image_statistics_separability(records: list[Record], options: dict | None = 
             except (OSError, ImageReadError):
                 continue
             lungs = segmenter.field(gray) if segmenter is not None and any(
-                spec.lung_crop for spec in options.values()) else None
+                spec.uses_lungs for spec in options.values()) else None
             for name, spec in options.items():
                 thumb, histogram = _statistics(prepare(gray, spec, lungs))
                 stats[name][0].append(thumb)

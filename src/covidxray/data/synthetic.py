@@ -120,3 +120,24 @@ def make_synthetic_dataset(out: str | Path, n_per_class: int = 60, size: int = 1
         "Synthetic radiograph-like images made by covidxray.data.synthetic for demonstration and "
         "testing. Not real X-rays; no result on them says anything about real patients.\n")
     return out
+
+
+def reference_films(out: str | Path) -> dict[str, Path]:
+    """Fixed drawn films as PNG files in ``out``, the same bytes on every machine: two frontal
+    radiograph-like films (the second with COVID-like opacities) and a drawing that is no chest
+    film at all. A ready model's card records its outputs on them (and a test checks them), so
+    that a change to decoding, grey levels, crop or weights that moves a prediction shows."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:1:256j, 0:1:320j]
+    films = {"drawn-frontal": synthetic_radiograph(np.random.default_rng(11), 320),
+             "drawn-frontal-opacities": synthetic_radiograph(np.random.default_rng(12), 320,
+                                                             covid=True),
+             # a bright disc on a ramp: no lungs, no thorax
+             "drawn-not-a-chest": np.clip(0.15 + 0.5 * x + 0.4 * (
+                 (x - 0.6) ** 2 + (y - 0.45) ** 2 < 0.04), 0, 1)}
+    paths = {}
+    for name, pixels in films.items():
+        paths[name] = out / f"{name}.png"
+        Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).save(paths[name])
+    return paths

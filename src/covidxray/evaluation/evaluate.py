@@ -14,7 +14,7 @@ import numpy as np
 from covidxray.data.dataset import DataError, LoadedImages, Record, discover, \
     source_from_filename
 from covidxray.data.split import read_split_records
-from covidxray.evaluation.explain import group_means, heat_in_masks, shortcut_check
+from covidxray.evaluation.explain import group_means, heat_in_masks, hidden, shortcut_check
 from covidxray.evaluation.metrics import (
     METRIC_NAMES,
     roc_auc_ci,
@@ -181,6 +181,56 @@ def lung_summary(records: list[Record], shares: np.ndarray, masks: LungMasks,
             if all(r.source for r in records) else {}}
 
 
+# the lungs-hidden test warns where the lower end of the 95% interval of ROC-AUC with the lungs
+# hidden lies above this: the model tells the classes apart well above chance without them
+LUNGS_HIDDEN_WARNING = 0.6
+
+
+def lungs_hidden(predictor: Predictor, images: np.ndarray, records: list[Record],
+                 masks: LungMasks, scores: np.ndarray, n_bootstrap: int, seed: int) -> dict:
+    """The lungs-hidden test (Maguolo and Nanni, 2021): the same films scored twice more, with
+    their lungs (grown a little) filled with the film's mean grey level, and with everything
+    but their lungs filled; ROC-AUC with intervals beside the films' own, overall and per
+    source with both classes. Films without plausible lungs are left out (counted). Warns
+    where the lungs-hidden figure is well above chance: the model reads something outside the
+    lungs (framing, text, the body around them, the collection's look)."""
+    found = np.array([i for i in range(len(masks)) if masks[i] is not None], int)
+    out = {"films": len(masks), "films_with_lungs": int(found.size), "warning_above":
+           LUNGS_HIDDEN_WARNING, "overall": None, "per_source": {}, "warnings": []}
+    y = np.array([records[i].target for i in found], int)
+    if found.size == 0 or not 0 < y.sum() < y.size:
+        return out
+    without, only = [], []
+    for start in range(0, found.size, SCORING_SLICE):
+        chosen = found[start:start + SCORING_SLICE]
+        lungs = [masks[i] for i in chosen]
+        without.append(predictor.predict_prepared(hidden(images[chosen], lungs, inside=True)))
+        only.append(predictor.predict_prepared(hidden(images[chosen], lungs, inside=False)))
+    figures = {"as_they_are": np.asarray(scores)[found], "lungs_hidden": np.concatenate(without),
+               "lungs_only": np.concatenate(only)}
+
+    def scored(index) -> dict:
+        return {name: roc_auc_ci(y[index], values[index], n_bootstrap, seed=seed)
+                for name, values in figures.items()}
+
+    out["overall"] = scored(np.arange(found.size))
+    sources = np.array([records[i].source for i in found])
+    for source in sorted(set(sources.tolist()) - {""}):
+        index = np.flatnonzero(sources == source)
+        if 0 < y[index].sum() < index.size:
+            out["per_source"][source] = scored(index)
+    for name, result in [("all films", out["overall"]), *out["per_source"].items()]:
+        hidden_auc = result["lungs_hidden"]
+        if np.isfinite(hidden_auc["ci95"][0]) and hidden_auc["ci95"][0] > LUNGS_HIDDEN_WARNING:
+            out["warnings"].append(
+                f"WARNING ({name}): with the lungs hidden the model still tells the classes "
+                f"apart, ROC-AUC {hidden_auc['value']:.3f} (95% CI {hidden_auc['ci95'][0]:.3f}-"
+                f"{hidden_auc['ci95'][1]:.3f}; {result['as_they_are']['value']:.3f} with them): "
+                f"it uses something outside the lungs (the framing, text or markers, the body "
+                f"around them, the look of a collection), not only the disease")
+    return out
+
+
 def summarise(y_true: np.ndarray, scores: np.ndarray, threshold: float, n_bootstrap: int,
               seed: int) -> dict:
     """Metrics at ``threshold`` with their bootstrap CIs, and the confusion counts."""
@@ -291,6 +341,9 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
             result["drift"] = drift.to_dict()
     result["lungs"] = lung_summary(loaded.records, shares, masks,
                                    predictor.segmenter is not None)
+    if predictor.segmenter is not None:
+        result["lungs_hidden"] = lungs_hidden(predictor, loaded.images, loaded.records, masks,
+                                              scores, n_bootstrap, seed)
     if shortcut_images:
         sample = np.random.default_rng(seed).permutation(len(labels))[:shortcut_images]
         result["shortcut"] = shortcut_check(
@@ -382,6 +435,7 @@ def format_report(result: dict) -> str:
                   {**lungs["per_class"], **lungs["per_source"]}.items()]
     elif lungs and not lungs.get("segmenter"):
         lines += ["", "heat in the lungs: not measured (no lung segmenter installed)"]
+    lines += format_lungs_hidden(result.get("lungs_hidden"))
     if "shortcut" in result:
         lines += ["", "shortcut check (border vs centre, lungs vs the rest):",
                   "  " + result["shortcut"]["verdict"]]
@@ -415,3 +469,24 @@ def format_report(result: dict) -> str:
     if result["unreadable_files"]:
         lines += ["", f"{len(result['unreadable_files'])} unreadable files skipped"]
     return "\n".join(lines)
+
+
+def format_lungs_hidden(found: dict | None) -> list[str]:
+    """The lungs-hidden test's lines for the terminal (none where it was not run)."""
+    if not found:
+        return []
+    lines = ["", f"lungs hidden (Maguolo and Nanni 2021): ROC-AUC on the "
+             f"{found['films_with_lungs']} of {found['films']} films with plausible lungs"]
+    if found["overall"] is None:
+        return lines + ["  not scored: those films hold one class only"]
+    lines.append(f"  {'films':<16}{'n':>6}{'pos':>6}  {'as they are':<24}"
+                 f"{'lungs hidden':<24}lungs only")
+    for name, figures in [("all", found["overall"]), *found["per_source"].items()]:
+        first = figures["as_they_are"]
+        lines.append(f"  {name:<16}{first['n']:>6}{first['n_positive']:>6}  "
+                     f"{format_metric(first):<24}{format_metric(figures['lungs_hidden']):<24}"
+                     f"{format_metric(figures['lungs_only'])}")
+    lines += [f"  {warning}" for warning in found["warnings"]] or [
+        f"  with the lungs hidden no group's ROC-AUC is clearly above chance (95% interval "
+        f"above {found['warning_above']}): no sign of a cue outside the lungs"]
+    return lines

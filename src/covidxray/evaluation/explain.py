@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from covidxray.pixels.imageio import ImageReadError
-from covidxray.pixels.transforms import resize
+from covidxray.pixels.transforms import grown_lungs, resize
 
 BORDER_FRACTION = 0.15  # outer 15% on each side: where text, markers and labels sit
 
@@ -66,6 +66,22 @@ class ShortcutCheck:
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
+
+
+def hidden(images: np.ndarray, masks, inside: bool) -> np.ndarray:
+    """Model inputs ((n, size, size) uint8, an ensemble's (n, members, size, size)) with their
+    lungs (``inside``), or everything but their lungs, filled with the image's mean grey level;
+    ``masks``: each image's lungs on its input, grown by ``LUNG_MARGIN`` first (Maguolo and
+    Nanni, 2021: a model that still tells the classes apart with the lungs hidden reads
+    something else)."""
+    images = np.asarray(images)
+    where = grown_lungs(np.stack(list(masks)))
+    if not inside:
+        where = ~where
+    if images.ndim == 4:
+        where = where[:, None]
+    fill = np.rint(images.mean(axis=tuple(range(1, images.ndim)), keepdims=True))
+    return np.where(where, fill, images).astype(images.dtype)
 
 
 def heat_in_masks(cams: np.ndarray, masks) -> np.ndarray:

@@ -282,6 +282,28 @@ def _lungs(metrics: dict, predictor) -> str:
                     f"{html.escape('; '.join(card.not_shown))}).</p>")
 
 
+def _lungs_hidden(metrics: dict) -> str:
+    found = metrics.get("lungs_hidden")
+    if not found:
+        return "<p>Not run (no lung segmenter).</p>"
+    intro = (f"<p>The same films scored twice more (Maguolo and Nanni, 2021): with their lungs "
+             f"(grown by a few pixels) filled with the film's mean grey level, and with "
+             f"everything but their lungs filled. A model that reads the disease should fall "
+             f"to chance with the lungs hidden. {found['films_with_lungs']} of "
+             f"{found['films']} films had plausible lungs.</p>")
+    if found["overall"] is None:
+        return intro + "<p>Not scored: those films hold one class only.</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{f['as_they_are']['n']}</td>"
+        + "".join(f"<td>{_value(f[k]['value'])} ({_interval(f[k]['ci95'])})</td>"
+                  for k in ("as_they_are", "lungs_hidden", "lungs_only")) + "</tr>"
+        for name, f in [("all", found["overall"]), *found["per_source"].items()])
+    warnings = "".join(f'<p class="warn">{html.escape(w)}</p>' for w in found["warnings"]) or \
+        '<p class="ok">With the lungs hidden no group is clearly above chance.</p>'
+    return (intro + "<table><tr><th>films</th><th>n</th><th>ROC-AUC as they are</th>"
+            "<th>lungs hidden</th><th>lungs only</th></tr>" + rows + "</table>" + warnings)
+
+
 def gallery_cases(metrics: dict, per_kind: int = GALLERY_PER_KIND) -> dict[str, list[dict]]:
     """The most confident true/false positives/negatives at the frozen threshold."""
     t = metrics["threshold"]
@@ -412,6 +434,7 @@ def build_report(run_dir: str | Path, out: str | Path, predictor=None, metrics: 
                            f"{high:.2f}.")
     if "shortcut" in metrics and metrics["shortcut"]["flagged"]:
         limitations.append(metrics["shortcut"]["verdict"])
+    limitations += (metrics.get("lungs_hidden") or {}).get("warnings", [])
     limitations.append("Tested only on data like the training data unless stated; performance "
                        "at another hospital is unknown until measured there.")
     plots = [p for p in [plot_training(run_dir / "history.csv"), *plot_curves(metrics),
@@ -453,6 +476,7 @@ model. It must not be read as a diagnosis or used to make clinical decisions.
  if shortcut else '<p>not run</p>'}
 <h2>Heat in the lungs</h2>
 {_lungs(metrics, predictor)}
+<h2>Lungs hidden</h2>{_lungs_hidden(metrics)}
 <h2>Grad-CAM gallery</h2>
 <p>Where the model found evidence for COVID (red = most). The most confident cases of each kind.</p>
 {_gallery(predictor, metrics)}

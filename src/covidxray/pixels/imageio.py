@@ -179,15 +179,25 @@ def crop_region(shape: tuple[int, int], spec: Preprocessing,
 
 def prepare(gray: np.ndarray, spec: int | Preprocessing, lungs=None) -> np.ndarray:
     """A [0, 1] grayscale image -> the (size, size) uint8 model input: the crop
-    (``crop_region``; ``lungs``: the image's lung field, for a lung crop), ``intensity``
-    normalisation, bilinear resize to ``image_size`` square (no padding, as Keras'
+    (``crop_region``; ``lungs``: the image's lung field, for a lung crop or fill), ``intensity``
+    normalisation, the ``fill`` outside the lungs, bilinear resize to ``image_size`` square (no padding, as Keras'
     ``flow_from_directory`` does), quantised to uint8 (see ``config.Preprocessing``)."""
-    from covidxray.pixels.transforms import normalise_intensity
+    from covidxray.pixels.transforms import grown_lungs, nearest, normalise_intensity
     spec = as_preprocessing(spec)
     gray = np.asarray(gray, dtype=np.float32)
-    gray = gray[crop_region(gray.shape, spec, lungs)]
+    box = crop_region(gray.shape, spec, lungs)
+    outside = None
+    if spec.fill != "none":
+        if lungs is None:
+            raise ValueError("this preprocessing keeps the lungs alone: the image's lung field "
+                             "is needed (covidxray.model.lungs)")
+        if lungs.plausible:  # grown at the segmenter's resolution, then brought to the film's
+            outside = ~nearest(grown_lungs(lungs.mask), gray.shape)[box]
+    gray = gray[box]
     if spec.intensity != "none":
         gray = normalise_intensity(gray, spec.intensity)
+    if outside is not None:
+        gray = np.where(outside, gray.mean(), gray).astype(np.float32)
     image = Image.fromarray(gray, mode="F")
     image = image.resize((spec.image_size, spec.image_size), Image.Resampling.BILINEAR)
     return np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
@@ -199,7 +209,7 @@ def load_for_model(path: str | Path, spec: int | Preprocessing,
     ``segmenter`` (a ``model.lungs.LungSegmenter``) finds the lungs of a lung crop."""
     spec = as_preprocessing(spec)
     gray = read_image(path, data)
-    return prepare(gray, spec, segmenter.field(gray) if spec.lung_crop else None)
+    return prepare(gray, spec, segmenter.field(gray) if spec.uses_lungs else None)
 
 
 def _check_pixels(path, width: int, height: int, max_pixels: int | None,

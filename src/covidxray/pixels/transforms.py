@@ -77,6 +77,39 @@ def normalise_intensity(image: np.ndarray, mode: str) -> np.ndarray:
     raise ValueError(f"unknown intensity mode {mode!r}; choose from {INTENSITY_MODES}")
 
 
+# lungs hidden (evaluation) or kept alone (Preprocessing.fill) are first grown by this share of
+# the image's side, so that their edges, where a segmenter's outline is least sure, go with them
+LUNG_MARGIN = 0.03
+
+
+def dilated(masks: np.ndarray, pixels: int) -> np.ndarray:
+    """Boolean masks (..., h, w) grown by ``pixels`` in every direction (a square), one axis
+    at a time."""
+    grown = np.asarray(masks, bool)
+    for axis in (-2, -1):
+        source, grown = grown, grown.copy()
+        n = source.shape[axis]
+        for k in range(1, min(pixels, n - 1) + 1):
+            ahead = [slice(None)] * source.ndim
+            behind = [slice(None)] * source.ndim
+            ahead[axis], behind[axis] = slice(k, None), slice(None, n - k)
+            grown[tuple(ahead)] |= source[tuple(behind)]
+            grown[tuple(behind)] |= source[tuple(ahead)]
+    return grown
+
+
+def nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A 2-D array at another resolution, by nearest neighbour (masks stay boolean)."""
+    rows = np.arange(shape[0]) * mask.shape[0] // shape[0]
+    cols = np.arange(shape[1]) * mask.shape[1] // shape[1]
+    return mask[rows][:, cols]
+
+
+def grown_lungs(masks: np.ndarray) -> np.ndarray:
+    """Lung masks (..., h, w) grown by ``LUNG_MARGIN`` of their side."""
+    return dilated(masks, max(1, round(LUNG_MARGIN * np.shape(masks)[-1])))
+
+
 def crop_box(shape: tuple[int, int], fraction: float) -> tuple[slice, slice]:
     """The rows and columns ``crop_border`` keeps of an image of ``shape``."""
     if not 0 <= fraction < 0.5:

@@ -38,6 +38,8 @@ CONFORMAL_FILE = "conformal.npz"  # in the run folder
 DEFAULT_CONFIDENCE = 0.90
 UNCERTAIN = "uncertain: refer"
 UNLIKE = "unlike the calibration data"
+# a film the out-of-distribution gate flags gets no verdict and an empty set, whatever its score
+NOT_FRONTAL = "not a frontal chest X-ray: no verdict"
 
 
 def hinge(probabilities: np.ndarray) -> np.ndarray:

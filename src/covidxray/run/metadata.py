@@ -95,6 +95,9 @@ class RunMetadata:
                    f"(no plausible lungs: {LUNG_FALLBACK_CROP:.0%} off each side)"]
                   if p.lung_crop else [f"crop {p.crop:.0%} off each side"] if p.crop else []),
                 *([f"intensity: {p.intensity}"] if p.intensity != "none" else []),
+                *(["everything but the lungs found (grown by 3% of the side) filled with the "
+                   "film's mean grey level (no plausible lungs: nothing filled)"]
+                  if p.fill == "outside-lungs" else []),
                 f"bilinear resize to {p.image_size}x{p.image_size}", "quantise to uint8 0..255",
                 f"in the model: gray to 3 channels, then the {self.backbone} weights' own "
                 f"input scaling"]

@@ -19,9 +19,9 @@ from covidxray.model.lungs import heat_share
 from covidxray.model.outputs import cams_from_logit_maps
 from covidxray.pixels.imageio import ImageReadError, crop_region, decode, decode_array, \
     declared_pixels, is_image_candidate, prepare
-from covidxray.pixels.transforms import uncrop
+from covidxray.pixels.transforms import nearest, uncrop
 from covidxray.progress import progress
-from covidxray.run.conformal import UNCERTAIN
+from covidxray.run.conformal import NOT_FRONTAL, UNCERTAIN
 from covidxray.run.engines import KERAS_FILE, ONNX_FILE, KerasEngine, OnnxEngine, load_engine
 from covidxray.run.ensemble import MEMBERS_FOLDER, EnsembleEngine, member_folders
 from covidxray.run.metadata import METADATA_FILE, RunError, RunMetadata
@@ -87,10 +87,7 @@ class Prepared:
         if self.lungs is None or not self.lungs.plausible:
             return None
         rows, cols = self.box
-        inside = self.lungs.mask_at(self.gray.shape)[rows, cols]
-        size = self.image.shape[-2:]
-        return inside[(np.arange(size[0]) * inside.shape[0] // size[0])][
-            :, (np.arange(size[1]) * inside.shape[1] // size[1])]
+        return nearest(self.lungs.mask_at(self.gray.shape)[rows, cols], self.image.shape[-2:])
 
 
 def prepare_input(source, preprocessing: Preprocessing | list[Preprocessing],
@@ -167,8 +164,8 @@ class Predictor:
         self.metadata = metadata
         self.run_dir = Path(run_dir) if run_dir else None
         self.gate = gate
-        if segmenter is None and metadata.preprocessing.lung_crop:
-            raise RunError(f"{run_dir or 'this run'} crops to the lungs, and no lung segmenter "
+        if segmenter is None and metadata.preprocessing.uses_lungs:
+            raise RunError(f"{run_dir or 'this run'} needs the lungs found, and no lung segmenter "
                            f"was found (reinstall covidxray: its weights ship with it)")
         self.segmenter = segmenter
         self.conformal = conformal
@@ -313,17 +310,21 @@ class Predictor:
         predictions = []
         for item, score, verdict, cam, chosen, spread, each in zip(
                 items, scores, verdicts, cams, sets, spreads, classes):
+            flagged = verdict is not None and verdict.ood
             prediction = Prediction(
                 path=item.name, probability=float(score),
-                label=self.metadata.label_of(float(score)), positive=bool(score >= self.threshold),
+                # a film unlike a frontal chest X-ray gets no call: its score stays, for research
+                label=None if flagged else self.metadata.label_of(float(score)),
+                positive=None if flagged else bool(score >= self.threshold),
                 ood=None if verdict is None else verdict.ood,
                 ood_reason=None if verdict is None else verdict.reason or None,
                 feature_distance=None if verdict is None else verdict.embedding_distance,
-                input_sha256=item.sha256, prediction_set=chosen,
+                input_sha256=item.sha256, prediction_set=[] if flagged else chosen,
                 member_spread=None if spread is None else float(spread),
                 class_probabilities=None if each is None else {
                     name: float(p) for name, p in zip(self.metadata.output_classes, each)},
-                verdict=None if chosen is None else self.conformal.verdict(chosen),
+                verdict=NOT_FRONTAL if flagged else
+                None if chosen is None else self.conformal.verdict(chosen),
                 lungs_found=None if item.lungs is None else bool(item.lungs.plausible),
                 lungs=item.lungs)
             if heatmaps:
@@ -430,13 +431,15 @@ def format_predictions(predictions: list[Prediction], metadata: RunMetadata) -> 
         if p.error:
             lines.append(f"{p.path:<{width}}  {'-':>8}  ERROR: {p.error}")
             continue
-        warning = f"  OUT OF DISTRIBUTION: {p.ood_reason}" if p.ood else ""
+        if p.ood:  # no call: the score is for research, in brackets
+            lines.append(f"{p.path:<{width}}  {f'({p.probability:.4f})':>8}  "
+                         f"{NOT_FRONTAL.upper()}: {p.ood_reason}")
+            continue
         verdict = f"  {p.verdict.upper() if p.verdict == UNCERTAIN else p.verdict:<28}" \
             if sets else ""
         classes = "  " + " ".join(f"{name} {value:.3f}" for name, value in
                                   p.class_probabilities.items()) if p.class_probabilities else ""
-        lines.append(f"{p.path:<{width}}  {p.probability:8.4f}  {p.label:<12}{verdict}{warning}"
-                     f"{classes}")
+        lines.append(f"{p.path:<{width}}  {p.probability:8.4f}  {p.label:<12}{verdict}{classes}")
     if sets:
         lines.append(f"Verdict: the conformal prediction set at {metadata.confidence:.0%} "
                      f"confidence. UNCERTAIN: REFER means the model cannot tell at that "
@@ -444,5 +447,6 @@ def format_predictions(predictions: list[Prediction], metadata: RunMetadata) -> 
                      f"class it was calibrated on. The error rate holds only for films like the "
                      f"validation films.")
     if any(p.ood for p in predictions):
-        lines.append("Out-of-distribution images: their probability is shown but means nothing.")
+        lines.append("Images unlike a frontal chest X-ray get no verdict: the score in brackets "
+                     "means nothing.")
     return "\n".join(lines)

@@ -107,7 +107,7 @@ def _check_compatible(runs: list[Path], members: list[Predictor]) -> None:
                 f"differ")
         if not (run / "split.csv").is_file():
             raise EnsembleError(f"{run}: no split.csv, so the films it trained on are unknown")
-    if first.preprocessing.lung_crop:
+    if first.preprocessing.uses_lungs:
         cards = {m.segmenter.card.sha256 for m in members}
         if len(cards) > 1:
             raise EnsembleError("the members crop to the lungs with different segmenters")
@@ -210,7 +210,7 @@ def _finish(members: list[Predictor], runs: list[Path], out: Path,
     ConformalSets.fit(scores, val.targets, [metadata.negative_label, metadata.positive_class],
                       level).save(out / CONFORMAL_FILE)
     write_split_csv(out / "split.csv", [r for records in splits.values() for r in records])
-    if first.preprocessing.lung_crop and (runs[0] / LUNGS_FOLDER).is_dir() and \
+    if first.preprocessing.uses_lungs and (runs[0] / LUNGS_FOLDER).is_dir() and \
             not (out / LUNGS_FOLDER).is_dir():
         shutil.copytree(runs[0] / LUNGS_FOLDER, out / LUNGS_FOLDER)
     metadata.save(out / METADATA_FILE)  # last: the ensemble is complete once it exists

@@ -5,14 +5,12 @@ last and atomically: a run is complete once ``model.keras`` exists."""
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import platform
 from collections import Counter
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from covidxray.version import __version__
 from covidxray.config import TrainConfig
@@ -20,7 +18,7 @@ from covidxray.data.dataset import LoadedImages, fingerprint, load_images
 from covidxray.evaluation.metrics import binary_metrics, choose_threshold
 from covidxray.fileutil import atomic_path
 from covidxray.model.backbones import get_backbone
-from covidxray.model.network import feature_extractor, forward, predict_scores
+from covidxray.model.network import feature_extractor, forward, model_id, predict_scores
 from covidxray.model.outputs import Forward
 from covidxray.pixels.transforms import mean_over_views
 from covidxray.run.calibration import apply_temperature, fit_temperature
@@ -67,7 +65,7 @@ def finalize_run(model: keras.Model, config: TrainConfig, splits, run: Path,
         temperature=temperature, test_time_views=config.test_time_views,
         confidence=config.confidence,
         output_classes=output_classes(config, dataset.class_names),
-        model_id=model_id(model, config), validation_metrics=val_metrics,
+        model_id=model_id(model, config.backbone, config.image_size), validation_metrics=val_metrics,
         split_counts={split: dict(Counter(r.label for r in records if r.split == split))
                       for split in ("train", "val", "test")},
         unreadable_training_files=len(train.failures) + len(val.failures),
@@ -77,7 +75,7 @@ def finalize_run(model: keras.Model, config: TrainConfig, splits, run: Path,
         synthetic_data=dataset.synthetic, dtype_policy=dtype_policy,
         selection=selection or {}, image_statistics=image_statistics or {},
         no_lungs_in_training=(len(train.no_lungs) + len(val.no_lungs)
-                              if config.preprocessing.lung_crop else 0),
+                              if config.preprocessing.uses_lungs else 0),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         covidxray_version=__version__, backend=keras.backend.backend(),
         versions=library_versions())
@@ -104,15 +102,6 @@ def output_classes(config: TrainConfig, class_names: list[str]) -> list[str]:
         return []
     spelling = {name.lower(): name for name in class_names}
     return [spelling.get(c.lower(), c) for c in config.classes]
-
-
-def model_id(model: keras.Model, config: TrainConfig) -> str:
-    """Backbone, image size and the first 12 hex digits of the sha256 of the weights: two runs
-    share an id only if they share every weight."""
-    digest = hashlib.sha256()
-    for weight in model.weights:
-        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
-    return f"{get_backbone(config.backbone).name}-{config.image_size}px-{digest.hexdigest()[:12]}"
 
 
 def library_versions() -> dict[str, str]:

@@ -104,6 +104,9 @@ def _train(config: TrainConfig, run: Path, resume: bool, verbose, callbacks: tup
                     selection_images(config, hashes, segmenter), segmenter)
     with precision_for_hardware(config.mixed_precision) as policy, \
             data_parallel(config.distribute, config.batch_size) as devices:
+        # seeded again here: what ran before (a lung segmenter built for the first time, not
+        # when cached) must not move a random backbone's initial weights
+        keras.utils.set_random_seed(config.seed)
         model = build_model(config.image_size, config.backbone, config.weights, config.dropout,
                             config.augment, config.seed, config.pooled_stages,
                             class_count(config))
@@ -244,7 +247,7 @@ def _load_split(records, split: str, config: TrainConfig, segmenter=None) -> Loa
 def segmenter_of(config: TrainConfig) -> LungSegmenter | None:
     """The lung segmenter ``config``'s lung crop uses (``lung_model``, else the shipped one);
     None without a lung crop."""
-    return LungSegmenter.load(config.lung_model) if config.preprocessing.lung_crop else None
+    return LungSegmenter.load(config.lung_model) if config.preprocessing.uses_lungs else None
 
 
 def lung_segmenter(config: TrainConfig, run: Path) -> LungSegmenter | None:

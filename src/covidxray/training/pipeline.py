@@ -95,7 +95,7 @@ class ImageSequence(EpochBatches):
         self.preprocessing = as_preprocessing(spec)
         self.segmenter = segmenter  # finds the lungs of a lung crop
         name = self.preprocessing.name + (f"-{segmenter.card.sha256[:12]}"
-                                          if self.preprocessing.lung_crop else "")
+                                          if self.preprocessing.uses_lungs else "")
         self.cache_dir = Path(cache_dir) / name if cache_dir else None
 
     def inputs(self, chosen: np.ndarray) -> np.ndarray:
