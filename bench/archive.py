@@ -26,7 +26,7 @@ import numpy as np
 import covidxray
 from covidxray.api import score
 from covidxray.deploy import batch
-from covidxray.run.predictor import collect_paths
+from covidxray.run.inputs import collect_paths
 
 
 def rss_mb() -> float:

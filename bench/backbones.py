@@ -35,8 +35,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import covidxray
-    from covidxray.data.split import read_split_records
-    from covidxray.evaluation.metrics import roc_auc
+    from covidxray.metrics import roc_auc
+    from covidxray.run.folder import RunFolder
     from covidxray.run.predictor import Predictor
 
     out = Path(args.out)
@@ -56,11 +56,11 @@ def main(argv=None) -> None:
                             verbose=0)
             timing.write_text(f"{time.perf_counter() - start:.1f}\n")
         train_seconds = float(timing.read_text())
-        split_file = split_file or str(run / "split.csv")
-        predictor = Predictor.load(run)
+        split_file = split_file or str(RunFolder(run).split_file)
+        predictor = Predictor.load(run, runtime="keras")
         metadata = predictor.metadata
         n_train = metadata.split_counts["train"]
-        test = [r for r in read_split_records(run / "split.csv", predictor.positive_class)
+        test = [r for r in RunFolder(run).read_split(predictor.positive_class)
                 if r.split == "test"]
         start = time.perf_counter()
         predictions = predictor.predict_paths([r.path for r in test])

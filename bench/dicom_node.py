@@ -57,7 +57,7 @@ def as_dicom(png: Path, out: Path, index: int) -> Path:
 def hostile_files(folder: Path) -> list[Path]:
     """A multi-frame bomb, a deflate bomb, an invalid window and a truncated file."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_imageio import write_dicom
+    from test_decode import write_dicom
     folder.mkdir(parents=True, exist_ok=True)
     files = [write_dicom(folder / "frames.dcm", np.zeros((1000, 1000), np.uint8), bits=8,
                          deflated=True, pixel_data=bytes(300 * 1000 * 1000), NumberOfFrames=300),

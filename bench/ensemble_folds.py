@@ -26,10 +26,10 @@ import numpy as np
 import covidxray  # noqa: F401  (sets the Keras backend before keras is imported)
 import covidxray.pixels.transforms as transforms
 from covidxray.data.dataset import discover, load_images
-from covidxray.data.split import read_split_records
 from covidxray.evaluation.crossval import fold_score
 from covidxray.evaluation.evaluate import per_source, summarise
-from covidxray.evaluation.metrics import choose_threshold
+from covidxray.metrics import choose_threshold
+from covidxray.run.folder import RunFolder
 from covidxray.run.predictor import Predictor
 
 
@@ -49,7 +49,7 @@ def score_run(run: str, views: int | None = None, held_out: list | None = None) 
     predictor = Predictor.load(run)
     if views is not None:
         predictor = predictor.with_test_time_views(views)
-    records = sorted(read_split_records(Path(run) / "split.csv", predictor.positive_class),
+    records = sorted(RunFolder(run).read_split(predictor.positive_class),
                      key=lambda r: r.path)
     scored = {}
     for split in ("val", "test"):

@@ -19,7 +19,7 @@ echo "== 1. multi-frame bomb through the CLI"
 python - <<'PY'
 import sys, numpy as np
 sys.path.insert(0, __import__("os").environ["REPO"] + "/tests")
-from test_imageio import write_dicom
+from test_decode import write_dicom
 write_dicom(__import__("pathlib").Path("frames.dcm"), np.zeros((1000, 1000), np.uint8), bits=8,
             deflated=True, pixel_data=bytes(300 * 1000 * 1000), NumberOfFrames=300)
 PY

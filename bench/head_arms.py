@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from covidxray.config import LUNG_CROP, Preprocessing
-from covidxray.data.audit import select_sources
+from covidxray.data.sources import select_sources
 from covidxray.data.dataset import discover, load_images
 from covidxray.data.split import assign_splits
-from covidxray.evaluation.metrics import binary_metrics, choose_threshold, roc_auc
+from covidxray.metrics import binary_metrics, choose_threshold, roc_auc
 
 OPTIONS = {"none": ("none", 0.0), "eq-crop": ("equalize", 0.08), "clahe-crop": ("clahe", 0.08),
            "eq": ("equalize", 0.0), "clahe": ("clahe", 0.0),

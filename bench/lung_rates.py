@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from covidxray.model.lungs import LungSegmenter
-from covidxray.pixels.imageio import read_image
+from covidxray.pixels.decode import read_image
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from covidxray.model.lungs import LungSegmenter
-from covidxray.pixels.imageio import read_image
+from covidxray.pixels.decode import read_image
 
 
 def main() -> None:

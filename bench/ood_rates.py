@@ -162,8 +162,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import tempfile
-
-    from covidxray.data.split import read_split_records
+    from covidxray.run.folder import RunFolder
     from covidxray.run.predictor import Predictor
     from covidxray.training.finalize import refit_ood_gate
 
@@ -173,7 +172,7 @@ def main(argv=None) -> None:
     predictor = Predictor.load(args.run)
     if predictor.gate is None:
         raise SystemExit(f"{args.run} has no out-of-distribution gate: use --refit")
-    records = read_split_records(Path(args.run) / "split.csv", predictor.positive_class)
+    records = RunFolder(args.run).read_split(predictor.positive_class)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as scratch:
         drawn = {
@@ -192,7 +191,7 @@ def main(argv=None) -> None:
                     kinds.setdefault(f"real {row['kind'].lower()} images ({args.not_frontal})",
                                      []).append(str(Path(args.not_frontal) / row["file"]))
         if args.sheet:
-            from covidxray.pixels.imageio import load_for_model
+            from covidxray.pixels.preprocess import load_for_model
             rows = [np.concatenate([load_for_model(p, 96) for p in paths[:10]], axis=1)
                     for paths in list(kinds.values())[1:]]
             Image.fromarray(np.concatenate(rows)).save(args.sheet)

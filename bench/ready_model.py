@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from covidxray import api
-from covidxray.config import RESEARCH_NOTICE, STAND_IN_CAVEAT, TrainConfig
+from covidxray.config import RESEARCH_NOTICE, STAND_IN_CAVEAT
 from covidxray.data.synthetic import reference_films
 from covidxray.fileutil import file_sha256, write_json_atomic
-from covidxray.model.weights import READY_CARD, READY_FOLDER, READY_MODELS, ReadyModel
-from covidxray.run.conformal import CONFORMAL_FILE
-from covidxray.run.metadata import METADATA_FILE, RunMetadata
-from covidxray.run.ood import OOD_FILE
+from covidxray.model.weights import READY_CARD, READY_FOLDER, READY_HEAD, READY_MODELS, \
+    ReadyModel
+from covidxray.run.folder import GATE, METADATA, SETS, RunFolder
+from covidxray.run.metadata import RunMetadata
 from covidxray.run.predictor import Predictor
-from covidxray.run.ready import HEAD_FILE, ready_run
+from covidxray.run.ready import ready_run
 
 ROOT = Path(__file__).resolve().parents[1]
 # what cxr-dev's README says of each source's origin and licence, in its words
@@ -80,22 +80,31 @@ def main() -> None:
     parser.add_argument("--dicom", help="a folder of real DICOM films for reference outputs")
     parser.add_argument("--outside", default=str(ROOT / "bench" / "outside_figures.json"))
     parser.add_argument("--summary", help="one line for 'covidxray models'")
+    parser.add_argument("--commit", help="the commit whose code trained RUN (checked to give "
+                                         "the same model_id; default: HEAD)")
+    parser.add_argument("--figures-from", metavar="CARD",
+                        help="reuse the figures of an earlier card of the same model_id "
+                             "(they take minutes to measure)")
     args = parser.parse_args()
     run = Path(args.run)
-    config = TrainConfig.load(run / "config.json")
+    config = RunFolder(run).read_config()
     if config.finetune_epochs:
         raise SystemExit(f"{run}: fine-tuned backbone; only a head on a frozen backbone ships")
-    predictor = Predictor.load(run)
+    predictor = Predictor.load(run, runtime="keras")  # its head is read from the Keras model
     metadata = predictor.metadata
     folder = READY_FOLDER / args.name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     from covidxray.model.network import head_weights
-    np.savez(folder / HEAD_FILE, **head_weights(predictor.model))
-    write_json_atomic(folder / METADATA_FILE, metadata.public_dict())
-    for name in (OOD_FILE, CONFORMAL_FILE):
+    np.savez(folder / READY_HEAD, **head_weights(predictor.model))
+    write_json_atomic(folder / METADATA, metadata.public_dict())
+    for name in (GATE, SETS):
         shutil.copyfile(run / name, folder / name)
     outside = json.loads(Path(args.outside).read_text()).get(args.name, {})
+    earlier = json.loads(Path(args.figures_from).read_text()) if args.figures_from else None
+    if earlier is not None and earlier["model_id"] != metadata.model_id:
+        raise SystemExit(f"{args.figures_from} is the card of {earlier['model_id']}, not "
+                         f"{metadata.model_id}")
     summary = args.summary or (READY_MODELS[args.name].summary if args.name in READY_MODELS
                                else args.name)
     card = {
@@ -111,21 +120,23 @@ def main() -> None:
                   "augment": config.to_dict()["augment"], "seed": config.seed,
                   "pooled_stages": config.pooled_stages,
                   "classes": len(config.classes) if config.classes else 2},
-        "training": {"command": args.command, "commit": _commit(), "seed": config.seed,
+        "training": {"command": args.command, "commit": args.commit or _commit(),
+                     "seed": config.seed,
                      "created": metadata.created, "versions": metadata.versions,
                      "threshold": metadata.threshold,
                      "threshold_method": metadata.threshold_method,
                      "validation_metrics": metadata.validation_metrics,
                      "selection": metadata.selection},
         "data": _data(metadata),
-        "figures": {"in_house": _in_house(run),
-                    "held_out_sources": _held_out(run, args.data, args.extra, metadata),
+        "figures": {**(earlier["figures"] if earlier else {
+                        "in_house": _in_house(run),
+                        "held_out_sources": _held_out(run, args.data, args.extra, metadata)}),
                     "outside": outside},
         "caveat": STAND_IN_CAVEAT,
         "not_for": NOT_FOR,
         "image_statistics": metadata.image_statistics,
         "files": {name: file_sha256(folder / name)
-                  for name in (HEAD_FILE, METADATA_FILE, OOD_FILE, CONFORMAL_FILE)},
+                  for name in (READY_HEAD, METADATA, GATE, SETS)},
     }
     card["reference_outputs"] = _references(args.name, folder, card, args.dicom)
     write_json_atomic(folder / READY_CARD, card)
@@ -164,7 +175,7 @@ def _in_house(run: Path) -> dict:
     result = api.evaluate(run, bootstrap=1000, shortcut_images=0,
                           out=Path(tempfile.mkdtemp()) / "metrics.json")
     return {"data": "the trained source's own test split (films never trained on, same "
-                    "collection)", **_metrics(result["overall"])}
+                    "collection)", **_metrics(result.overall)}
 
 
 def _held_out(run: Path, data, extra, metadata: RunMetadata) -> dict:
@@ -174,16 +185,16 @@ def _held_out(run: Path, data, extra, metadata: RunMetadata) -> dict:
     if data:
         result = api.evaluate(run, data, bootstrap=1000, shortcut_images=0,
                               source_from_prefix=True, out=scratch / "data.json")
-        for source, summary in result["per_source"].items():
+        for source, summary in result.per_source.items():
             if source in metadata.sources_left_out:
                 out[f"cxr-dev {source}"] = _metrics(summary)
-        hidden = result.get("lungs_hidden")
+        hidden = result.lungs_hidden
         if hidden:
             out["lungs hidden (cxr-dev, every source)"] = hidden
     if extra:
         result = api.evaluate(run, extra, bootstrap=1000, shortcut_images=0,
                               out=scratch / "extra.json")
-        out["cxr-ieee-extra (COVID against other pneumonias)"] = _metrics(result["overall"])
+        out["cxr-ieee-extra (COVID against other pneumonias)"] = _metrics(result.overall)
     return out
 
 

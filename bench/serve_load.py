@@ -105,7 +105,7 @@ def png(array: np.ndarray) -> bytes:
 def deflate_bomb(folder: Path) -> bytes:
     """A DICOM of a few hundred KB whose data set inflates to 200 MB behind a 64x64 header."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_imageio import write_dicom
+    from test_decode import write_dicom
     return write_dicom(folder / "bomb.dcm", np.zeros((64, 64), np.uint16), deflated=True,
                        pixel_data=bytes(200_000_000)).read_bytes()
 
@@ -113,7 +113,7 @@ def deflate_bomb(folder: Path) -> bytes:
 def multi_frame_bomb(folder: Path) -> bytes:
     """A deflated DICOM of a few hundred KB that declares 300 frames of 1000x1000."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from test_imageio import write_dicom
+    from test_decode import write_dicom
     return write_dicom(folder / "frames.dcm", np.zeros((1000, 1000), np.uint8), bits=8,
                        deflated=True, pixel_data=bytes(300 * 1000 * 1000),
                        NumberOfFrames=300).read_bytes()

@@ -70,7 +70,7 @@ def main(argv=None) -> None:
 
     import covidxray  # first: it picks the Keras backend (torch unless KERAS_BACKEND says)
     from covidxray.model.network import build_model, forward, unfreeze_top_stages
-    from covidxray.pixels.imageio import load_for_model
+    from covidxray.pixels.preprocess import load_for_model
     from covidxray.run.predictor import Predictor
     from covidxray.training.features import FeatureCache, head_model
     from covidxray.training.pipeline import ImageSequence
@@ -144,8 +144,8 @@ def main(argv=None) -> None:
                           weights="none", head_epochs=1, finetune_epochs=0, batch_size=batch,
                           split_fractions=(0.6, 0.4, 0.0), intensity="none", crop=0.0,
                           test_time_views=0, verbose=0)
-    load_seconds = timed(lambda: Predictor.load(run))
-    predictor = Predictor.load(run)
+    load_seconds = timed(lambda: Predictor.load(run, runtime="keras"))
+    predictor = Predictor.load(run, runtime="keras")
     raw_model = predictor.model
     raw_model.predict(images[:batch, ..., None], batch_size=batch, verbose=0)
     raw = n / timed(lambda: raw_model.predict(images[..., None], batch_size=batch, verbose=0), 2)

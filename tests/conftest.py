@@ -64,7 +64,7 @@ class FixedLungs:
         self.card = LungCard("fixed", size, 0, 0, sha256="0" * 64)
 
     def field(self, gray):
-        from covidxray.model.lungs import LungField
+        from covidxray.pixels.lungfield import LungField
         return LungField(self.mask, float(self.mask.mean()), self.plausible,
                          "" if self.plausible else "lungs found on one side only (test)")
 
@@ -85,3 +85,25 @@ def predictor_of(model, image_size: int, threshold: float = 0.5, crop: float | s
                            threshold_method="youden", model_id="test", data_fingerprint="",
                            created="", covidxray_version="", backend="")
     return Predictor(model, metadata, segmenter=segmenter)
+
+
+@pytest.fixture
+def readonly_folder(tmp_path):
+    """A folder nobody can write into, root included: a read-only tmpfs where this runs as
+    root (permission bits do not stop root), else a folder without write permission."""
+    import subprocess
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only folder here ({mounted.stderr.decode().strip()})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)

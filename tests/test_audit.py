@@ -2,20 +2,17 @@ import json
 from dataclasses import replace
 
 import numpy as np
-import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from covidxray.cli import main
 from covidxray.data.audit import (
     audit,
-    confounded_sources,
     difference_hash,
     format_audit,
     near_duplicate_pairs,
-    select_sources,
 )
-from covidxray.data.dataset import DataError, Record
+from covidxray.data.dataset import Record
 
 
 def smooth_image(seed, size=64):
@@ -132,43 +129,6 @@ def test_cli_fail_on_leak(tmp_path, capsys):
     assert "LEAK" in capsys.readouterr().out
 
 
-def labelled(counts: dict[str, tuple[int, int]]) -> list[Record]:
-    """Records (no files) with (positives, negatives) per source."""
-    records = []
-    for source, (positives, negatives) in counts.items():
-        for i in range(positives + negatives):
-            label = "COVID" if i < positives else "NORMAL"
-            records.append(Record(path=f"{source}_{i}.png", label=label,
-                                  target=int(label == "COVID"), source=source))
-    return records
-
-
-# cxr-dev's shape: one COVID-only source, two far from the others' COVID share, one balanced
-CXR_DEV_LIKE = {"cxnet": (40, 0), "darkcov": (6, 60), "ieee": (10, 2), "raddb": (60, 60)}
-
-
-def test_confounded_sources_are_named_with_the_reason():
-    found = confounded_sources(labelled(CXR_DEV_LIKE))
-    assert set(found) == {"cxnet", "darkcov", "ieee"}
-    assert "one class only" in found["cxnet"]
-    assert "positive against" in found["darkcov"]
-
-
-def test_select_sources_keeps_what_is_asked_and_says_why():
-    records = labelled(CXR_DEV_LIKE)
-    kept, left_out = select_sources(records, exclude_confounded=True)
-    assert {r.source for r in kept} == {"raddb"} and set(left_out) == {"cxnet", "darkcov", "ieee"}
-    assert all(reason.startswith("confounded") for reason in left_out.values())
-    kept, left_out = select_sources(records, include=["raddb", "darkcov"], exclude=["darkcov"])
-    assert {r.source for r in kept} == {"raddb"}
-    assert "--exclude-sources" in left_out["darkcov"] and "--sources" in left_out["ieee"]
-    assert select_sources(records) == (records, {})
-    with pytest.raises(DataError, match="unknown source"):
-        select_sources(records, include=["nih"])
-    with pytest.raises(DataError, match="both classes"):
-        select_sources(records, include=["cxnet"])
-
-
 def test_audit_text_says_which_sources_teach_the_source(tmp_path):
     records = clean_set(tmp_path)
     records = [replace(r, source="web") if r.target else r for r in records]  # web: COVID only
@@ -206,44 +166,3 @@ def test_a_manifest_names_what_it_cannot_find_and_warns_of_a_misspelt_label(tmp_
     assert any(path.endswith("missing.png") and "not found" in reason
                for path, reason in dataset.skipped)
     assert "'COVD' (1 images) looks like a misspelling" in caplog.text
-
-
-def grey_level_source(tmp_path, n=40):
-    """A source whose two classes are the same kind of drawn film, one class through another
-    grey-level curve (as two collections' processing differ): nothing else tells them apart."""
-    from covidxray.data.synthetic import synthetic_radiograph
-    rng = np.random.default_rng(3)
-    records = []
-    for i in range(n):
-        covid = bool(i % 2)
-        image = synthetic_radiograph(rng, 96) ** (0.75 if covid else 1.35)
-        path = tmp_path / f"hosp_{i}.png"
-        Image.fromarray(np.rint(image * 255).astype(np.uint8)).save(path)
-        records.append(Record(str(path), "COVID" if covid else "NORMAL", int(covid),
-                              patient_id=f"p{i}", source="hosp"))
-    return records
-
-
-def test_image_statistics_that_give_the_class_away_are_named(tmp_path):
-    from covidxray.config import TrainConfig
-    from covidxray.data.audit import AS_THEY_ARE, STATISTICS_SIZE, \
-        image_statistics_separability
-    records = grey_level_source(tmp_path)
-    result = audit(records, near_distance=None)
-    found = result.summary["image_statistics"]["hosp"]
-    plain = found["options"][AS_THEY_ARE]
-    assert plain["histogram"] > 0.95 and plain["thumbnail"] > 0.9
-    assert found["size_and_aspect"] < 0.7  # the files are all the same size
-    (warning,) = [w for w in result.warnings if "image statistics alone" in w]
-    assert "source 'hosp'" in warning and f"'{found['lowest']}' brings" in warning
-    assert "how well image statistics" in format_audit(result)
-    # the default pixel options take most of it away (equalised, cropped to the lungs, here
-    # where the drawn films have them)
-    from conftest import FixedLungs
-    default = replace(TrainConfig(data="d", out="o", backbone="efficientnet-lite0")
-                      .preprocessing, image_size=STATISTICS_SIZE)
-    lungs = FixedLungs([(0.2, 0.8, 0.12, 0.45), (0.2, 0.8, 0.55, 0.88)])
-    ours = image_statistics_separability(records, {"default": default},
-                                         segmenter=lungs)["hosp"]["options"]
-    # "most": less than half of what the files give away above chance (0.5) is left
-    assert max(ours["default"].values()) - 0.5 < 0.5 * (max(plain.values()) - 0.5)

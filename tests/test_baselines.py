@@ -6,7 +6,7 @@ from PIL import Image
 from covidxray.config import Preprocessing
 from covidxray.data.dataset import Record
 from covidxray.evaluation.baselines import thumbnail_logistic_regression
-from covidxray.evaluation.metrics import roc_auc
+from covidxray.metrics import roc_auc
 
 
 def records_of(root, n, split, brightness_gap, rng):

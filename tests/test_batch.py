@@ -128,3 +128,61 @@ def test_a_cut_last_row_ending_in_a_newline_and_one_file_named_twice(tiny_run, t
     out.write_text("\n".join(lines[:2] + [lines[2][:20]] + lines[3:]) + "\n")
     with pytest.raises(ValueError, match="line 3 is not a complete result row"):
         score(tiny_run, ["in"], out)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_file_that_failed_is_tried_again_once_it_is_whole(tiny_run, tiny_data, tmp_path,
+                                                            suffix):
+    """A film half-copied when the archive was scored fails; once complete, a rerun scores it
+    (its error row replaced, each file once); with retry_errors off its row stays."""
+    films = tmp_path / "in"
+    films.mkdir()
+    whole = sorted((tiny_data / "COVID").glob("*.png"))[:3]
+    for film in whole:
+        shutil.copy(film, films / film.name)
+    half = films / whole[0].name
+    half.write_bytes(whole[0].read_bytes()[:200])
+    out = tmp_path / f"results{suffix}"
+    first = score(tiny_run, [films], out)
+    assert first["errors"] == 1 and first["scored"] == 3
+    assert score(tiny_run, [films], out, retry_errors=False)["scored"] == 0
+    shutil.copy(whole[0], half)  # the copy has finished
+    again = score(tiny_run, [films], out)
+    assert (again["retried"], again["scored"], again["errors"], again["already_done"]) == \
+        (1, 1, 0, 2)
+    rows = rows_of(out)
+    assert len(rows) == 3 and not any(r["error"] for r in rows)
+
+
+def test_symlinked_folders_are_followed_once_and_broken_links_named(tiny_run, tiny_data,
+                                                                   tmp_path, caplog):
+    films = tmp_path / "in"
+    elsewhere = tmp_path / "elsewhere"
+    films.mkdir()
+    elsewhere.mkdir()
+    for index, film in enumerate(sorted((tiny_data / "COVID").glob("*.png"))[:3]):
+        shutil.copy(film, (films if index == 0 else elsewhere) / film.name)
+    (films / "linked").symlink_to(elsewhere)
+    (elsewhere / "back").symlink_to(films)  # a loop, through the link
+    (films / "gone.png").symlink_to(tmp_path / "missing.png")
+    out = tmp_path / "results.csv"
+    done = score(tiny_run, [films], out)
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in rows_of(out)}
+    assert done["files"] == 4 and len(rows) == 4  # 1 + 2 through the link + the broken link
+    assert "cannot read file" in rows["gone.png"]["error"]
+    assert "gone.png: a broken link" in caplog.text and "(a loop): skipped" in caplog.text
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_scoring(tiny_data, readonly_folder,
+                                                                    tmp_path):
+    """One line naming the folder, exit 1, before any model is loaded or built."""
+    film = sorted((tiny_data / "COVID").glob("*.png"))[0]
+    result = subprocess.run(
+        [sys.executable, "-m", "covidxray", "predict", "lite0-cxrdev", str(film), "--out",
+         str(readonly_folder / "scores.csv")], capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "COVIDXRAY_CACHE": str(tmp_path / "empty-cache")})
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(readonly_folder) in lines[0] and "cannot write there" in \
+        lines[0], result.stderr
+    assert not (tmp_path / "empty-cache" / "models").exists()  # no ready model was built

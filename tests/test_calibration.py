@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from covidxray.evaluation.metrics import expected_calibration_error
+from covidxray.metrics import expected_calibration_error
 from covidxray.run.calibration import apply_temperature, fit_temperature
 
 

@@ -58,6 +58,9 @@ def test_a_three_class_model_end_to_end(tmp_path):
     assert "called PNEUMONIA" in report and "COVID vs PNEUMONIA" in report
 
     pytest.importorskip("onnxruntime")
+    from test_runtime import assert_same_answers
+    assert_same_answers(run, [str(data / name / f"{name}{i}.png")
+                              for name in ("COVID", "PNEUMONIA", "NORMAL") for i in range(2)])
     record = covidxray.export(run, tmp_path / "onnx")
     assert record["parity_max_abs_difference"] < 1e-4
     exported = covidxray.load(tmp_path / "onnx").predict(str(data / "PNEUMONIA" /

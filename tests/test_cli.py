@@ -167,3 +167,107 @@ def test_demo_runs_the_pipeline_and_ends_with_the_report_and_the_serve_command(t
     assert last.startswith(f"next: covidxray serve {out / 'run'}")
     assert json.loads((out / "run" / "metadata.json").read_text())["backbone"] == \
         "efficientnet-lite0"
+
+
+def test_a_bug_is_not_passed_off_as_a_user_error(monkeypatch, tmp_path, capsys):
+    """A user error is one line; anything else says it is a bug, and -v shows its
+    traceback."""
+    import covidxray.api
+    film = tmp_path / "film.png"
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(film)
+
+    def broken(*args, **kwargs):
+        raise KeyError("an internal key")
+    monkeypatch.setattr(covidxray.api, "predict", broken)
+    code, _, err = run_cli(["predict", "lite0-cxrdev", film], capsys)
+    assert code == 1 and "internal error: KeyError" in err and "This is a bug" in err
+    with pytest.raises(KeyError):
+        main(["predict", "lite0-cxrdev", str(film), "-v"])
+
+
+@pytest.mark.parametrize("module, args, extra", [
+    ("uvicorn", ["serve", "lite0-cxrdev"], "serve"),
+    ("pynetdicom", ["dicom-node", "lite0-cxrdev"], "dicom"),
+    ("ray", ["predict", "lite0-cxrdev", "FILM", "--out", "OUT.csv", "--engine", "ray"], "ray"),
+    ("mlflow", ["train", "DATA", "--out", "RUN", "--track"], "track"),
+])
+def test_a_missing_extra_is_one_line_naming_it(module, args, extra, monkeypatch, tmp_path,
+                                               tiny_data, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    film = sorted((tiny_data / "COVID").glob("*.png"))[0]
+    args = [str(film) if a == "FILM" else str(tmp_path / "o.csv") if a == "OUT.csv" else
+            str(tiny_data) if a == "DATA" else str(tmp_path / "run") if a == "RUN" else a
+            for a in args]
+    code, _, err = run_cli(args, capsys)
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.strip() and "ready model" not in line]
+    assert len(lines) == 1 and f"pip install 'covidxray[{extra}]'" in lines[0], err
+
+
+def _options(command: str):
+    """The argparse actions of one sub-command."""
+    from covidxray.cli import build_parser
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return commands.choices[command]._actions
+
+
+def test_train_help_says_what_config_does():
+    """Every train option that sets a TrainConfig field names that field's default as config
+    has it, per recipe where the weights decide: the help cannot drift from the code."""
+    import dataclasses
+    import re
+
+    from covidxray.config import RECIPES, TrainConfig
+
+    def words(value):
+        return {True: "on", False: "off", None: "none"}[value] \
+            if isinstance(value, (bool, type(None))) else str(value)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    checked = 0
+    for action in _options("train"):
+        if action.dest not in fields or action.dest in ("split_fractions", "augment"):
+            continue
+        said = " ".join(re.findall(r"\(default: ([^()]*(?:\([^()]*\))?[^()]*)\)",
+                                   " ".join(action.help.split())))
+        expected = ([words(RECIPES["pretrained"][action.dest]),
+                     words(RECIPES["random"][action.dest])] if action.dest in RECIPES["pretrained"]
+                    else [words(fields[action.dest].default)]
+                    if fields[action.dest].default is not dataclasses.MISSING else [])
+        if action.dest == "target_sensitivity":
+            expected = ["none"]
+        if expected in (["()"], ["[]"]):  # an empty list: nothing given, nothing to say
+            continue
+        for value in expected:
+            assert re.search(rf"(^|\W){re.escape(value)}(\W|$)", said), \
+                (action.dest, value, action.help)
+        checked += 1
+    assert checked >= 40
+
+
+def test_predict_and_lung_training_help_say_their_config():
+    from covidxray.config import LUNG_TRAINING, PREDICT
+    predict = {a.dest: a for a in _options("predict")}
+    assert predict["batch_size"].default == PREDICT.batch_size
+    assert predict["workers"].default == PREDICT.ray_workers
+    assert predict["retry_errors"].default == PREDICT.retry_errors
+    from covidxray.cli import build_parser
+    help_text = " ".join(build_parser().parse_known_args(["lungs", "train", "x", "--out", "o"])[0]
+                         .func.__doc__ or "")  # the command exists
+    lungs = next(a for a in _options("lungs") if a.__class__.__name__ == "_SubParsersAction")
+    train = {a.dest: a for a in lungs.choices["train"]._actions}
+    assert f"default: {LUNG_TRAINING.image_size}" in train["image_size"].help
+    assert f"default: {LUNG_TRAINING.epochs}" in train["epochs"].help
+    assert help_text is not None
+
+
+def test_the_python_api_does_what_the_command_line_does(tmp_path):
+    """A target sensitivity given from Python chooses the threshold by sensitivity, as
+    --target-sensitivity does (it once stayed on Youden's J)."""
+    from covidxray.cli import build_parser, train_options
+    from covidxray.config import TrainConfig
+    args = build_parser().parse_args(["train", "d", "--out", "o", "--target-sensitivity", "0.9"])
+    from_cli = TrainConfig(data="d", out="o", **train_options(args))
+    from_python = TrainConfig(data="d", out="o", target_sensitivity=0.9)
+    assert from_cli.threshold_method == from_python.threshold_method == "sensitivity"
+    assert from_cli.to_dict() == from_python.to_dict()

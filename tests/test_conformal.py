@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from covidxray.errors import UserError
 from covidxray.run.conformal import UNCERTAIN, UNLIKE, ConformalSets, coverage, hinge, p_values
 
 CLASSES = ["NON-COVID", "COVID"]
@@ -51,5 +52,13 @@ def test_verdicts_and_saving(tmp_path):
     again = ConformalSets.load(tmp_path / "c.npz")
     assert again.sets([0.95, 0.5, 0.05]) == sets.sets([0.95, 0.5, 0.05])
     assert again.confidence == 0.9 and again.classes == CLASSES
-    with pytest.raises(ValueError, match="both classes"):
+    with pytest.raises(UserError, match="both classes"):
         ConformalSets.fit([0.1, 0.2], [0, 0], CLASSES)
+
+
+def test_the_default_level_is_the_training_default():
+    """One place for it: config.TrainConfig.confidence."""
+    from covidxray.config import TrainConfig
+    from covidxray.run.conformal import DEFAULT_CONFIDENCE
+    sets = ConformalSets.fit(np.array([0.1, 0.9] * 10), np.array([0, 1] * 10), CLASSES)
+    assert sets.confidence == DEFAULT_CONFIDENCE == TrainConfig("data", "out").confidence

@@ -113,3 +113,26 @@ def test_the_torch_backend_says_what_to_do(tiny_data, tmp_path):
     with pytest.raises(DistributionError, match="KERAS_BACKEND=jax"):
         covidxray.train(tiny_data, tmp_path / "run", distribute=True, image_size=32,
                         backbone="mobilenetv3small", weights="none", finetune_epochs=1)
+
+
+@pytest.mark.parametrize("images, batch, steps", [(16, 16, 1), (15, 14, 1), (40, 32, 1),
+                                                  (64, 32, 2)])
+def test_every_batch_splits_evenly_over_the_devices(images, batch, steps, caplog):
+    """Whole batches only, each a multiple of the devices; a training set smaller than the
+    global batch gets one batch of as many as split evenly, said in the log."""
+    from covidxray.training.distribute import fit_to_devices
+    from covidxray.training.pipeline import ViewBatches
+    batches = ViewBatches([np.zeros((images, 3), np.float32)], np.arange(images) % 2,
+                          batch_size=32)
+    fit_to_devices(batches, 2, "finetune")
+    assert (batches.batch_size, len(batches)) == (batch, steps)
+    assert all(len(batches[i][0]) % 2 == 0 for i in range(len(batches)))
+    assert ("larger than the" in caplog.text) == (images < 32)
+
+
+def test_fewer_training_images_than_devices_are_refused():
+    from covidxray.training.distribute import DistributionError, fit_to_devices
+    from covidxray.training.pipeline import ViewBatches
+    with pytest.raises(DistributionError, match="3 training images cannot be split over 8"):
+        fit_to_devices(ViewBatches([np.zeros((3, 3), np.float32)], np.array([0, 1, 0]),
+                                   batch_size=32), 8, "head")

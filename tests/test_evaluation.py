@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import covidxray
-from covidxray.evaluation.evaluate import format_report
+from covidxray.evaluation.text import format_report
 
 
 def test_evaluate_on_other_data_with_sources(tiny_run, tiny_data, tmp_path):
@@ -61,3 +61,27 @@ def test_contrasts_score_covid_against_each_other_class_and_within_views():
     assert easy["value"] > 0.99 and 0.8 < hard["value"] < 0.99
     assert hard["ci95"][0] < hard["value"] < hard["ci95"][1] and hard["n"] == 80
     assert found["AP"]["COVID vs PNEUMONIA"]["n"] == 40  # AP supine counts as AP
+
+
+def test_the_evaluation_is_typed_versioned_and_older_files_load(own_run, tmp_path):
+    """metrics.json carries its schema version; a file from before (no version) loads as the
+    typed result, a newer one is refused, and the report takes the saved file as it is."""
+    import json
+
+    from covidxray.evaluation.result import SCHEMA_VERSION, EvaluationFileError, \
+        EvaluationResult
+    result = covidxray.evaluate(own_run, bootstrap=20, shortcut_images=0)
+    assert isinstance(result, EvaluationResult) and result.overall["n"] > 0
+    saved = json.loads((own_run / "metrics.json").read_text())
+    assert saved["schema_version"] == SCHEMA_VERSION
+    older = {k: v for k, v in saved.items() if k not in ("schema_version", "lungs_hidden")}
+    (tmp_path / "old.json").write_text(json.dumps(older))
+    loaded = EvaluationResult.load(tmp_path / "old.json")
+    assert json.dumps(loaded.overall) == json.dumps(saved["overall"])  # NaN-safe
+    assert loaded.lungs_hidden is None
+    (tmp_path / "new.json").write_text(json.dumps({**saved, "schema_version": 99}))
+    with pytest.raises(EvaluationFileError, match="newer covidxray"):
+        EvaluationResult.load(tmp_path / "new.json")
+    with pytest.raises(EvaluationFileError, match="not a covidxray evaluation"):
+        EvaluationResult.from_dict({"overall": {}})
+    assert result["overall"] is result.overall  # the dictionary access of before still reads

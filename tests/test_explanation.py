@@ -221,7 +221,8 @@ def test_lungs_hidden_warns_where_the_class_is_written_outside_the_lungs(patch_m
     from PIL import Image
 
     from covidxray.data.dataset import Record
-    from covidxray.evaluation.evaluate import evaluate, format_report
+    from covidxray.evaluation.evaluate import evaluate
+    from covidxray.evaluation.text import format_report
     images, targets, _ = images_with_patch(80, central, seed=11)
     records = []
     for i, (image, target) in enumerate(zip(images, targets)):

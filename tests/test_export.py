@@ -100,3 +100,39 @@ def test_predict_of_an_exported_model_imports_only_what_it_uses(exported, tiny_d
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["predictions"][0]["lungs_found"] is not None
+
+
+def test_export_never_overwrites_another_run(tiny_run, own_run, tmp_path, capsys):
+    """An export over a run (or anything but an earlier export of the same run) is refused and
+    leaves it as it was; --force replaces it whole; the same run again replaces its export."""
+    from covidxray.cli import main
+    before = {p.name: p.read_bytes() for p in own_run.iterdir() if p.is_file()}
+    assert main(["export", str(tiny_run), "--out", str(own_run)]) == 1
+    assert "holds a run: export to a new or empty folder, or pass --force" in \
+        capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in own_run.iterdir() if p.is_file()} == before
+    out = tmp_path / "again"
+    first = covidxray_export(tiny_run, out)
+    second = covidxray_export(tiny_run, out)  # an earlier export of the same run: replaced
+    assert first["model_id"] == second["model_id"]
+    assert main(["export", str(tiny_run), "--out", str(own_run), "--force"]) == 0
+    assert not (own_run / "model.keras").exists() and (own_run / "model.onnx").is_file()
+
+
+def covidxray_export(run, out):
+    import covidxray
+    return covidxray.export(run, out)
+
+
+def test_a_truncated_or_swapped_model_onnx_is_named(exported, tmp_path):
+    import shutil
+
+    from covidxray.run.predictor import Predictor, RunError
+    out, record = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert record["onnx_sha256"] and Predictor.load(copy).model is None
+    onnx = copy / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
+    with pytest.raises(RunError, match="model.onnx does not match this export"):
+        Predictor.load(copy)

@@ -3,7 +3,7 @@ import pytest
 from scipy.stats import norm
 from sklearn import metrics as skm
 
-from covidxray.evaluation.metrics import binary_metrics, bootstrap_ci, choose_threshold, confusion
+from covidxray.metrics import binary_metrics, bootstrap_ci, choose_threshold, confusion
 
 
 def planted(n=300, separation=1.0, seed=0):
@@ -95,7 +95,7 @@ def test_expected_calibration_error_by_hand():
     # bin [0.9, 1.0]: 3 cases at 0.9, 0.95, 1.0, 2 positives -> |2/3 - 0.95| = 0.2833, weight 3/5
     y = [0, 1, 1, 1, 0]
     s = [0.15, 0.15, 0.9, 0.95, 1.0]
-    from covidxray.evaluation.metrics import calibration_bins, expected_calibration_error
+    from covidxray.metrics import calibration_bins, expected_calibration_error
     assert expected_calibration_error(y, s) == pytest.approx(0.4 * 0.35 + 0.6 * (0.95 - 2 / 3))
     bins = calibration_bins(y, s)
     assert [b["count"] for b in bins] == [0, 2, 0, 0, 0, 0, 0, 0, 0, 3]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from covidxray.data.synthetic import synthetic_radiograph
-from covidxray.pixels.imageio import prepare
+from covidxray.pixels.preprocess import prepare
 from covidxray.run.ood import COLOUR_LIMIT, OODGate, nearest_distance, thumbnails
 
 SIZE = 64

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 import covidxray
-from covidxray.run.predictor import Predictor, RunError, collect_paths
+from covidxray.run.inputs import collect_paths
+from covidxray.run.predictor import Predictor, RunError
 
 
 def test_load_and_predict_path_array_and_list(tiny_run, tiny_data):
@@ -37,7 +38,7 @@ def test_one_forward_pass_gives_the_models_scores(tiny_run, tiny_data):
     from covidxray.data.dataset import discover
     from covidxray.model.network import predict_scores
     from covidxray.pixels.transforms import mean_over_views
-    predictor = Predictor.load(tiny_run)
+    predictor = Predictor.load(tiny_run, runtime="keras")  # its Keras model is compared
     items = [predictor.prepare(r.path) for r in discover(tiny_data).records[:5]]
     images = np.stack([item.image for item in items])
     predictions = predictor.predict_items(items, heatmaps=True)
@@ -135,10 +136,88 @@ def test_a_hostile_header_beside_good_files_loses_nothing(tiny_run, tiny_data, t
                                                           monkeypatch):
     from pydicom import config
 
-    from test_imageio import gradient, write_dicom
+    from test_decode import gradient, write_dicom
     monkeypatch.setattr(config.settings, "writing_validation_mode", config.IGNORE)
     bad = write_dicom(tmp_path / "bad.dcm", np.rint(gradient() * 1000), window=(500.0, 0.0))
     good = sorted((tiny_data / "COVID").glob("*.png"))[:2]
     results = covidxray.predict(tiny_run, [good[0], bad, good[1]])
     assert [r.error is None for r in results] == [True, False, True]
     assert "window width" in results[1].error and results[1].path == str(bad)
+
+
+def _rewrite_metadata(run, **changes):
+    import json
+    path = run / "metadata.json"
+    values = json.loads(path.read_text())
+    for name, value in changes.items():
+        if "." in name:
+            outer, inner = name.split(".")
+            values[outer][inner] = value
+        else:
+            values[name] = value
+    path.write_text(json.dumps(values))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("test_time_views", -5), ("temperature", -1.0), ("temperature", 0), ("threshold", 1.5),
+    ("preprocessing.image_size", 0), ("preprocessing.intensity", "magic"),
+    ("preprocessing.crop", 0.7), ("confidence", 1.0), ("members", [3])])
+def test_metadata_out_of_range_fails_load_naming_the_file_and_field(own_run, field, value):
+    _rewrite_metadata(own_run, **{field: value})
+    with pytest.raises(RunError, match=rf"metadata.json: invalid run metadata: field {field}"):
+        Predictor.load(own_run)
+
+
+def test_an_image_size_that_is_not_the_models_input_is_named(own_run):
+    size = Predictor.load(own_run).image_size
+    _rewrite_metadata(own_run, **{"preprocessing.image_size": size + 32})
+    with pytest.raises(RunError, match="metadata.json: field preprocessing.image_size: "
+                                       f"{size + 32} is not the input size"):
+        Predictor.load(own_run)
+
+
+def test_a_damaged_gate_fails_closed_unless_no_gate(own_run, tiny_data):
+    """A gate that cannot be read stops the load (every verdict rests on it); ``--no-gate``
+    predicts without one. A pickled gate file is refused the same way."""
+    from covidxray.cli import main
+    gate = own_run / "ood.npz"
+    gate.write_bytes(gate.read_bytes()[:1000])  # truncated
+    with pytest.raises(RunError, match=r"ood.npz is damaged \(BadZipFile"):
+        Predictor.load(own_run)
+    assert Predictor.load(own_run, gate=False).gate is None
+    film = str(sorted((tiny_data / "COVID").glob("*.png"))[0])
+    assert main(["predict", str(own_run), film, "--no-gate", "--json"]) == 0
+    assert main(["predict", str(own_run), film]) == 1
+    np.savez(gate, train_thumbnails=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(RunError, match="ood.npz is damaged"):
+        Predictor.load(own_run)
+
+
+def test_damaged_or_foreign_prediction_sets_are_refused(own_run):
+    from covidxray.run.conformal import ConformalSets
+    sets_file = own_run / "conformal.npz"
+    sets = ConformalSets.load(sets_file)
+    ConformalSets(["CAT", "DOG"], sets.calibration, sets.confidence).save(sets_file)
+    with pytest.raises(RunError, match=r"conformal.npz: its classes \{CAT, DOG\} are not"):
+        Predictor.load(own_run)
+    sets_file.write_bytes(b"PK\x03\x04 not an archive")
+    with pytest.raises(RunError, match="conformal.npz is damaged"):
+        Predictor.load(own_run)
+
+
+def test_an_ensemble_that_holds_itself_or_a_cycle_is_refused(own_run, tmp_path):
+    import shutil
+    _rewrite_metadata(own_run, members=["."])
+    with pytest.raises(RunError, match="member '.' is the ensemble itself"):
+        Predictor.load(own_run)
+    _rewrite_metadata(own_run, members=["/etc"])
+    with pytest.raises(RunError, match="lies outside the ensemble's folder"):
+        Predictor.load(own_run)
+    # a member that names its ensemble's folder from inside
+    outer = tmp_path / "outer"
+    shutil.copytree(own_run, outer / "members" / "0")
+    shutil.copy(own_run / "metadata.json", outer / "metadata.json")
+    _rewrite_metadata(outer, members=["members/0"])
+    _rewrite_metadata(outer / "members" / "0", members=["../.."])
+    with pytest.raises(RunError, match="is the ensemble itself|lead back to itself"):
+        Predictor.load(outer)

@@ -81,21 +81,25 @@ def test_health_and_model_card(client):
 
 def test_predict_several_images(client, xray):
     photo = (np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8)
-    response = client.post("/api/predict", files=[
+    response = client.post("/api/predict?heatmap=1", files=[
         ("files", ("a.png", xray, "image/png")), ("files", ("photo.png", png_bytes(photo)))])
     assert response.status_code == 200
     first, second = response.json()["results"]
     assert 0 <= first["probability"] <= 1 and first["label"] in ("COVID", "NON-COVID")
-    assert first["ood"]["flag"] is False and first["model_id"]
+    assert first["ood"] is False and first["model_id"]
     for key in ("image_png", "heatmap_png", "overlay_png"):
         assert first[key].startswith("data:image/png;base64,")
-    assert second["ood"]["flag"] is True and "not like a frontal chest X-ray" in \
-        second["ood"]["reason"]
+    assert second["ood"] is True and "not like a frontal chest X-ray" in second["ood_reason"]
     assert response.json()["synthetic_data"] is True
+    lean = client.post("/api/predict", files=[("files", ("a.png", xray, "image/png"))])
+    answer = lean.json()["results"][0]  # without heat maps: the same record, no images
+    assert answer["probability"] == pytest.approx(first["probability"], abs=1e-6)
+    assert answer["image_png"] is None and answer["heatmap_png"] is None
+    assert answer["lung_heat_share"] is None
 
 
 def test_dicom_upload(client, tmp_path):
-    from test_imageio import write_dicom
+    from test_decode import write_dicom
     gray = (np.asarray(Image.open(io.BytesIO(png_bytes(
         np.tile(np.linspace(0, 4095, 64), (64, 1)).astype(np.uint16))))))
     path = write_dicom(tmp_path / "x", gray)
@@ -143,7 +147,7 @@ def test_request_over_the_limit_is_413(client, xray):
 def test_client_file_name_is_never_used_as_a_path(client, xray, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     response = client.post("/api/predict", files=[("files", ("../../evil.png", xray))])
-    assert response.json()["results"][0]["filename"] == "evil.png"
+    assert response.json()["results"][0]["path"] == "evil.png"
     assert list(tmp_path.rglob("*")) == [] and not (tmp_path.parent / "evil.png").exists()
 
 
@@ -217,7 +221,7 @@ def test_page_in_headless_chromium(server, tiny_data, tmp_path):
         page.wait_for_selector("#result:not([hidden])", timeout=60_000)
         # the tiny model may be sure of this film or not (each state's look has its own test)
         state = page.locator("#verdict").get_attribute("data-state")
-        assert state in ("result", "uncertain", "unlike")
+        assert state in ("result", "uncertain", "unlike", "notfrontal")
         assert ("the model calls this image" in page.inner_text("#verdict")) == (state == "result")
         page.wait_for_function("document.getElementById('heat').naturalWidth > 0")
         assert page.is_visible("#synthetic") and "model" in page.inner_text("#model").lower()
@@ -227,7 +231,7 @@ def test_page_in_headless_chromium(server, tiny_data, tmp_path):
         # a file whose header carries markup: its error message quotes it, shown as text
         from pydicom import config
 
-        from test_imageio import write_dicom
+        from test_decode import write_dicom
         config.settings.writing_validation_mode = config.IGNORE
         try:
             payload = write_dicom(tmp_path / "payload.dcm", np.zeros((16, 16), np.uint16),
@@ -312,28 +316,40 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_run, tmp_path, xray):
     from covidxray.run.predictor import Predictor
     predictor = Predictor.load(tiny_run)
     release = threading.Event()
-    real = predictor.predict_many
+    real = predictor.predict_items
 
     def slow(*args, **kwargs):
         release.wait(30)
         return real(*args, **kwargs)
-    predictor.predict_many = slow
+    predictor.predict_items = slow
     client = TestClient(create_app(predictor=predictor, run_dir=tiny_run,
-                                   settings=settings_for(tmp_path, queue=0)))
+                                   settings=settings_for(tmp_path, queue=1)))
     statuses = []
-    first = threading.Thread(target=lambda: statuses.append(client.post(
-        "/api/predict", files=[("files", ("a.png", xray))]).status_code))
-    first.start()
-    time.sleep(1.0)  # the first request holds the model
-    busy = client.post("/api/predict", files=[("files", ("b.png", xray))])
+    held = [threading.Thread(target=lambda name=name: statuses.append(client.post(
+        "/api/predict", files=[("files", (name, xray))]).status_code)) for name in ("a.png",
+                                                                             "b.png")]
+    for thread in held:
+        thread.start()
+        time.sleep(0.5)  # the first request holds the model, the second waits for it
+    busy = client.post("/api/predict", files=[("files", ("c.png", xray))])
     release.set()
-    first.join(60)
+    for thread in held:
+        thread.join(60)
     assert busy.status_code == 503 and int(busy.headers["retry-after"]) > 0
-    assert statuses == [200]
+    assert statuses == [200, 200]
+
+
+@pytest.mark.parametrize("option, value", [("queue", "-1"), ("queue", "0"), ("workers", "-2"),
+                                           ("port", "70000")])
+def test_settings_out_of_range_are_refused_at_start(option, value, capsys):
+    from covidxray.cli import main
+    assert main(["serve", "lite0-cxrdev", f"--{option}", value]) == 1
+    err = capsys.readouterr().err
+    assert f"{option} {value} is out of range" in err and "Traceback" not in err
 
 
 def test_api_keys_are_required_and_stored_hashed(tiny_run, tmp_path, xray):
-    from covidxray.deploy.serve.records import PredictionLog
+    from covidxray.deploy.records import PredictionLog
     from covidxray.deploy.serve.security import new_api_key
     keys = tmp_path / "keys"
     key = new_api_key(keys, "radiology-pilot")
@@ -353,7 +369,7 @@ def test_api_keys_are_required_and_stored_hashed(tiny_run, tmp_path, xray):
 
 def test_every_served_prediction_is_on_record(client, app, xray):
     import hashlib
-    from covidxray.deploy.serve.records import PredictionLog
+    from covidxray.deploy.records import PredictionLog
     response = client.post("/api/predict", files=[("files", ("a.png", xray)),
                                                   ("files", ("bad.png", b"xx"))])
     request_id = response.headers["x-request-id"]
@@ -402,7 +418,7 @@ def postgres(tmp_path_factory):
 
 
 def test_the_record_goes_to_postgresql(tiny_run, tmp_path, xray, postgres):
-    from covidxray.deploy.serve.records import PredictionLog
+    from covidxray.deploy.records import PredictionLog
     client = TestClient(create_app(tiny_run, settings=settings_for(tmp_path,
                                                                    audit_db=postgres)))
     response = client.post("/api/predict", files=[("files", ("a.png", xray))])
@@ -441,8 +457,8 @@ def test_wrong_api_keys_are_throttled_per_client(tiny_run, tmp_path, xray):
     assert throttle.retry_after("10.0.0.8") == 0  # another client is not slowed
 
 
-def _answer(verdict, prediction_set, label="COVID", positive=True, outline=True):
-    """An /api/predict answer for the page, with tiny images."""
+def _answer(verdict, prediction_set, label="COVID", positive=True, outline=True, ood=None):
+    """An /api/predict answer for the page, with tiny images (``ood``: the gate's reason)."""
     import base64
     import io
 
@@ -451,9 +467,9 @@ def _answer(verdict, prediction_set, label="COVID", positive=True, outline=True)
     Image.new("RGBA", (8, 8), (200, 200, 200, 255)).save(buffer, "PNG")
     png = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     return {"notice": "Research use only.", "synthetic_data": False, "request_id": "r",
-            "results": [{"filename": "x.png", "probability": 0.62, "label": label,
+            "results": [{"path": "x.png", "probability": 0.62, "label": label,
                          "positive": positive, "threshold": 0.5, "model_id": "m",
-                         "ood": {"flag": False, "reason": None}, "image_png": png,
+                         "ood": ood is not None, "ood_reason": ood, "image_png": png,
                          "heatmap_png": png, "overlay_png": png, "lungs_found": outline,
                          "lung_heat_share": 0.71 if outline else None,
                          "lung_outline_png": png if outline else None,
@@ -463,8 +479,9 @@ def _answer(verdict, prediction_set, label="COVID", positive=True, outline=True)
 
 @pytest.mark.slow
 def test_page_shows_each_verdict_state_distinctly(server, tiny_data, tmp_path):
-    """A result, 'uncertain: refer' and 'unlike the calibration data' look different, and an
-    uncertain film shows no COVID / NON-COVID headline; the lung outline can be hidden."""
+    """A result, 'uncertain: refer', 'unlike the calibration data' and a film the gate flags
+    look different; an uncertain or flagged film shows no COVID / NON-COVID headline (a flagged
+    one's score only in small print); the lung outline can be hidden."""
     pytest.importorskip("playwright.sync_api")
     import json
     import shutil
@@ -476,13 +493,16 @@ def test_page_shows_each_verdict_state_distinctly(server, tiny_data, tmp_path):
     image = sorted((tiny_data / "COVID").glob("*.png"))[0]
     states = {"result": _answer("COVID", ["COVID"]),
               "uncertain": _answer("uncertain: refer", ["NON-COVID", "COVID"]),
-              "unlike": _answer("unlike the calibration data", [], outline=False)}
+              "unlike": _answer("unlike the calibration data", [], outline=False),
+              "notfrontal": _answer("not a frontal chest X-ray: no verdict", [], label=None,
+                                    positive=None, outline=False,
+                                    ood="no plausible lungs (one lung field only)")}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1100, "height": 1000})
         for state, answer in states.items():
-            page.unroute("**/api/predict")
-            page.route("**/api/predict", lambda route, _request, body=answer: route.fulfill(
+            page.unroute("**/api/predict*")
+            page.route("**/api/predict*", lambda route, _request, body=answer: route.fulfill(
                 status=200, content_type="application/json", body=json.dumps(body)))
             page.goto(server + "/")
             page.set_input_files("#file", str(image))
@@ -500,8 +520,138 @@ def test_page_shows_each_verdict_state_distinctly(server, tiny_data, tmp_path):
                 assert text.startswith("UNCERTAIN: REFER") and "gives no result" in text
                 assert "calls this image" not in text and "COVID" not in text.replace(
                     "NON-COVID", "")
+            elif state == "notfrontal":
+                assert text.startswith("NOT A FRONTAL CHEST X-RAY: NO VERDICT")
+                assert "one lung field only" in text and "calls this image" not in text
+                assert not page.is_visible("#prob") and not page.is_visible("#fill")
+                assert "research only" in page.inner_text("#researchscore")
             else:
                 assert text.startswith("NO RESULT") and not page.is_visible("#lungrow")
                 assert "No plausible lungs were found" in page.inner_text("#lungshare")
+                assert not page.is_visible("#researchscore")
             page.screenshot(path=str(tmp_path / f"{state}.png"), full_page=True)
+        browser.close()
+
+
+def test_a_record_file_moved_away_is_started_again_and_a_dead_one_answers_503(tiny_run,
+                                                                             tmp_path, xray,
+                                                                             caplog):
+    """Log rotation moves the SQLite record under the running server: the next prediction
+    starts a new file where it was (said in the log) and is answered. A record that cannot be
+    written at all: /health says so with 503, a prediction is refused with 503 (no answer off
+    the record) and the refusal is counted in /metrics."""
+    import os
+
+    from covidxray.deploy.records import PredictionLog
+    settings = settings_for(tmp_path / "serve")
+    record = tmp_path / "serve" / "predictions.sqlite"
+    client = TestClient(create_app(tiny_run, settings=settings))
+    assert client.post("/api/predict", files=[("files", ("a.png", xray))]).status_code == 200
+    os.rename(record, tmp_path / "rotated.sqlite")
+    answer = client.post("/api/predict", files=[("files", ("b.png", xray))])
+    assert answer.status_code == 200
+    assert "was moved or removed: a new one is started" in caplog.text
+    assert [r["filename"] for r in PredictionLog(f"sqlite:///{record}").rows()] == ["b.png"]
+    assert [r["filename"] for r in PredictionLog(
+        f"sqlite:///{tmp_path / 'rotated.sqlite'}").rows()] == ["a.png"]
+    assert client.get("/health").json()["status"] == "ok"
+
+    # the record's folder becomes a file: nothing can be written there any more
+    os.remove(record)
+    os.rmdir(record.parent)
+    record.parent.write_text("in the way")
+    health = client.get("/health")
+    assert health.status_code == 503 and "cannot be written" in health.json()["record"]
+    refused = client.post("/api/predict", files=[("files", ("c.png", xray))])
+    assert refused.status_code == 503 and "not on record" in refused.json()["detail"]
+    assert 'covidxray_requests_total{status="503"} 1.0' in client.get("/metrics").text
+def _decode(data_url_or_png: str | bytes) -> np.ndarray:
+    """RGB floats in [0, 1] from a data: URL or PNG bytes."""
+    import base64
+    raw = data_url_or_png
+    if isinstance(raw, str):
+        raw = base64.b64decode(raw.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), np.float64) / 255
+
+
+def _panel_against_overlay(page, overlay_png: str) -> tuple[float, float, float]:
+    """The Grad-CAM panel as Chromium draws it, against the API's overlay: (mean absolute
+    difference, share of near-black pixels in the panel, the same in the overlay), both
+    brought to the overlay's size."""
+    page.wait_for_function("['base', 'heat', 'lungs'].every(id => { const i = "
+                           "document.getElementById(id); return i.hidden || "
+                           "(i.complete && i.naturalWidth > 0); })")
+    reference = _decode(overlay_png)
+    shot = Image.open(io.BytesIO(page.locator("#gradcam").screenshot())).convert("RGB")
+    panel = np.asarray(shot.resize(reference.shape[1::-1], Image.Resampling.BOX),
+                       np.float64) / 255
+    return float(np.abs(panel - reference).mean()), _dark(panel), _dark(reference)
+
+
+def _dark(rgb: np.ndarray) -> float:
+    """The share of near-black pixels."""
+    return float((rgb.max(-1) < 0.06).mean())
+
+
+@pytest.mark.slow
+def test_gradcam_panel_draws_what_the_api_overlays(server, tiny_data, tmp_path):
+    """The page's stacked layers (X-ray, heat map at the default opacity, lung outline) look
+    like the API's ``overlay_png``: not a black square with the outline on it."""
+    pytest.importorskip("playwright.sync_api")
+    import json
+    import shutil
+
+    from browser import CHROMIUM, CHROMIUM_ARGS
+    from playwright.sync_api import sync_playwright
+
+    from covidxray.deploy.serve.app import _heatmap_rgba, _outline_rgba, _png
+    from covidxray.evaluation.explain import overlay
+    if not shutil.which("chromium"):
+        pytest.skip("Debian chromium is not installed")
+    image = sorted((tiny_data / "COVID").glob("*.png"))[0]
+
+    # an answer made as the API makes one, always with an outline (the tiny run has no lung
+    # segmenter): a mid-grey film, heat in one place only, a transparent outline layer
+    rows, cols = np.mgrid[0:256, 0:200]
+    gray = (0.35 + 0.4 * (cols / 199)).astype(np.float32)
+    heat = np.exp(-((rows - 128) ** 2 + (cols - 100) ** 2) / (2 * 40 ** 2)).astype(np.float32)
+    outline = np.zeros(gray.shape, bool)
+    outline[40:44, 30:170] = outline[200:204, 30:170] = True
+    made = _answer("COVID", ["COVID"])
+    made["results"][0].update(
+        image_png=_png(np.rint(gray * 255).astype(np.uint8)), heatmap_png=_png(_heatmap_rgba(heat)),
+        overlay_png=_png(overlay(gray, heat, outline=outline)),
+        lung_outline_png=_png(_outline_rgba(outline)))
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 1000}, device_scale_factor=1)
+        page.route("**/api/predict*", lambda route, _request: route.fulfill(
+            status=200, content_type="application/json", body=json.dumps(made)))
+        page.goto(server + "/")
+        assert page.input_value("#opacity") == "40"  # the API's overlay blends at 0.4
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+        assert page.is_visible("#lungs")
+        difference, dark, dark_overlay = _panel_against_overlay(page, made["results"][0]["overlay_png"])
+        page.locator("#gradcam").screenshot(path=str(tmp_path / "made.png"))
+        assert dark < 0.05 and dark_overlay < 0.05, (dark, dark_overlay)
+        assert difference < 0.03, difference
+        page.uncheck("#showlungs")  # the toggle still works, and the layers stay see-through
+        assert not page.is_visible("#lungs")
+        without, _, _ = _panel_against_overlay(
+            page, _png(overlay(gray, heat)))
+        assert without < 0.03, without
+
+        # the real server's answer for a real (synthetic) film
+        page.unroute("**/api/predict*")
+        page.goto(server + "/")
+        with page.expect_response("**/api/predict*", timeout=60_000) as answer:
+            page.set_input_files("#file", str(image))
+        result = answer.value.json()["results"][0]
+        page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+        difference, dark, dark_overlay = _panel_against_overlay(page, result["overlay_png"])
+        page.locator("#gradcam").screenshot(path=str(tmp_path / "served.png"))
+        assert dark <= dark_overlay + 0.05 and dark < 0.5, (dark, dark_overlay)
+        assert difference < 0.04, difference
         browser.close()

@@ -152,7 +152,7 @@ def test_recipe_preprocessing_travels_with_the_run(tiny_data, tmp_path):
                "test_time_views": 2,
                "image_cache": str(tmp_path / "decoded")}
     run = covidxray.train(tiny_data, tmp_path / "run", verbose=0, **options)
-    predictor = Predictor.load(run)
+    predictor = Predictor.load(run, runtime="keras")  # its Keras model is read below
     assert predictor.preprocessing.intensity == "percentile"
     assert predictor.preprocessing.crop == 0.05
     assert list((tmp_path / "decoded").rglob("*.npy"))  # the stream filled the cache
@@ -166,7 +166,7 @@ def test_recipe_preprocessing_travels_with_the_run(tiny_data, tmp_path):
     # test-time views: every score, and the threshold chosen on validation, is the mean over
     # the image and its views
     from covidxray.data.split import read_split_records
-    from covidxray.evaluation.metrics import choose_threshold
+    from covidxray.metrics import choose_threshold
     from covidxray.model.network import predict_scores
     from covidxray.pixels.transforms import source_cue_view
     assert predictor.test_time_views == 2
@@ -242,10 +242,11 @@ def test_resume_equals_never_stopped(tiny_data, tmp_path, monkeypatch, stops):
 
 
 def test_gate_refitted_from_the_split_matches_the_one_training_wrote(tiny_run, tmp_path):
-    from covidxray.run.ood import OOD_FILE, OODGate
+    from covidxray.run.folder import RunFolder
+    from covidxray.run.ood import OODGate
     from covidxray.training.finalize import refit_ood_gate
     run = shutil.copytree(tiny_run, tmp_path / "run")
-    written = OODGate.load(run / OOD_FILE)
+    written = OODGate.load(RunFolder(run).gate_file)
     refitted = refit_ood_gate(run)
     assert np.isclose(refitted.layout_threshold, written.layout_threshold, rtol=1e-3)
     assert np.isclose(refitted.embedding_threshold, written.embedding_threshold, rtol=1e-3)
@@ -285,7 +286,7 @@ def test_pretrained_lite_fine_tunes_its_top_stage_on_the_cached_trunk(tiny_data,
     assert list(meta["sources_left_out"]) == ["web"]  # as users read it, without covidxray
     assert {line.split(",")[4] for line in (run / "split.csv").read_text().splitlines()[1:]} \
         == {"clinic"}
-    trained = backbone_of(Predictor.load(run).model)
+    trained = backbone_of(Predictor.load(run, runtime="keras").model)
     imagenet = backbone_of(build_model(64, "efficientnet-lite0", "imagenet"))
     changed = {layer.name for layer in trained.layers
                if any(not np.array_equal(a, b) for a, b in
@@ -437,3 +438,60 @@ def test_a_stale_lock_is_named_and_taken_over(tmp_path, caplog):
             with folder_lock(tmp_path, "another"):
                 pass
     assert not (tmp_path / ".lock").exists()
+
+
+def test_the_calibrate_and_gate_step_chooses_the_threshold_on_calibrated_scores():
+    """The one validation step of a run and of an ensemble (training.calibrate): Youden's
+    threshold or the highest reaching the target sensitivity, on the scores after the
+    temperature, and prediction sets calibrated on those same scores; defaults from config."""
+    from covidxray.config import DEFAULT_TARGET_SENSITIVITY
+    from covidxray.data.dataset import LoadedImages, Record
+    from covidxray.metrics import binary_metrics
+    from covidxray.model.outputs import Forward
+    from covidxray.run.calibration import apply_temperature, fit_temperature
+    from covidxray.run.conformal import ConformalSets
+    from covidxray.run.ood import OODGate
+    from covidxray.training import calibrate, ensemble, finalize
+    assert finalize.calibrate_and_gate is calibrate.calibrate_and_gate \
+        is ensemble.calibrate_and_gate  # both callers take the one step
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 60)
+    # over-confident scores: a temperature above 1 softens them
+    scores = (1 / (1 + np.exp(-3 * (rng.normal(0, 1, y.size) + 1.5 * (y - 0.5))))).astype(
+        np.float32)
+    records = [Record(f"f{i}.png", ("NON-COVID", "COVID")[t], int(t)) for i, t in enumerate(y)]
+    images = LoadedImages(rng.integers(0, 255, (y.size, 32, 32)).astype(np.uint8), records, [])
+    passes = Forward(rng.normal(size=(y.size, 8)).astype(np.float32), scores, None)
+    classes = ["NON-COVID", "COVID"]
+
+    def step(**options):
+        return calibrate.calibrate_and_gate(scores, passes, images, passes, images, classes,
+                                            **options)
+
+    def youden(s, t):
+        return np.mean(s[y == 1] >= t) - np.mean(s[y == 0] >= t)
+
+    def sensitivity(s, t):
+        return np.mean(s[y == 1] >= t)
+
+    plain = step(threshold_method="youden")
+    assert plain.temperature is None and isinstance(plain.gate, OODGate)
+    assert youden(scores, plain.threshold) == max(youden(scores, t) for t in scores)
+    assert plain.sets.confidence == TrainConfig.confidence and plain.sets.classes == classes
+    reaching = step(threshold_method="sensitivity")  # the target: config's default
+    assert sensitivity(scores, reaching.threshold) >= DEFAULT_TARGET_SENSITIVITY
+    assert all(sensitivity(scores, t) < DEFAULT_TARGET_SENSITIVITY
+               for t in scores[scores > reaching.threshold])
+    assert sensitivity(scores, step(threshold_method="sensitivity", target_sensitivity=0.8)
+                       .threshold) < sensitivity(scores, reaching.threshold)
+    calibrated = step(threshold_method="youden", calibrate=True, confidence=0.8)
+    temperature = fit_temperature(y, scores)
+    assert calibrated.temperature == temperature and temperature > 1
+    softened = apply_temperature(scores, temperature).astype(np.float32)
+    assert calibrated.threshold in softened and calibrated.threshold not in scores
+    assert youden(softened, calibrated.threshold) == max(youden(softened, t) for t in softened)
+    assert calibrated.validation_metrics == binary_metrics(y, softened, calibrated.threshold)
+    expected = ConformalSets.fit(softened, y, classes, 0.8)
+    assert calibrated.sets.confidence == 0.8
+    for ours, theirs in zip(calibrated.sets.calibration, expected.calibration):
+        np.testing.assert_array_equal(ours, theirs)

@@ -11,35 +11,17 @@ import logging
 from pathlib import Path
 
 # what the command line builds its options from: typed defaults and names, no heavy import
-from covidxray.config import AUDIT_FINDINGS, DEMO, DICOM_NODE, EVALUATION, FILL_MODES, \
-    INTENSITY_MODES, KAGGLE_DATASET, LUNG_CROP, RECIPES, RESEARCH_NOTICE, SCHEDULES, SERVE, \
+from covidxray.config import AUDIT_FINDINGS, DEFAULT_TARGET_SENSITIVITY, DEMO, DICOM_NODE, \
+    DOWNLOAD_FOLDER, EVALUATION, EXPORT_FORMATS, FILL_MODES, INTENSITY_MODES, KAGGLE_DATASET, \
+    LUNG_CROP, LUNG_TRAINING, PREDICT, RECIPES, RESEARCH_NOTICE, RUNTIMES, SCHEDULES, SERVE, \
     AugmentConfig, TrainConfig  # noqa: F401
+from covidxray.errors import UserError, require  # noqa: F401  (UserError: the CLI's)
 from covidxray.fileutil import write_json_atomic
 from covidxray.model.backbones import BACKBONES  # noqa: F401
 from covidxray.model.weights import DEFAULT_READY_MODEL, READY_MODELS
-from covidxray.run.metadata import METADATA_FILE  # noqa: F401
-
 READY_MODEL_NAMES = tuple(READY_MODELS)
 
 log = logging.getLogger("covidxray")
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The errors that mean "this input cannot be used" (a message for the user, not a bug)."""
-    from covidxray.data.dataset import DataError
-    from covidxray.model.weights import WeightsUnavailableError
-    from covidxray.pixels.imageio import ImageReadError
-    from covidxray.run.metadata import RunError
-    from covidxray.data.download import DownloadError
-    from covidxray.training.fit import RunExistsError
-    from covidxray.fileutil import DiskFullError, FolderLockedError
-    from covidxray.run.ensemble import EnsembleError
-    from covidxray.training.tracking import TrackingUnavailableError
-    from covidxray.model.lungs import LungModelError
-    return (DataError, DownloadError, ImageReadError, WeightsUnavailableError, RunError,
-            RunExistsError, DiskFullError, FolderLockedError, LungModelError,
-            TrackingUnavailableError, EnsembleError,
-            FileNotFoundError, FileExistsError, ValueError, ImportError)
 
 
 def run_folder(run: str | Path) -> Path:
@@ -52,10 +34,11 @@ def run_folder(run: str | Path) -> Path:
 def looks_like_run(path: str | Path) -> bool:
     """A folder that holds (part of) a run, an exported model or an ensemble, rather than
     images: its metadata, a model, a training's config or members."""
-    from covidxray.run.folder import CONFIG, KERAS_MODEL, MEMBERS, ONNX_MODEL
-    folder = Path(path)
-    return folder.is_dir() and any((folder / name).exists() for name in (
-        METADATA_FILE, KERAS_MODEL, ONNX_MODEL, CONFIG, MEMBERS))
+    from covidxray.run.folder import RunFolder
+    folder = RunFolder(path)
+    return folder.path.is_dir() and any(file.exists() for file in (
+        folder.metadata_file, folder.keras_file, folder.onnx_file, folder.config_file,
+        folder.members_folder))
 
 
 def models() -> list[dict]:
@@ -81,8 +64,8 @@ def model_card(name: str) -> dict:
 
 def metadata(run: str | Path):
     """A run's ``RunMetadata``, read without loading its model."""
-    from covidxray.run.metadata import METADATA_FILE, RunMetadata
-    return RunMetadata.load(run_folder(run) / METADATA_FILE)
+    from covidxray.run.folder import RunFolder
+    return RunFolder(run_folder(run)).metadata()
 
 
 def train(data: str | Path, out: str | Path, resume: bool = False, verbose: int | str = "auto",
@@ -101,19 +84,21 @@ def train(data: str | Path, out: str | Path, resume: bool = False, verbose: int 
     from covidxray.training.ensemble import train_ensemble
     from covidxray.training.fit import train as train_run
     from covidxray.training.tracking import MlflowTracker, parse_track, tensorboard_callback
-    members_file = Path(out) / "ensemble.json"  # an ensemble being trained: how many members
+    from covidxray.run.folder import RunFolder
+    folder = RunFolder(out)
+    members_file = folder.ensemble_plan_file  # an ensemble being trained: how many members
     if resume:
-        config = TrainConfig.load(Path(out) / "config.json")
+        config = folder.read_config()
         if members_file.is_file():
             ensemble = json.loads(members_file.read_text())["members"]
     else:
         config = TrainConfig(data=[str(d) for d in data] if isinstance(data, (list, tuple))
                              else str(data), out=str(out), **options)
         if ensemble:
-            if (Path(out) / "config.json").exists():
-                raise FileExistsError(f"{out} already holds a run: use --resume, or another "
+            if folder.config_file.exists():
+                raise UserError(f"{out} already holds a run: use --resume, or another "
                                       f"--out")
-            config.save(Path(out) / "config.json")
+            config.save(folder.config_file)
             write_json_atomic(members_file, {"members": ensemble})
     tracker = (MlflowTracker(parse_track(track), config.to_dict(), Path(out).name)
                if track else None)
@@ -127,10 +112,10 @@ def train(data: str | Path, out: str | Path, resume: bool = False, verbose: int 
             tracker.fail()
         raise
     if tracker:
-        predictor, metrics, written = _evaluate_and_report(run, Path(run) / "report.html")
+        predictor, metrics, written = _evaluate_and_report(run, RunFolder(run).report_file)
         tracker.finish(run, metadata=predictor.metadata.public_dict(),
                        test_metrics={name: m["value"] for name, m in
-                                     metrics["overall"]["metrics"].items()},
+                                     metrics.overall["metrics"].items()},
                        report=written)
     return run
 
@@ -158,36 +143,43 @@ def ensemble(runs, out: str | Path, confidence: float | None = None,
                           calibrate=calibrate)
 
 
-def train_lungs(folders, out: str | Path, image_size: int = 128, epochs: int = 100,
-                seed: int = 0, licence: str = "", verbose: int | str = "auto") -> dict:
+def train_lungs(folders, out: str | Path, verbose: int | str = "auto", **options) -> dict:
     """Train a lung segmenter on folders of image/mask pairs (split by patient) and write its
-    weights and model card into ``out``; returns the card (held-out Dice per folder)."""
-    from covidxray.model.lungs import train_segmenter
-    return train_segmenter(folders, out, image_size=image_size, epochs=epochs, seed=seed,
-                           licence=licence, verbose=verbose).to_dict()
+    weights and model card into ``out``; ``options`` are ``config.LungTrainConfig`` fields
+    (image_size, epochs, seed, licence...). Returns the card (held-out Dice per folder)."""
+    import dataclasses
+
+    from covidxray.training.lungs import train_segmenter
+    config = dataclasses.replace(LUNG_TRAINING, **options)
+    return train_segmenter(folders, out, config, verbose=verbose).to_dict()
 
 
-def load(run: str | Path = DEFAULT_READY_MODEL):
+def load(run: str | Path = DEFAULT_READY_MODEL, gate: bool = True,
+         runtime: str = PREDICT.runtime):
     """Load a run folder, or a ready model by name (default: the one ``covidxray predict``
     uses when given no run), into a ``Predictor``; ``.predict(path, bytes or array)`` gives a
     ``Prediction`` (P(COVID), label, verdict; ``heatmap=True`` adds the Grad-CAM on the
-    input's own pixels)."""
+    input's own pixels). ``gate=False``: no out-of-distribution gate (a gate file that cannot
+    be read otherwise stops the load). ``runtime``: "onnx" (the run's classifier exported once
+    for onnxruntime, no Keras imported) or "keras"."""
     from covidxray.run.predictor import Predictor
-    return Predictor.load(run_folder(run))
+    return Predictor.load(run_folder(run), gate=gate, runtime=runtime)
 
 
-def predict(run: str | Path, paths, batch_size: int = 32,
-            heatmaps: str | Path | None = None, alpha: float = EVALUATION.heatmap_alpha) -> list:
+def predict(run: str | Path, paths, batch_size: int = PREDICT.batch_size,
+            heatmaps: str | Path | None = None, alpha: float = EVALUATION.heatmap_alpha,
+            gate: bool = True, runtime: str = PREDICT.runtime) -> list:
     """Predict files and folders (recursive) with a run (or an exported model); an unreadable
     file comes back with ``error`` set. ``heatmaps``: a folder for Grad-CAM overlays
     (``<name>_gradcam.png``). For an archive, ``score`` writes results as it goes instead."""
-    from covidxray.run.predictor import Predictor, collect_paths
+    from covidxray.run.inputs import collect_paths
+    from covidxray.run.predictor import Predictor
     if isinstance(paths, (str, Path)):
         paths = [paths]
     paths = collect_paths(paths)
     if not paths:
         return []
-    predictor = Predictor.load(run_folder(run))
+    predictor = Predictor.load(run_folder(run), gate=gate, runtime=runtime)
     results = predictor.predict_paths(paths, batch_size=batch_size,
                                       heatmaps=heatmaps is not None)
     if heatmaps is not None:
@@ -196,15 +188,18 @@ def predict(run: str | Path, paths, batch_size: int = 32,
 
 
 def score(run: str | Path, sources, out: str | Path, engine: str = "local",
-          address: str | None = None, workers: int = 2, batch_size: int = 32,
-          quiet: bool = False, chunk: int = 256) -> dict:
+          address: str | None = None, workers: int = PREDICT.ray_workers,
+          batch_size: int = PREDICT.batch_size, quiet: bool = False,
+          chunk: int = PREDICT.chunk, gate: bool = True,
+          retry_errors: bool = PREDICT.retry_errors, runtime: str = PREDICT.runtime) -> dict:
     """Score every file of ``sources`` (folders, CSV lists of paths, files) into ``out`` (a
     .csv file or a .parquet folder), ``chunk`` rows at a time as it goes; run again, it skips
     the files already there. ``engine``: "local" (this process) or "ray" (Ray Data: this
     machine, or the cluster at ``address``; ``workers`` actors each load the model once)."""
-    from covidxray.deploy.batch import score as score_archive
+    from covidxray.deploy.batch import check_writable, score as score_archive
+    check_writable(out)  # before a ready model is built for nothing
     return score_archive(run_folder(run), sources, out, engine, address, workers, batch_size,
-                         quiet, chunk)
+                         quiet, chunk, gate=gate, retry_errors=retry_errors, runtime=runtime)
 
 
 def _write_overlays(predictions, folder: str | Path, alpha: float) -> None:
@@ -218,36 +213,40 @@ def _write_overlays(predictions, folder: str | Path, alpha: float) -> None:
 def evaluate(run: str | Path, data: str | Path | None = None,
              bootstrap: int = EVALUATION.bootstrap,
              shortcut_images: int = EVALUATION.shortcut_images, source_from_prefix: bool = False,
-             out: str | Path | None = None, seed: int = 0, strict: bool = False) -> dict:
+             out: str | Path | None = None, seed: int = 0, strict: bool = False,
+             gate: bool = True, runtime: str = PREDICT.runtime):
     """Metrics of a run at its frozen threshold on ``data`` (default: its own test split), with
     ``bootstrap`` resamples for the 95% intervals and the shortcut check on
     ``shortcut_images`` images; written to ``out`` (default: the run's metrics file)."""
     from covidxray.evaluation.evaluate import evaluate as evaluate_run
-    return evaluate_run(run_folder(run), data, n_bootstrap=bootstrap,
+    run = run_folder(run)
+    return evaluate_run(run, data, n_bootstrap=bootstrap, predictor=load(run, gate, runtime),
                         source_from_prefix=source_from_prefix,
                         out=out, seed=seed, strict=strict, shortcut_images=shortcut_images)
 
 
-def explain(run: str | Path, source, alpha: float = EVALUATION.heatmap_alpha):
+def explain(run: str | Path, source, alpha: float = EVALUATION.heatmap_alpha,
+            gate: bool = True, runtime: str = PREDICT.runtime):
     """Grad-CAM of one image (a path, bytes or an array): an ``Explanation`` with
     ``.heatmap`` ([0, 1], on the image's own pixels), ``.overlay`` (RGB), ``.probability`` and
     ``.label``. Raises ``ImageReadError`` for an unreadable image."""
     from covidxray.evaluation.explain import explain_image
-    return explain_image(load(run), source, alpha)
+    return explain_image(load(run, gate, runtime), source, alpha)
 
 
 def explain_files(run: str | Path, paths, out: str | Path,
-                  alpha: float = EVALUATION.heatmap_alpha) -> list:
+                  alpha: float = EVALUATION.heatmap_alpha, gate: bool = True,
+                  runtime: str = PREDICT.runtime) -> list:
     """Grad-CAM overlays of files and folders written into ``out`` as
     ``<name>_gradcam.png``; returns the predictions (unreadable files carry ``error``)."""
-    from covidxray.run.predictor import collect_paths
-    results = load(run).predict_paths(collect_paths(paths), heatmaps=True,
+    from covidxray.run.inputs import collect_paths
+    results = load(run, gate, runtime).predict_paths(collect_paths(paths), heatmaps=True,
                                       progress_label="explaining")
     _write_overlays(results, out, alpha)
     return results
 
 
-def download(handle: str | None = None, out: str | Path = "data") -> dict:
+def download(handle: str | None = None, out: str | Path = DOWNLOAD_FOLDER) -> dict:
     """Fetch a Kaggle data set (default: the reference design's) through kagglehub into
     ``out/<name>`` with a checksum record; returns the record, with ``root``: the folder to
     give to ``train`` and ``audit``."""
@@ -291,7 +290,8 @@ def audit_failures(result, fail_on) -> list[str]:
     return failures(result, fail_on)
 
 
-def report(run: str | Path, out: str | Path = "report.html", audit: bool = True) -> Path:
+def report(run: str | Path, out: str | Path = EVALUATION.report_file,
+           audit: bool = True) -> Path:
     """One self-contained HTML report of a run (with the audit of its split unless
     ``audit=False``)."""
     from covidxray.evaluation.report import build_report
@@ -319,17 +319,13 @@ def serve(run: str | Path, **settings) -> None:
     import os
     import tempfile
 
-    try:
-        import uvicorn
-    except ImportError as exc:
-        raise RuntimeError("serving needs the serve extra: pip install 'covidxray[serve]'") \
-            from exc
+    uvicorn = require("uvicorn", "serving", "serve")
 
     from covidxray.config import ServeConfig
     from covidxray.deploy.serve.app import SETTINGS_ENV, app_from_environment, create_app
     config = ServeConfig(**settings)
     run = run_folder(run)
-    load(run)  # a bad run fails here, once, before any worker starts
+    load(run, config.gate, config.runtime)  # a bad run fails here, before any worker starts
     if config.workers == 1:
         uvicorn.run(create_app(run, settings=config), host=config.host, port=config.port,
                     log_level="info")
@@ -346,21 +342,30 @@ def dicom_node(run: str | Path, block: bool = True, **settings):
     C-STORE of chest films; each is scored and answered with a Structured Report and a heat-map
     Secondary Capture, written to ``out`` and/or sent to ``send_to``. With ``block``, serve
     until interrupted; else return the running node (``.port``, ``.stop()``)."""
-    try:
-        from covidxray.deploy.dicom.node import start_node
-    except ImportError as exc:
-        raise ImportError("the DICOM node needs pynetdicom and highdicom: pip install "
-                          "'covidxray[dicom]'") from exc
+    require("pynetdicom", "the DICOM node", "dicom")
+    require("highdicom", "the DICOM node", "dicom")
+    from covidxray.deploy.dicom.node import start_node
     from covidxray.config import DicomNodeConfig
     return start_node(run_folder(run), DicomNodeConfig(**settings), block=block)
 
 
-def export(run: str | Path, out: str | Path, format: str = "onnx") -> dict:
+def dicom_node_status(run: str | Path, outbox: str | Path | None = None) -> dict:
+    """What waits in a DICOM node's outbox for the PACS (``outbox``: the node's ``--outbox``;
+    default: the run's), read from the folder: the node need not be running."""
+    from covidxray.deploy.dicom.outbox import status_of
+    from covidxray.run.folder import RunFolder
+    return status_of(outbox or RunFolder(run_folder(run)).outbox_folder)
+
+
+def export(run: str | Path, out: str | Path, format: str = EXPORT_FORMATS[0],
+           force: bool = False) -> dict:
     """The run as a model that runs with onnxruntime alone, in the folder ``out`` (the model,
     its metadata and gate); ``predict``, ``load`` and ``serve`` take that folder as a run.
-    Returns what ``out/export.json`` records (the parity with the run included)."""
+    ``out`` must be new, empty or an earlier export of the same run (``force``: replace
+    whatever it holds). Returns what ``out/export.json`` records (the parity with the run and
+    model.onnx's sha256 included)."""
     from covidxray.deploy.export import export as export_run
-    return export_run(run_folder(run), out, format)
+    return export_run(run_folder(run), out, format, force)
 
 
 def new_api_key(keys_file: str | Path, key_id: str) -> str:
@@ -370,7 +375,7 @@ def new_api_key(keys_file: str | Path, key_id: str) -> str:
     return make(keys_file, key_id)
 
 
-def demo(out: str | Path = "demo-run", data: str | Path | None = None,
+def demo(out: str | Path = DEMO.out, data: str | Path | None = None,
          image_size: int = DEMO.image_size, epochs: int = DEMO.epochs,
          n_per_class: int = DEMO.n_per_class, seed: int = DEMO.seed,
          verbose: int | str = "auto") -> dict:
@@ -378,13 +383,13 @@ def demo(out: str | Path = "demo-run", data: str | Path | None = None,
     train (the offline pretrained backbone when its weights are installed, else ResNet50 from
     random weights), evaluate on the test split, predict a few test images, write the HTML
     report. Returns what it made: ``data``, ``run``, ``metrics``, ``predictions``, ``report``."""
-    from covidxray.data.split import read_split_records
     from covidxray.data.synthetic import make_synthetic_dataset
     from covidxray.model.backbones import get_backbone
     from covidxray.model.weights import OFFLINE_BACKBONE, offline_weights
+    from covidxray.run.folder import RunFolder
     out = Path(out)
-    if (out / "run" / "config.json").exists():
-        raise FileExistsError(f"{out} already holds a demo; remove it or choose another folder")
+    if RunFolder(out / "run").config_file.exists():
+        raise UserError(f"{out} already holds a demo; remove it or choose another folder")
     data = Path(data) if data else make_synthetic_dataset(
         out / "data", n_per_class=n_per_class, size=2 * image_size, seed=seed)
     pretrained = offline_weights(get_backbone(OFFLINE_BACKBONE))
@@ -396,8 +401,9 @@ def demo(out: str | Path = "demo-run", data: str | Path | None = None,
     run = train(data, out / "run", verbose=verbose, image_size=image_size, batch_size=16,
                 patience=epochs, seed=seed, **recipe)
     predictor, metrics, written = _evaluate_and_report(
-        run, out / "report.html", bootstrap=EVALUATION.crossval_bootstrap, seed=seed)
-    test = [r.path for r in read_split_records(run / "split.csv", predictor.positive_class)
+        run, out / EVALUATION.report_file, bootstrap=EVALUATION.crossval_bootstrap,
+        seed=seed)
+    test = [r.path for r in RunFolder(run).read_split(predictor.positive_class)
             if r.split == "test"][:6]
     return {"data": data, "run": run, "metrics": metrics, "predictor": predictor,
             "predictions": predictor.predict_paths(test), "report": written}
@@ -407,7 +413,7 @@ def demo(out: str | Path = "demo-run", data: str | Path | None = None,
 
 
 def format_evaluation(result: dict) -> str:
-    from covidxray.evaluation.evaluate import format_report
+    from covidxray.evaluation.text import format_report
     return format_report(result)
 
 

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from covidxray.errors import ConfigError
 from covidxray.fileutil import write_text_atomic
 
 RESEARCH_NOTICE = ("Research use only. Not a medical device: not for diagnosis, triage or any "
@@ -27,6 +28,11 @@ LUNG_FALLBACK_CROP = 0.08
 FILL_MODES = ("none", "outside-lungs")
 # the Kaggle data set of the reference design, what 'covidxray data download' fetches by default
 KAGGLE_DATASET = "akhilkasare/covid19-chest-xray-detection"
+DOWNLOAD_FOLDER = "data"  # where 'covidxray data download' puts it
+# what answers for a trained run: its classifier exported once for onnxruntime (no Keras,
+# PyTorch or JAX imported), or the Keras model itself; the first is the default
+RUNTIMES = ("onnx", "keras")
+EXPORT_FORMATS = ("onnx",)  # what 'covidxray export' writes; the first is the default
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class Preprocessing:
     (``covidxray.model.lungs``; a film without plausible lungs falls back to
     ``LUNG_FALLBACK_CROP``); ``intensity`` normalises the grey levels (``INTENSITY_MODES``);
     then the image is resized to ``image_size`` square and quantised to uint8
-    (``covidxray.pixels.imageio.prepare``). The backbone's own preprocessing lives inside the
+    (``covidxray.pixels.preprocess.prepare``). The backbone's own preprocessing lives inside the
     model.
     """
 
@@ -73,7 +79,7 @@ def check_crop(crop) -> None:
     if crop == LUNG_CROP:
         return
     if isinstance(crop, str) or not 0 <= crop < 0.5:
-        raise ValueError(f"crop must be a fraction in [0, 0.5) or {LUNG_CROP!r}, got {crop!r}")
+        raise ConfigError(f"crop must be a fraction in [0, 0.5) or {LUNG_CROP!r}, got {crop!r}")
 
 
 def parse_same_patients(entries) -> dict[str, str]:
@@ -82,7 +88,7 @@ def parse_same_patients(entries) -> dict[str, str]:
     for entry in entries:
         alias, equals, name = entry.partition("=")
         if not (equals and alias.strip() and name.strip()):
-            raise ValueError(f"{entry!r}: expected NAME=NAME, e.g. ieeefull=ieee")
+            raise ConfigError(f"{entry!r}: expected NAME=NAME, e.g. ieeefull=ieee")
         aliases[alias.strip()] = name.strip()
     return aliases
 
@@ -129,6 +135,10 @@ RECIPES = {
                "intensity": "equalize", "crop": 0.08, "pooled_stages": 1,
                "source_augment": True, "test_time_views": 16},
 }
+
+
+# the sensitivity the "sensitivity" threshold method reaches unless told another
+DEFAULT_TARGET_SENSITIVITY = 0.95
 
 
 @dataclass
@@ -192,8 +202,10 @@ class TrainConfig:
     split_file: str | None = None  # reuse an earlier split.csv
     seed: int = 0
     positive_class: str | None = None  # default: the folder whose name says covid
-    threshold_method: str = "youden"  # or "sensitivity"
-    target_sensitivity: float = 0.95
+    # "youden" (maximise sensitivity + specificity - 1) or "sensitivity" (the highest threshold
+    # reaching target_sensitivity); None: "sensitivity" where a target is given, else "youden"
+    threshold_method: str | None = None
+    target_sensitivity: float | None = None  # None: DEFAULT_TARGET_SENSITIVITY
     calibrate: bool = False  # fit a temperature on validation and apply it to every score
     # prediction sets (run.conformal): the share of films of each class whose set holds their
     # class, on films like the validation ones
@@ -209,7 +221,7 @@ class TrainConfig:
     # left out, each named in the log and the run's metadata with the reason
     sources: tuple[str, ...] | None = None  # only these; None: all
     exclude_sources: tuple[str, ...] = ()
-    # leave out what audit.confounded_sources names (data that names no sources: nothing)
+    # leave out what data.sources.confounded_sources names (data that names no sources: nothing)
     exclude_confounded: bool = True
     strict: bool = False
     allow_leaks: bool = False  # train even when identical files sit in different splits
@@ -230,6 +242,11 @@ class TrainConfig:
         if isinstance(self.data, (list, tuple)):
             self.data = [str(d) for d in self.data] if len(self.data) > 1 else str(self.data[0])
         self.exclude_sources = tuple(self.exclude_sources)
+        if self.threshold_method is None:
+            self.threshold_method = "youden" if self.target_sensitivity is None else \
+                "sensitivity"
+        if self.target_sensitivity is None:
+            self.target_sensitivity = DEFAULT_TARGET_SENSITIVITY
         recipe = RECIPES["random" if self.weights.lower() == "none" else "pretrained"]
         for name, value in recipe.items():
             if getattr(self, name) is None:
@@ -250,48 +267,48 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.image_size < 32:
-            raise ValueError(f"image_size must be at least 32, got {self.image_size}")
+            raise ConfigError(f"image_size must be at least 32, got {self.image_size}")
         if self.head_epochs < 0 or self.finetune_epochs < 0:
-            raise ValueError("epochs cannot be negative")
+            raise ConfigError("epochs cannot be negative")
         if self.head_epochs == 0 and self.finetune_epochs == 0:
-            raise ValueError("both training phases are skipped: nothing to train")
+            raise ConfigError("both training phases are skipped: nothing to train")
         if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 \
                 or min(self.split_fractions) < 0:
-            raise ValueError(f"split fractions must be three non-negative numbers summing to 1, "
+            raise ConfigError(f"split fractions must be three non-negative numbers summing to 1, "
                              f"got {self.split_fractions}")
         if self.threshold_method not in ("youden", "sensitivity"):
-            raise ValueError(f"threshold_method must be 'youden' or 'sensitivity', "
+            raise ConfigError(f"threshold_method must be 'youden' or 'sensitivity', "
                              f"got {self.threshold_method!r}")
         if not 0 < self.target_sensitivity <= 1:
-            raise ValueError("target_sensitivity must be in (0, 1]")
+            raise ConfigError("target_sensitivity must be in (0, 1]")
         if self.unfreeze_stages != "all" and not (isinstance(self.unfreeze_stages, int)
                                                   and self.unfreeze_stages >= 1):
-            raise ValueError(f"unfreeze_stages must be a positive number or 'all', "
+            raise ConfigError(f"unfreeze_stages must be a positive number or 'all', "
                              f"got {self.unfreeze_stages!r}")
         if self.intensity not in INTENSITY_MODES:
-            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got "
+            raise ConfigError(f"intensity must be one of {INTENSITY_MODES}, got "
                              f"{self.intensity!r}")
         check_crop(self.crop)
         if self.fill not in FILL_MODES:
-            raise ValueError(f"fill must be one of {FILL_MODES}, got {self.fill!r}")
+            raise ConfigError(f"fill must be one of {FILL_MODES}, got {self.fill!r}")
         if self.mixed_precision not in ("auto", "on", "off"):
-            raise ValueError(f"mixed_precision must be auto, on or off, got "
+            raise ConfigError(f"mixed_precision must be auto, on or off, got "
                              f"{self.mixed_precision!r}")
         if self.head_views < 0 or self.test_time_views < 0:
-            raise ValueError("head_views and test_time_views cannot be negative")
+            raise ConfigError("head_views and test_time_views cannot be negative")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.dropout < 1:
-            raise ValueError("dropout must be in [0, 1)")
+            raise ConfigError("dropout must be in [0, 1)")
         if not 0.5 <= self.confidence < 1:
-            raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
+            raise ConfigError(f"confidence must be in [0.5, 1), got {self.confidence}")
         if self.pooled_stages < 1:
-            raise ValueError("pooled_stages must be at least 1")
+            raise ConfigError("pooled_stages must be at least 1")
         parse_same_patients(self.same_patients)
         parse_same_patients(self.same_sources)
         if self.classes is not None and (len(self.classes) < 3 or len(
                 {c.lower() for c in self.classes}) < len(self.classes)):
-            raise ValueError(f"classes must be three or more different names, got "
+            raise ConfigError(f"classes must be three or more different names, got "
                              f"{self.classes!r} (two classes: leave it out)")
 
     def to_dict(self) -> dict:
@@ -305,6 +322,65 @@ class TrainConfig:
         values = json.loads(Path(path).read_text())
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def check_runtime(name: str) -> None:
+    if name not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {RUNTIMES}, got {name!r}")
+
+
+def check_ranges(settings, ranges: dict[str, tuple]) -> None:
+    """Each named setting a number in its (low, high) range (None: open); None values (not
+    set) pass. Raises ``errors.ConfigError`` naming the setting and the range."""
+    for name, (low, high) in ranges.items():
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (low is not None and value < low) or (high is not None and value > high):
+            allowed = (f"from {low} to {high}" if high is not None else f"at least {low}")
+            raise ConfigError(f"{name.replace('_', '-')} {value!r} is out of range: "
+                              f"{allowed}")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Defaults of ``covidxray predict`` (and ``score``, archive scoring)."""
+
+    batch_size: int = 32  # films per forward pass
+    runtime: str = RUNTIMES[0]  # RUNTIMES
+    engine: str = "local"  # archives: this process, or "ray" (Ray Data)
+    ray_workers: int = 2  # with the Ray engine: scoring actors, each with the model loaded once
+    retry_errors: bool = True  # an archive's files that could not be read are tried again
+    chunk: int = 256  # an archive's result rows written at a time
+
+    def __post_init__(self) -> None:
+        check_runtime(self.runtime)
+        check_ranges(self, {"batch_size": (1, 4096), "ray_workers": (1, 1024),
+                            "chunk": (1, None)})
+
+
+@dataclass(frozen=True)
+class LungTrainConfig:
+    """Defaults of ``covidxray lungs train``: the lung segmenter's U-Net and its training."""
+
+    image_size: int = 128  # square input, a multiple of 2 ** depth
+    base_filters: int = 8  # doubling at each of the depth poolings
+    depth: int = 4
+    epochs: int = 100  # at most: the best epoch by validation Dice is kept
+    batch_size: int = 16
+    seed: int = 0  # the split by patient and the training
+    patience: int = 15
+    learning_rate: float = 2e-3
+    licence: str = ""  # what the model card says of the masks' and images' licences
+
+    def __post_init__(self) -> None:
+        check_ranges(self, {"image_size": (16, 1024), "base_filters": (1, 256),
+                            "depth": (1, 8), "epochs": (1, None), "batch_size": (1, None),
+                            "patience": (1, None), "learning_rate": (1e-8, 1.0)})
+        if self.image_size % (2 ** self.depth):
+            raise ConfigError(f"the lung segmenter's image size {self.image_size} must divide "
+                              f"by {2 ** self.depth} (2 ** depth)")
 
 
 @dataclass(frozen=True)
@@ -327,6 +403,8 @@ class EvaluationConfig:
     # audit: near duplicates at this difference-hash distance or less, of 256 bits
     # (re-encodings and small re-crops stay below it)
     near_distance: int = 12
+    report_file: str = "report.html"  # covidxray report's output
+    audit_file: str = "audit.json"  # covidxray audit's output
 
 
 @dataclass(frozen=True)
@@ -351,6 +429,20 @@ class ServeConfig:
     key_failures_allowed: int = 5
     audit_db: str | None = None  # SQLAlchemy URL of the prediction record (default: SQLite)
     workers: int = 1  # processes, each with the model loaded once
+    gate: bool = True  # False: no out-of-distribution gate (a damaged gate file otherwise stops)
+    runtime: str = RUNTIMES[0]  # RUNTIMES
+    # requests arriving within batch_wait_ms of each other share one forward pass, up to
+    # batch_films films (deploy.serve.batching)
+    batch_films: int = 32
+    batch_wait_ms: float = 5.0
+
+    def __post_init__(self) -> None:
+        check_runtime(self.runtime)
+        check_ranges(self, {"port": (0, 65535), "max_upload_mb": (0.001, None),
+                            "batch_films": (1, 1024), "batch_wait_ms": (0, 1000),
+                            "max_pixels": (1, None), "max_files": (1, None),
+                            "max_request_pixels": (1, None), "queue": (1, 10_000),
+                            "key_failures_allowed": (0, None), "workers": (1, 256)})
 
 
 @dataclass(frozen=True)
@@ -375,6 +467,19 @@ class DicomNodeConfig:
     tls_ca: str | None = None  # with it: clients must show a certificate it signed
     audit_db: str | None = None  # the prediction record (default: SQLite in RUN/serve/)
     metrics_port: int | None = None  # Prometheus metrics on this loopback port
+    gate: bool = True  # False: no out-of-distribution gate (a damaged gate file otherwise stops)
+    # with send_to: results wait here (durably) until the PACS takes them; None: RUN/serve/outbox
+    outbox: str | None = None
+    outbox_expiry_h: float = 168.0  # a result waiting longer is set aside in outbox/expired/
+    runtime: str = RUNTIMES[0]  # RUNTIMES
+
+    def __post_init__(self) -> None:
+        check_runtime(self.runtime)
+        check_ranges(self, {"port": (0, 65535), "max_associations": (1, 1000),
+                            "outbox_expiry_h": (0.001, None),
+                            "max_pdu": (16_384, 2 ** 31 - 1), "max_instances": (1, None),
+                            "max_instance_mb": (0.001, None), "max_pixels": (1, None),
+                            "timeout_s": (0.1, 3600), "metrics_port": (1, 65535)})
 
 
 @dataclass(frozen=True)
@@ -385,9 +490,12 @@ class DemoConfig:
     epochs: int = 6
     n_per_class: int = 80  # synthetic images per class
     seed: int = 0
+    out: str = "demo-run"  # the folder for everything it writes
 
 
 READ = ReadLimits()
+PREDICT = PredictConfig()
+LUNG_TRAINING = LungTrainConfig()
 EVALUATION = EvaluationConfig()
 SERVE = ServeConfig()
 DICOM_NODE = DicomNodeConfig()

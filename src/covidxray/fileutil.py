@@ -15,12 +15,14 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from covidxray.errors import UserError
+
 # left free on a disk beyond what a write needs: the system and other writers need some too
 SPARE_BYTES = 16 << 20
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """No space left for a write: names the folder, the space needed and what is free."""
 
     def __init__(self, path: Path, needed: int | None, free: int):
@@ -89,7 +91,7 @@ def atomic_path(path: str | Path, suffix: str | None = None, expected_bytes: int
             os.unlink(tmp)
 
 
-class FolderLockedError(RuntimeError):
+class FolderLockedError(UserError, RuntimeError):
     """Another job holds the folder."""
 
 

@@ -1,9 +1,9 @@
 """Audit a data set for what makes a chest X-ray classifier look better than it is.
 
-Source x class confounding, image properties that separate the classes, exact and near
-duplicates (within and across splits and classes), label conflicts, and patients found in more
-than one split. The cheap parts (exact duplicates and patients across splits) also run inside
-``train``.
+Source x class confounding (``sources.confounded_sources``), image properties that separate the
+classes (with the image-statistics study of ``statistics``), exact and near duplicates (within
+and across splits and classes), label conflicts, and patients found in more than one split. The
+cheap parts (exact duplicates and patients across splits) also run inside ``train``.
 """
 
 from __future__ import annotations
@@ -16,36 +16,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from covidxray.config import EVALUATION, LUNG_CROP, Preprocessing
-from covidxray.data.dataset import DataError, Record
+from covidxray.config import EVALUATION
+from covidxray.data.dataset import Record
+from covidxray.data.sources import confounded_sources
 from covidxray.data.split import patients_across_splits
-from covidxray.pixels.imageio import ImageReadError, header_facts, prepare, read_image
+from covidxray.data.statistics import image_statistics_separability, separability_warnings
+from covidxray.pixels.decode import ImageReadError, header_facts, read_image
 from covidxray.progress import progress
 
 DHASH_SIZE = 16  # 16x16 = 256-bit difference hash
-CONFOUNDING_GAP = 0.3  # a source whose positive share differs this much from the whole set's
-
-# image statistics that give a source's classes away: cross-validated ROC-AUC at or above this
-SEPARABILITY_WARNING = 0.75
-SEPARABILITY_FOLDS = 5
-MIN_PER_CLASS = 10  # fewer images of a class in a source: its separability is not measured
-STATISTICS_SIZE = 64  # the images are prepared at this size for the thumbnail and histogram
-HISTOGRAM_BINS = 32
-# the pixel options the audit tries on each two-class source (the lung crop too, where the
-# caller gives the lung segmenter): how much of the class each leaves in the image statistics
-AS_THEY_ARE = "as they are"
-RUN_PIXELS = "this run's pixels"  # what training measures beside the files as they are
-PIXEL_OPTIONS = {
-    AS_THEY_ARE: Preprocessing(STATISTICS_SIZE),
-    "crop 8%": Preprocessing(STATISTICS_SIZE, "none", 0.08),
-    "percentile + crop 8%": Preprocessing(STATISTICS_SIZE, "percentile", 0.08),
-    "equalize + crop 8%": Preprocessing(STATISTICS_SIZE, "equalize", 0.08),
-    "clahe + crop 8%": Preprocessing(STATISTICS_SIZE, "clahe", 0.08),
-}
-LUNG_OPTIONS = {
-    "equalize + lungs": Preprocessing(STATISTICS_SIZE, "equalize", LUNG_CROP),
-    "clahe + lungs": Preprocessing(STATISTICS_SIZE, "clahe", LUNG_CROP),
-}
 
 
 @dataclass
@@ -151,176 +130,6 @@ def separating_values(values: list[str], labels: list[str], min_share: float = 0
             found.append({"value": value, "images": count, "class": label,
                           "share": top / count})
     return sorted(found, key=lambda f: -f["images"])
-
-
-def confounded_sources(records: list[Record], by_share: bool = True) -> dict[str, str]:
-    """Sources that would teach a model which source it sees rather than the disease, each with
-    the reason: a single class, or (``by_share``) a positive share CONFOUNDING_GAP or more away
-    from the whole data set's. Records without a source are not judged.
-
-    ``by_share=False`` is the criterion for a model of three or more classes: only a
-    single-label source is left out. Such a model learns COVID against the other classes
-    within each source, and the collections that bring other pneumonias bring COVID beside
-    them in their own proportions (ieee8023: four COVID films to one pneumonia): leaving them
-    out for their share would leave no pneumonia to learn from."""
-    by_source = defaultdict(list)
-    for r in records:
-        if r.source:
-            by_source[r.source].append(r.target if by_share else r.label.lower())
-    found = {}
-    if not by_share:
-        for source, labels in sorted(by_source.items()):
-            if len(set(labels)) == 1:
-                found[source] = f"one class only ({len(labels)} {labels[0]} images)"
-        return found
-    overall = float(np.mean([t for targets in by_source.values() for t in targets] or [0]))
-    for source, targets in sorted(by_source.items()):
-        share = float(np.mean(targets))
-        if share in (0.0, 1.0):
-            found[source] = (f"one class only ({len(targets)} "
-                             f"{'positive' if share else 'negative'} images)")
-        elif abs(share - overall) >= CONFOUNDING_GAP:
-            found[source] = f"{share:.0%} positive against {overall:.0%} in the whole data set"
-    return found
-
-
-def select_sources(records: list[Record], include=None, exclude=(),
-                   exclude_confounded: bool = False,
-                   by_share: bool = True) -> tuple[list[Record], dict[str, str]]:
-    """The records of the sources chosen for training, and each source left out with why.
-
-    ``include``: only these sources (None: all); ``exclude``: not these; ``exclude_confounded``:
-    not those ``confounded_sources`` names (``by_share``: its criterion), judged on the whole
-    data set (nothing to judge when no record names its source).
-    """
-    if include is None and not exclude and (not exclude_confounded
-                                            or not any(r.source for r in records)):
-        return records, {}
-    unsourced = [r.path for r in records if not r.source]
-    if unsourced:
-        raise DataError(f"{len(unsourced)} images have no source (e.g. {unsourced[0]}): choosing "
-                        f"sources needs a source column or --source-from-prefix")
-    known = sorted({r.source for r in records})
-    unknown = sorted((set(include or ()) | set(exclude)) - set(known))
-    if unknown:
-        raise DataError(f"unknown source(s) {', '.join(unknown)}; the data has {', '.join(known)}")
-    left_out = {}
-    for source in known:
-        if include is not None and source not in include:
-            left_out[source] = "not among the sources chosen (--sources)"
-        elif source in exclude:
-            left_out[source] = "left out by --exclude-sources"
-    if exclude_confounded:
-        for source, reason in confounded_sources(records, by_share).items():
-            left_out.setdefault(source, f"confounded: {reason}")
-    kept = [r for r in records if r.source not in left_out]
-    if len({r.target for r in kept}) < 2:
-        remaining = ", ".join(sorted({r.source for r in kept})) or "none"
-        raise DataError(f"the sources left for training ({remaining}) do not hold both classes;"
-                        f" left out: " + "; ".join(f"{s} ({why})" for s, why in left_out.items()))
-    return kept, left_out
-
-
-def _statistics(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A prepared (STATISTICS_SIZE square) uint8 image -> its 16x16 thumbnail and its
-    grey-level histogram (shares of HISTOGRAM_BINS bins)."""
-    block = image.shape[0] // 16
-    thumb = image.reshape(16, block, 16, block).mean(axis=(1, 3)).ravel() / 255.0
-    counts = np.bincount(image.ravel().astype(np.int64) * HISTOGRAM_BINS // 256,
-                         minlength=HISTOGRAM_BINS)
-    return thumb, counts / counts.sum()
-
-
-def _cross_validated_auc(x: np.ndarray, y: np.ndarray, groups: list[str], seed: int) -> float:
-    """ROC-AUC of out-of-fold P(positive) of a regularised, balanced logistic regression on
-    standardised ``x``, folds grouped by patient (where known) and stratified by class."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedGroupKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    folds = StratifiedGroupKFold(SEPARABILITY_FOLDS, shuffle=True, random_state=seed)
-    scores = np.zeros(len(y))
-    for train, test in folds.split(x, y, groups):
-        model = make_pipeline(StandardScaler(), LogisticRegression(
-            C=0.1, class_weight="balanced", max_iter=5000))
-        model.fit(x[train], y[train])
-        scores[test] = model.predict_proba(x[test])[:, 1]
-    return float(roc_auc_score(y, scores))
-
-
-def image_statistics_separability(records: list[Record], options: dict | None = None,
-                                  segmenter=None, seed: int = 0) -> dict:
-    """For each source with both classes (at least MIN_PER_CLASS images each; records without
-    a source count as one source), how well image statistics alone tell its classes apart:
-    the cross-validated ROC-AUC of a logistic regression on 16x16 thumbnails and on the
-    grey-level histogram, under each of ``options`` (name -> ``Preprocessing``; default
-    ``PIXEL_OPTIONS``, and ``LUNG_OPTIONS`` with a ``segmenter``), and on the file's width,
-    height and aspect. What a source gives away here, a network can learn instead of the
-    disease; the options that bring it down are the ones to train with."""
-    if options is None:
-        options = {**PIXEL_OPTIONS, **(LUNG_OPTIONS if segmenter is not None else {})}
-    by_source = defaultdict(list)
-    for r in records:
-        by_source[r.source or "(no source)"].append(r)
-    found = {}
-    for source, members in sorted(by_source.items()):
-        counts = Counter(r.target for r in members)
-        if min(counts[0], counts[1]) < MIN_PER_CLASS:
-            continue
-        stats = {name: ([], []) for name in options}
-        sizes, kept = [], []
-        for r in progress(members, desc=f"audit: image statistics of {source}"):
-            try:
-                data = Path(r.path).read_bytes()
-                gray = read_image(r.path, data)
-                width, height, _, _ = header_facts(r.path, data)
-            except (OSError, ImageReadError):
-                continue
-            lungs = segmenter.field(gray) if segmenter is not None and any(
-                spec.uses_lungs for spec in options.values()) else None
-            for name, spec in options.items():
-                thumb, histogram = _statistics(prepare(gray, spec, lungs))
-                stats[name][0].append(thumb)
-                stats[name][1].append(histogram)
-            sizes.append([np.log(width), np.log(height), width / height])
-            kept.append(r)
-        y = np.array([r.target for r in kept])
-        groups = [r.group for r in kept]
-        result = {"images": len(kept), "positive": int(y.sum()),
-                  "size_and_aspect": _cross_validated_auc(np.array(sizes), y, groups, seed),
-                  "options": {name: {"thumbnail": _cross_validated_auc(np.array(t), y, groups,
-                                                                         seed),
-                                     "histogram": _cross_validated_auc(np.array(h), y, groups,
-                                                                         seed)}
-                              for name, (t, h) in stats.items()}}
-        worst = {name: max(v.values()) for name, v in result["options"].items()}
-        result["lowest"] = min(worst, key=worst.get)
-        found[source] = result
-    return found
-
-
-def separability_warnings(found: dict) -> list[str]:
-    """One warning per source whose classes its image statistics give away."""
-    warnings = []
-    for source, result in found.items():
-        plain = result["options"].get(AS_THEY_ARE) or next(iter(result["options"].values()))
-        worst = max(max(plain.values()), result["size_and_aspect"])
-        if worst < SEPARABILITY_WARNING:
-            continue
-        best = RUN_PIXELS if RUN_PIXELS in result["options"] else result["lowest"]
-        after = result["options"][best]
-        advice = (f"as this run prepares its images they still give {after['thumbnail']:.2f} "
-                  f"and {after['histogram']:.2f}" if best == RUN_PIXELS else
-                  f"'{best}' brings the thumbnail and histogram down to "
-                  f"{after['thumbnail']:.2f} and {after['histogram']:.2f}; train with it")
-        warnings.append(
-            f"source '{source}': image statistics alone tell its classes apart (cross-validated "
-            f"ROC-AUC: 16x16 thumbnail {plain['thumbnail']:.2f}, grey-level histogram "
-            f"{plain['histogram']:.2f}, size and aspect {result['size_and_aspect']:.2f}): its "
-            f"classes likely come from different collections, and a model can learn that "
-            f"instead of the disease; {advice}, and judge the model on a source it never saw")
-    return warnings
 
 
 def audit(records: list[Record],

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from covidxray.errors import UserError
 from covidxray.config import Preprocessing
 from covidxray.fileutil import file_sha256
 from covidxray.progress import progress
-from covidxray.pixels.imageio import ImageReadError, as_preprocessing, is_image_candidate, \
-    prepare, read_image
+from covidxray.pixels.decode import ImageReadError, is_image_candidate, read_image
+from covidxray.pixels.preprocess import as_preprocessing, prepare
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
                "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data set as a whole cannot be used (not a single bad file: those are skipped)."""
 
 

@@ -14,6 +14,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from covidxray.errors import UserError
 from covidxray.config import KAGGLE_DATASET
 from covidxray.data.dataset import SPLIT_NAMES
 from covidxray.fileutil import file_sha256
@@ -22,7 +23,7 @@ from covidxray.progress import progress
 RECORD_FILE = "download.json"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """The data set could not be fetched; the message says what to do."""
 
 
@@ -88,7 +89,7 @@ def download(handle: str = KAGGLE_DATASET, out: str | Path = "data") -> dict:
                             f"(e.g. {KAGGLE_DATASET})")
     target = Path(out) / handle.split("/")[1]
     if target.exists():
-        raise FileExistsError(f"{target} already exists: remove it or choose another --out")
+        raise DownloadError(f"{target} already exists: remove it or choose another --out")
     fetched = _fetch(handle)
     files = sorted(p for p in fetched.rglob("*") if p.is_file())
     partial = target.with_name(f".{target.name}.partial")

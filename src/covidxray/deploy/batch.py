@@ -20,84 +20,88 @@ import functools
 import io
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
+from covidxray.config import RUNTIMES
+from covidxray.errors import UserError, require
 from covidxray.fileutil import atomic_path
 from covidxray.progress import progress
-from covidxray.run.predictor import Prediction, Predictor, collect_paths, \
-    input_preprocessing_of, load_segmenter, prepare_input
+from covidxray.run.inputs import collect_paths, prepare_input
+from covidxray.run.predictor import Predictor, input_preprocessing_of, load_segmenter
+from covidxray.run.record import Prediction, arrow_schema, record_fields
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("path", "input_sha256", "probability", "label", "positive", "verdict",
-           "prediction_set", "class_probabilities", "ood", "ood_reason", "feature_distance",
-           "error", "model_id", "synthetic_data")
+class ResultsFileError(UserError, ValueError):
+    """A results file this job cannot append to (the message says why and what to do)."""
+
+
+# besides the record's own fields (run.record): which model made each row
+RUN_COLUMNS = [("model_id", "text"), ("synthetic_data", "bool")]
 CHUNK = 256  # rows written at a time
 ERROR_EXAMPLES = 20  # unreadable files named in the summary (all are in the output)
-
-
-def input_paths(sources) -> list[str]:
-    """The files of ``sources``: folders (searched recursively), CSV lists of paths (column
-    ``path`` or ``file``, relative to the list), or image files."""
-    paths = []
-    for source in map(Path, sources):
-        if source.is_file() and source.suffix.lower() == ".csv":
-            with open(source, newline="") as handle:
-                for row in csv.DictReader(handle):
-                    value = row.get("path") or row.get("file") or ""
-                    if value:
-                        path = Path(value)
-                        paths.append(str(path if path.is_absolute() else source.parent / path))
-        else:
-            paths += collect_paths([source])
-    return paths
 
 
 def key(path: str) -> str:
     """A path resolved (absolute, links followed: the same file however it is named), as it
     can be stored (a name that is not valid UTF-8 keeps its odd bytes as backslash escapes):
     what a result row holds and resuming compares."""
-    return str(Path(path).resolve()).encode("utf-8", "backslashreplace").decode("utf-8")
+    path = Path(path)
+    # a broken link keeps its own name: its row says the link cannot be read
+    named = path.absolute() if path.is_symlink() and not path.exists() else path.resolve()
+    return str(named).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def columns(record: type = Prediction) -> list[str]:
+    """A result row's columns: the record's fields, then the run's."""
+    return [f.name for f in record_fields(record)] + [name for name, _ in RUN_COLUMNS]
 
 
 def row_of(prediction: Prediction, metadata) -> dict:
-    """A result row: the prediction, and which model made it (trained on synthetic data?)."""
-    import json
-    values = prediction.to_dict()
-    chosen = values.get("prediction_set")
-    classes = values.get("class_probabilities")
-    return {**{name: values.get(name) for name in COLUMNS}, "path": key(prediction.path),
-            "prediction_set": None if chosen is None else "|".join(chosen),
-            "class_probabilities": None if classes is None else json.dumps(classes),
-            "model_id": metadata.model_id, "synthetic_data": metadata.synthetic_data}
+    """A result row: the prediction flat, and which model made it (trained on synthetic
+    data?)."""
+    return {**prediction.row(), "path": key(prediction.path), "model_id": metadata.model_id,
+            "synthetic_data": metadata.synthetic_data}
 
 
 class CsvResults:
     """Results appended to a CSV file; a last row cut short by a kill is dropped on resume (and
-    its file scored again), with a notice."""
+    its file scored again), with a notice. With ``retry_errors``, the rows of files that could
+    not be read are taken out (the file rewritten whole, atomically) and those files tried
+    again."""
 
-    def __init__(self, path: Path, model_id: str):
-        self.path = path
-        self.done = set()
+    def __init__(self, path: Path, model_id: str, retry_errors: bool = True,
+                 record: type = Prediction):
+        self.path, self.columns = path, columns(record)
+        self.done, self.retried = set(), 0
         if path.is_file() and path.stat().st_size:
             rows = self._rows_kept()
             _check_model(path, {r["model_id"] for r in rows}, model_id)
+            if retry_errors and any(r["error"] for r in rows):
+                kept = [r for r in rows if not r["error"]]
+                self.retried = len(rows) - len(kept)
+                with atomic_path(path) as tmp:
+                    tmp.write_text(",".join(self.columns) + "\n" +
+                                   _csv_text(kept, self.columns), encoding="utf-8")
+                rows = kept
             self.done = {key(r["path"]) for r in rows}
         else:
             with atomic_path(path) as tmp:
-                tmp.write_text(",".join(COLUMNS) + "\n", encoding="utf-8")
+                tmp.write_text(",".join(self.columns) + "\n", encoding="utf-8")
 
     def _rows_kept(self) -> list[dict]:
         """The complete rows; a cut last row is removed from the file. A cut row before the
         last is damage this cannot repair: an error naming its line."""
         data = self.path.read_bytes()
         parsed = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
-        if not parsed or tuple(parsed[0]) != COLUMNS:
-            raise ValueError(f"{self.path}: not a results file of this covidxray version (its "
-                             f"header is not {','.join(COLUMNS)}); write the results to "
-                             f"another file")
-        complete = [len(row) == len(COLUMNS) for row in parsed]
+        names = self.columns
+        if not parsed or parsed[0] != names:
+            raise ResultsFileError(f"{self.path}: not a results file of this covidxray version "
+                                   f"(its header is not {','.join(names)}); write the "
+                                   f"results to another file")
+        complete = [len(row) == len(names) for row in parsed]
         if not data.endswith(b"\n") or not complete[-1]:
             # the last row was being written when the job stopped
             end = len(data) - 1 if data.endswith(b"\n") else len(data)
@@ -108,96 +112,136 @@ class CsvResults:
                 handle.truncate(cut)
             parsed, complete = parsed[:-1], complete[:-1]
         if not all(complete):
-            raise ValueError(f"{self.path}: line {complete.index(False) + 1} is not a complete "
-                             f"result row; the file is damaged: remove that line, or write to "
-                             f"another file")
-        return [dict(zip(COLUMNS, row)) for row in parsed[1:]]
+            raise ResultsFileError(f"{self.path}: line {complete.index(False) + 1} is not a "
+                                   f"complete result row; the file is damaged: remove that "
+                                   f"line, or write to another file")
+        return [dict(zip(names, row)) for row in parsed[1:]]
 
     def write(self, rows: list[dict]) -> None:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(buffer.getvalue())
+            handle.write(_csv_text(rows, self.columns))
             handle.flush()
             os.fsync(handle.fileno())
 
 
 class ParquetResults:
     """Results as a Parquet dataset: a folder of ``part-NNNNNN.parquet`` files, each complete
-    once it has its name."""
+    once it has its name. With ``retry_errors``, a part that holds rows of files that could not
+    be read is rewritten without them (atomically) and those files tried again."""
 
-    def __init__(self, folder: Path, model_id: str):
+    def __init__(self, folder: Path, model_id: str, retry_errors: bool = True,
+                 record: type = Prediction):
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
-        self.folder = folder
+        self.folder, self.schema = folder, result_schema(record)
         folder.mkdir(parents=True, exist_ok=True)
         parts = sorted(folder.glob("part-*.parquet"))
-        tables = [pq.read_table(part, columns=["path", "model_id"]) for part in parts]
+        tables = [pq.read_table(part) for part in parts]
         _check_model(folder, {m for t in tables for m in t.column("model_id").to_pylist()},
                      model_id)
+        self.retried = 0
+        if retry_errors:
+            for index, (part, table) in enumerate(zip(parts, tables)):
+                failed = pc.invert(pc.is_null(table.column("error")))
+                count = pc.sum(failed).as_py() or 0
+                if count:
+                    tables[index] = table.filter(pc.invert(failed))
+                    with atomic_path(part, suffix=".parquet") as tmp:
+                        pq.write_table(tables[index], tmp)
+                    self.retried += count
         self.done = {key(p) for t in tables for p in t.column("path").to_pylist()}
         self.next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=-1)
 
     def write(self, rows: list[dict]) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
-        table = pa.Table.from_pylist(rows, schema=result_schema())
+        table = pa.Table.from_pylist(rows, schema=self.schema)
         target = self.folder / f"part-{self.next_part:06d}.parquet"
         with atomic_path(target, suffix=".parquet") as tmp:
             pq.write_table(table, tmp)
         self.next_part += 1
 
 
-def result_schema():
-    import pyarrow as pa
-    return pa.schema([("path", pa.string()), ("input_sha256", pa.string()),
-                      ("probability", pa.float64()), ("label", pa.string()),
-                      ("positive", pa.bool_()), ("verdict", pa.string()),
-                      ("prediction_set", pa.string()), ("class_probabilities", pa.string()),
-                      ("ood", pa.bool_()), ("feature_distance", pa.float64()),
-                      ("ood_reason", pa.string()), ("error", pa.string()),
-                      ("model_id", pa.string()), ("synthetic_data", pa.bool_())])
+def result_schema(record: type = Prediction):
+    return arrow_schema(RUN_COLUMNS, record)
 
 
 def _check_model(where: Path, found: set, model_id: str) -> None:
     others = found - {model_id}
     if others:
-        raise ValueError(f"{where} holds results of another model ({', '.join(sorted(others))}"
-                         f"); write this model's to another file")
+        raise ResultsFileError(f"{where} holds results of another model "
+                               f"({', '.join(sorted(others))}); write this model's to another "
+                               f"file")
 
 
-def open_results(out: str | Path, model_id: str):
+def _csv_text(rows: list[dict], names: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    return buffer.getvalue()
+
+
+def open_results(out: str | Path, model_id: str, retry_errors: bool = True):
     out = Path(out)
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise UserError(f"{out}: results go to a .csv file or a .parquet folder")
+    check_writable(out)
     if out.suffix.lower() == ".csv":
-        return CsvResults(out, model_id)
-    if out.suffix.lower() == ".parquet":
-        return ParquetResults(out, model_id)
-    raise ValueError(f"{out}: results go to a .csv file or a .parquet folder")
+        return CsvResults(out, model_id, retry_errors)
+    return ParquetResults(out, model_id, retry_errors)
+
+
+def check_writable(out: str | Path) -> None:
+    """Refuse, before anything is scored, an output that cannot be written, naming the folder:
+    a file is made and removed where the results go (the folder itself for Parquet, the
+    file's folder for CSV, or the first folder above them that exists), which is what tells
+    a read-only disk or a folder of someone else's apart from one that can be written."""
+    out = Path(out)
+    folder = out if out.suffix.lower() == ".parquet" else out.parent
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{folder} is a file: {out} cannot be made under it")
+    if out.is_file() and not os.access(out, os.W_OK):
+        raise UserError(f"{out}: no permission to write it; choose another file")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".covidxray-write-check-", dir=folder)
+    except OSError as error:
+        raise UserError(f"{folder}: cannot write there ({error.strerror or error}), so {out} "
+                        f"cannot hold the results; choose a folder you can write to") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def score(run: str | Path, sources, out: str | Path, engine: str = "local",
           address: str | None = None, workers: int = 2, batch_size: int = 32,
-          quiet: bool = False, chunk: int = CHUNK) -> dict:
+          quiet: bool = False, chunk: int = CHUNK, gate: bool = True,
+          retry_errors: bool = True, runtime: str = RUNTIMES[0]) -> dict:
     """Score every file of ``sources`` with ``run`` (a run folder or an exported model) into
     ``out``, skipping the files already there, ``chunk`` rows written at a time; returns the
-    counts and the rate."""
-    from covidxray.run.metadata import METADATA_FILE, RunMetadata
-    metadata = RunMetadata.load(Path(run) / METADATA_FILE)
+    counts and the rate. ``retry_errors``: files whose rows say they could not be read (a
+    file half-copied then) are tried again, their old rows replaced. ``gate=False``: no
+    out-of-distribution gate."""
+    from covidxray.run.folder import RunFolder
+    metadata = RunFolder(run).metadata()
     model_id = metadata.model_id
-    results = open_results(out, model_id)
+    results = open_results(out, model_id, retry_errors)
+    if results.retried:
+        log.info("%s: %d files that could not be read before are tried again", out,
+                 results.retried)
     # each file once, however often and however it is named among the sources
-    paths = list({key(p): p for p in input_paths(sources)}.values())
+    paths = list({key(p): p for p in collect_paths(sources)}.values())
     todo = [p for p in paths if key(p) not in results.done]
     bar = progress(desc="scored", total=len(todo), unit="file", enabled=not quiet)
     started = time.monotonic()
     counts = {"files": len(paths), "already_done": len(paths) - len(todo), "scored": 0,
-              "errors": 0}
+              "errors": 0, "retried": results.retried}
     examples = []  # the first files that could not be read, to name them
     distances = []  # the gate's feature distances of the files scored now: the drift test
-    chunks = (_score_on_ray(run, todo, address, workers, batch_size, chunk)
+    chunks = (_score_on_ray(run, todo, address, workers, batch_size, chunk, gate, runtime)
               if engine == "ray"
-              else _score_locally(run, todo, batch_size, chunk) if engine == "local"
-              else _unknown(engine))
+              else _score_locally(run, todo, batch_size, chunk, gate, runtime)
+              if engine == "local" else _unknown(engine))
     try:
         for rows in chunks:
             results.write(rows)
@@ -210,7 +254,7 @@ def score(run: str | Path, sources, out: str | Path, engine: str = "local",
     finally:
         bar.close()
     seconds = time.monotonic() - started
-    drift = _drift(run, distances)
+    drift = _drift(run, distances) if gate else None
     return {**counts, "error_examples": examples, "seconds": round(seconds, 1),
             "drift": None if drift is None else drift.to_dict(),
             "files_per_s": round(counts["scored"] / seconds, 2) if seconds else None,
@@ -219,33 +263,27 @@ def score(run: str | Path, sources, out: str | Path, engine: str = "local",
 
 def _drift(run, distances: list[float]):
     """The drift test of the files scored now against the run's validation films."""
-    from covidxray.run.ood import OOD_FILE, OODGate
-    gate_file = Path(run) / OOD_FILE
-    if not distances or not gate_file.is_file():
-        return None
-    try:
-        return OODGate.load(gate_file).drift_of_distances(distances)
-    except (ValueError, KeyError):
-        return None
+    from covidxray.run.folder import RunFolder
+    gate = RunFolder(run).gate() if distances else None
+    return None if gate is None else gate.drift_of_distances(distances)
 
 
 def _unknown(engine: str):
-    raise ValueError(f"unknown engine {engine!r}: local or ray")
+    raise UserError(f"unknown engine {engine!r}: local or ray")
 
 
-def _score_locally(run, todo: list[str], batch_size: int, chunk: int):
-    predictor = Predictor.load(run)
+def _score_locally(run, todo: list[str], batch_size: int, chunk: int, gate: bool = True,
+                   runtime: str = RUNTIMES[0]):
+    predictor = Predictor.load(run, gate=gate, runtime=runtime)
     for start in range(0, len(todo), chunk):
         yield [row_of(p, predictor.metadata) for p in predictor.predict_many(
             todo[start:start + chunk], batch_size=batch_size)]
 
 
 def _score_on_ray(run, todo: list[str], address: str | None, workers: int,
-                  batch_size: int, chunk: int):
-    try:
-        import ray
-    except ImportError as exc:
-        raise RuntimeError("--engine ray needs Ray: pip install 'covidxray[ray]'") from exc
+                  batch_size: int, chunk: int, gate: bool = True,
+                  runtime: str = RUNTIMES[0]):
+    ray = require("ray", "--engine ray", "ray")
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False,
              log_to_driver=False, logging_level=logging.WARNING)
     # our own bar shows the progress; Ray Data's bars and notices only with --verbose
@@ -257,7 +295,9 @@ def _score_on_ray(run, todo: list[str], address: str | None, workers: int,
         dataset = ray.data.from_items([{"path": p} for p in todo])
         decoded = dataset.map_batches(_decode, fn_kwargs={"run": str(run)},
                                       batch_size=batch_size, batch_format="pyarrow")
-        scored = decoded.map_batches(_Score, fn_constructor_kwargs={"run": str(run)},
+        scored = decoded.map_batches(_Score, fn_constructor_kwargs={"run": str(run),
+                                                                    "gate": gate,
+                                                                    "runtime": runtime},
                                      batch_size=batch_size,
                                      compute=ray.data.ActorPoolStrategy(size=workers),
                                      batch_format="pyarrow")
@@ -299,8 +339,8 @@ def _decode(batch, run: str):
 class _Score:
     """Ray stage 2: an actor that loads the model once and scores every batch it is given."""
 
-    def __init__(self, run: str):
-        self.predictor = Predictor.load(run)
+    def __init__(self, run: str, gate: bool = True, runtime: str = RUNTIMES[0]):
+        self.predictor = Predictor.load(run, gate=gate, runtime=runtime)
 
     def __call__(self, batch):
         import pickle
@@ -308,7 +348,7 @@ class _Score:
         import numpy as np
         import pyarrow as pa
 
-        from covidxray.run.predictor import Prepared
+        from covidxray.run.inputs import Prepared
         rows, items, positions = batch.to_pylist(), [], []
         for index, row in enumerate(rows):
             if row["error"] is None:

@@ -13,21 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from covidxray.config import Preprocessing
-from covidxray.data.dataset import Record, load_images
-from covidxray.evaluation.metrics import choose_threshold
-from covidxray.pixels.imageio import as_preprocessing
-
-THUMBNAIL_SIZE = 16
-
-
-def thumbnails(records: list[Record], spec: int | Preprocessing = THUMBNAIL_SIZE,
-               segmenter=None):
-    """(n, size * size) pixel values in [0, 1] through the one preprocessing path, and the
-    targets and records of the readable images (unreadable ones are left out, as in training);
-    ``segmenter``: for a lung crop."""
-    loaded = load_images(records, spec, segmenter=segmenter)
-    matrix = loaded.images.reshape(len(loaded.records), -1).astype(np.float32) / 255.0
-    return matrix, loaded.targets.astype(int), loaded.records
+from covidxray.data.dataset import Record
+# the one thumbnail model, shared with the audit's image-statistics study (data may not import
+# evaluation, so it lives there); THUMBNAIL_SIZE and thumbnails are this module's names too
+from covidxray.data.statistics import THUMBNAIL_SIZE, logistic_regression, thumbnails
+from covidxray.metrics import choose_threshold
+from covidxray.pixels.preprocess import as_preprocessing
 
 
 @dataclass
@@ -42,17 +33,13 @@ def thumbnail_logistic_regression(train: list[Record], val: list[Record], test: 
                                   spec: int | Preprocessing = THUMBNAIL_SIZE,
                                   threshold_method: str = "youden",
                                   target_sensitivity: float = 0.95,
-                                  segmenter=None) -> BaselineScores:
-    """Fit on ``train`` (standardised pixels, L2-regularised, balanced classes), freeze the
-    threshold on ``val``, score ``test``. ``spec``: the thumbnail size, or a ``Preprocessing``
-    with the intensity normalisation and crop of the recipe it sits beside (``segmenter``: for
-    a lung crop)."""
+                                  segmenter=None, seed: int = 0) -> BaselineScores:
+    """Fit ``data.statistics.logistic_regression`` (standardised pixels, L2-regularised,
+    balanced classes; ``seed``) on ``train``, freeze the threshold on ``val``, score ``test``.
+    ``spec``: the thumbnail size, or a ``Preprocessing`` with the intensity normalisation and
+    crop of the recipe it sits beside (``segmenter``: for a lung crop)."""
     spec = as_preprocessing(spec)
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    model = make_pipeline(StandardScaler(),
-                          LogisticRegression(C=0.1, class_weight="balanced", max_iter=5000))
+    model = logistic_regression(seed)
     model.fit(*thumbnails(train, spec, segmenter)[:2])
     val_x, val_y, _ = thumbnails(val, spec, segmenter)
     threshold = choose_threshold(val_y, model.predict_proba(val_x)[:, 1], threshold_method,

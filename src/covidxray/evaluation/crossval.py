@@ -17,14 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from covidxray.config import Preprocessing, TrainConfig
-from covidxray.data.audit import select_sources
 from covidxray.data.dataset import DataError, Record, discover
+from covidxray.data.sources import select_sources
 from covidxray.data.split import assign_splits
+from covidxray.errors import ConfigError
 from covidxray.evaluation.baselines import THUMBNAIL_SIZE, thumbnail_logistic_regression
-from covidxray.evaluation.evaluate import contrasts, evaluate, format_metric, per_source, \
-    summarise
+from covidxray.evaluation.evaluate import contrasts, evaluate, per_source, summarise
+from covidxray.evaluation.text import format_metric
 from covidxray.fileutil import folder_lock, write_json_atomic, write_text_atomic
 from covidxray.progress import Steps
+from covidxray.run.folder import METRICS, RunFolder
 from covidxray.training.fit import RunExistsError, segmenter_of, train
 
 log = logging.getLogger(__name__)
@@ -92,26 +94,26 @@ def _train_and_score(records: list[Record], positive_class: str, name: str,
     if not train_model:
         return row
     run = trained_run or fold_dir / "run"
-    continued = resume and trained_run is None and (run / "config.json").is_file()
+    continued = resume and trained_run is None and RunFolder(run).config_file.is_file()
     started = time.monotonic()  # train_seconds: this call's part only
-    if not (run / "model.keras").is_file():
+    if not RunFolder(run).keras_file.is_file():
         manifest = _write_manifest(fold_dir / "data.csv", records)
         train(replace(config, data=str(manifest), out=str(run), split_file=None,
                       source_from_prefix=False, sources=None, exclude_sources=(),
                       exclude_confounded=False), resume=continued, verbose=0)
     seconds = time.monotonic() - started if trained_run is None else 0.0
     metrics = evaluate(run, n_bootstrap=n_bootstrap, seed=config.seed, shortcut_images=0,
-                       out=fold_dir / "metrics.json", records=test)
+                       out=fold_dir / METRICS, records=test)
     row = {**row, "run": str(run), "train_seconds": round(seconds, 1), "resumed": continued,
-           "threshold": metrics["threshold"], **fold_score(metrics),
-           "metrics": {k: v["value"] for k, v in metrics["overall"]["metrics"].items()},
+           "threshold": metrics.threshold, **fold_score(metrics.to_dict()),
+           "metrics": {k: v["value"] for k, v in metrics.overall["metrics"].items()},
            "per_source": {s: fold_score({"overall": v})
-                          for s, v in metrics["per_source"].items()},
+                          for s, v in metrics.per_source.items()},
            # how the prediction sets' promise held on the held-out data, per class
-           "prediction_sets": metrics.get("prediction_sets"),
-           "contrasts": metrics.get("contrasts"),
-           "drift": metrics.get("drift"),
-           "lungs": metrics.get("lungs")}
+           "prediction_sets": metrics.prediction_sets,
+           "contrasts": metrics.contrasts,
+           "drift": metrics.drift,
+           "lungs": metrics.lungs}
     write_json_atomic(finished, row)
     return row
 
@@ -119,7 +121,7 @@ def _train_and_score(records: list[Record], positive_class: str, name: str,
 def _claim(out: Path, config: TrainConfig, resume: bool) -> None:
     """Record the recipe of a cross-validation in ``out``; one that is there already may only
     be continued (``resume``) with the same recipe, so no table mixes two recipes' folds."""
-    saved = out / "config.json"
+    saved = RunFolder(out).config_file  # the recipe of every fold's run
     wanted = json.loads(json.dumps(config.to_dict()))
     if not saved.is_file():
         write_json_atomic(saved, wanted)
@@ -130,7 +132,7 @@ def _claim(out: Path, config: TrainConfig, resume: bool) -> None:
     earlier = json.loads(saved.read_text())
     changed = sorted(k for k in set(earlier) | set(wanted) if earlier.get(k) != wanted.get(k))
     if changed:
-        raise ValueError(f"{out}: the cross-validation there has other settings "
+        raise ConfigError(f"{out}: the cross-validation there has other settings "
                          f"({', '.join(changed)}); continue it with the same options, or use "
                          f"another --out")
 
@@ -144,7 +146,7 @@ def crossval(data: str | Path, out: str | Path, config: TrainConfig, by: str = "
     (seconds instead of hours). With ``resume``, an interrupted cross-validation in ``out``
     continues: finished folds are reused and an interrupted fold run resumes."""
     if by != "source":
-        raise ValueError(f"crossval --by {by!r} is not supported (use source)")
+        raise ConfigError(f"crossval --by {by!r} is not supported (use source)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "covidxray crossval"):

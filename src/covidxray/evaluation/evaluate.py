@@ -13,9 +13,8 @@ import numpy as np
 
 from covidxray.data.dataset import DataError, LoadedImages, Record, discover, \
     source_from_filename
-from covidxray.data.split import read_split_records
-from covidxray.evaluation.explain import group_means, heat_in_masks, hidden, shortcut_check
-from covidxray.evaluation.metrics import (
+from covidxray.evaluation.explain import group_means, hidden, shortcut_check
+from covidxray.metrics import (
     METRIC_NAMES,
     roc_auc_ci,
     binary_metrics,
@@ -25,11 +24,14 @@ from covidxray.evaluation.metrics import (
     curves,
     expected_calibration_error,
 )
-from covidxray.fileutil import write_json_atomic
-from covidxray.pixels.imageio import ImageReadError
+from covidxray.pixels.decode import ImageReadError
+from covidxray.pixels.lungfield import heat_shares
 from covidxray.progress import progress
 from covidxray.run.conformal import coverage
-from covidxray.run.predictor import Predictor, Prepared
+from covidxray.evaluation.result import EvaluationResult
+from covidxray.run.folder import RunFolder
+from covidxray.run.inputs import Prepared
+from covidxray.run.predictor import Predictor
 
 log = logging.getLogger(__name__)
 SCORING_SLICE = 256  # images per scoring call, so a long evaluation shows progress
@@ -37,12 +39,14 @@ SCORING_SLICE = 256  # images per scoring call, so a long evaluation shows progr
 
 def run_test_records(run_dir: Path, positive_class: str, source_from_prefix: bool) -> list[Record]:
     """The test split a run was trained with, from its ``split.csv``."""
-    split_file = run_dir / "split.csv"
-    if not split_file.is_file():
-        raise DataError(f"{run_dir}: no split.csv; pass the data to evaluate explicitly")
-    records = [r for r in read_split_records(split_file, positive_class) if r.split == "test"]
+    folder = RunFolder(run_dir)
+    if not folder.split_file.is_file():
+        raise DataError(f"{run_dir}: no {folder.split_file.name}; pass the data to evaluate "
+                        f"explicitly")
+    records = [r for r in folder.read_split(positive_class) if r.split == "test"]
     if not records:
-        raise DataError(f"{split_file}: the run has no test split; pass the data to evaluate")
+        raise DataError(f"{folder.split_file}: the run has no test split; pass the data to "
+                        f"evaluate")
     if source_from_prefix:
         records = [replace(r, source=r.source or source_from_filename(r.path)) for r in records]
     return records
@@ -260,7 +264,8 @@ def per_source(records: list[Record], scores: np.ndarray, threshold: float, n_bo
 def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: int = 1000,
              source_from_prefix: bool = False, out: str | Path | None = None, seed: int = 0,
              strict: bool = False, predictor: Predictor | None = None,
-             shortcut_images: int = 200, records: list[Record] | None = None) -> dict:
+             shortcut_images: int = 200,
+             records: list[Record] | None = None) -> EvaluationResult:
     """Evaluate a run on ``data`` (default: its own test split; ``records``: these labelled
     images, with their ``target`` as the run's positive class) and write the result to ``out``
     (default: ``evaluation_file``).
@@ -276,7 +281,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
         data_name = f"{len(records)} records given"
     elif data is None:
         records = run_test_records(run_dir, meta.positive_class, source_from_prefix)
-        data_name = f"{run_dir}/split.csv (test split)"
+        data_name = f"{RunFolder(run_dir).split_file} (test split)"
     else:
         data = data if isinstance(data, (list, tuple)) else [data]
         dataset = discover(list(data), meta.positive_class, source_from_prefix, strict)
@@ -296,80 +301,75 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, n_bootstrap: i
         chosen = range(start, min(start + SCORING_SLICE, len(loaded.images)))
         result = predictor.forward_prepared(loaded.images[start:chosen.stop])
         scores.append(result.scores)
-        shares.append(heat_in_masks(result.logit_maps, [masks[i] for i in chosen]))
+        shares.append(heat_shares(result.logit_maps, [masks[i] for i in chosen]))
         embeddings.append(result.embeddings)
         if result.probabilities is not None:
             probabilities.append(result.probabilities)
     scores, shares = np.concatenate(scores), np.concatenate(shares)
     y_true = loaded.targets.astype(int)
     threshold = predictor.threshold
-    result = {
-        "notice": meta.notice,
-        "synthetic_data": meta.synthetic_data,
-        "run": str(run_dir), "data": data_name,
-        "threshold": threshold, "threshold_method": meta.threshold_method,
-        "positive_class": meta.positive_class,
-        "unreadable_files": [{"path": e.path, "reason": e.reason} for e in loaded.failures],
-        "overall": summarise(y_true, scores, threshold, n_bootstrap, seed),
-        "per_class": {},
-    }
-    result["calibration"] = {"ece": expected_calibration_error(y_true, scores),
-                             "bins": calibration_bins(y_true, scores),
-                             "temperature": meta.temperature}
+    labels = [r.label for r in loaded.records]
+    sets = predictor.conformal.sets(scores) if predictor.conformal else [None] * len(scores)
+    result = EvaluationResult(
+        notice=meta.notice, synthetic_data=meta.synthetic_data, run=str(run_dir),
+        data=data_name, threshold=threshold, threshold_method=meta.threshold_method,
+        positive_class=meta.positive_class,
+        unreadable_files=[{"path": e.path, "reason": e.reason} for e in loaded.failures],
+        overall=summarise(y_true, scores, threshold, n_bootstrap, seed),
+        per_class=called_per_class(loaded.records, scores, threshold),
+        per_source=per_source(loaded.records, scores, threshold, n_bootstrap, seed),
+        calibration={"ece": expected_calibration_error(y_true, scores),
+                     "bins": calibration_bins(y_true, scores), "temperature": meta.temperature},
+        histogram={"edges": np.linspace(0, 1, 21).tolist(), **{
+            label: np.histogram(scores[np.array(labels) == label], bins=20,
+                                range=(0, 1))[0].tolist() for label in sorted(set(labels))}},
+        cases=[{"path": r.path, "label": r.label, "target": r.target, "source": r.source,
+                "score": float(score), "prediction_set": chosen,
+                "lung_heat_share": None if not np.isfinite(share) else float(share)}
+               for r, score, share, chosen in zip(loaded.records, scores, shares, sets)],
+        lungs=lung_summary(loaded.records, shares, masks, predictor.segmenter is not None),
+        contrasts=contrasts(loaded.records, scores, meta.positive_class, n_bootstrap, seed))
     if 0 < y_true.sum() < y_true.size:
         operating = binary_metrics(y_true, scores, threshold)
-        result["curves"] = {**curves(y_true, scores),
-                            "operating_point": {"fpr": 1 - operating["specificity"],
-                                                "tpr": operating["sensitivity"],
-                                                "precision": operating["ppv"]}}
-    labels = [r.label for r in loaded.records]
-    result["histogram"] = {"edges": np.linspace(0, 1, 21).tolist(), **{
-        label: np.histogram(scores[np.array(labels) == label], bins=20, range=(0, 1))[0].tolist()
-        for label in sorted(set(labels))}}
-    sets = predictor.conformal.sets(scores) if predictor.conformal else [None] * len(scores)
-    result["cases"] = [{"path": r.path, "label": r.label, "target": r.target,
-                        "source": r.source, "score": float(score),
-                        "prediction_set": chosen,
-                        "lung_heat_share": None if not np.isfinite(share) else float(share)}
-                       for r, score, share, chosen in zip(loaded.records, scores, shares, sets)]
+        result.curves = {**curves(y_true, scores),
+                         "operating_point": {"fpr": 1 - operating["specificity"],
+                                             "tpr": operating["sensitivity"],
+                                             "precision": operating["ppv"]}}
     if predictor.conformal:
-        result["prediction_sets"] = set_summary(predictor.conformal, sets, loaded.records,
-                                                meta.confidence)
+        result.prediction_sets = set_summary(predictor.conformal, sets, loaded.records,
+                                             meta.confidence)
     if predictor.gate is not None:
         drift = predictor.gate.drift(np.concatenate(embeddings))
-        if drift is not None:
-            result["drift"] = drift.to_dict()
-    result["lungs"] = lung_summary(loaded.records, shares, masks,
-                                   predictor.segmenter is not None)
+        result.drift = None if drift is None else drift.to_dict()
     if predictor.segmenter is not None:
-        result["lungs_hidden"] = lungs_hidden(predictor, loaded.images, loaded.records, masks,
-                                              scores, n_bootstrap, seed)
+        result.lungs_hidden = lungs_hidden(predictor, loaded.images, loaded.records, masks,
+                                           scores, n_bootstrap, seed)
     if shortcut_images:
         sample = np.random.default_rng(seed).permutation(len(labels))[:shortcut_images]
-        result["shortcut"] = shortcut_check(
+        result.shortcut = shortcut_check(
             predictor, loaded.images[sample], [labels[i] for i in sample],
             lung_masks=[masks[i] for i in sample],
             sources=[loaded.records[i].source for i in sample]
             if all(r.source for r in loaded.records) else None).to_dict()
-    result["per_source"] = per_source(loaded.records, scores, threshold, n_bootstrap, seed)
-    result["contrasts"] = contrasts(loaded.records, scores, meta.positive_class, n_bootstrap,
-                                    seed)
     if probabilities:
-        result["classes"] = class_table(loaded.records, np.concatenate(probabilities),
-                                        meta.output_classes)
-    by_class = defaultdict(list)
-    for index, record in enumerate(loaded.records):
-        by_class[record.label].append(index)
-    for label, index in sorted(by_class.items()):
-        called_positive = scores[index] >= threshold
-        result["per_class"][label] = {"n": len(index),
-                                      "called_positive": int(called_positive.sum()),
-                                      "called_positive_rate": float(called_positive.mean())}
-    out = Path(out) if out else evaluation_file(run_dir, None if own_test_split
-                                                else data or data_name)
-    result["metrics_file"] = str(out)
-    write_json_atomic(out, result)
+        result.classes = class_table(loaded.records, np.concatenate(probabilities),
+                                     meta.output_classes)
+    result.save(Path(out) if out else evaluation_file(run_dir, None if own_test_split
+                                                       else data or data_name))
     return result
+
+
+def called_per_class(records: list[Record], scores: np.ndarray, threshold: float) -> dict:
+    """Per original class: its films, and how many the threshold calls positive."""
+    by_class = defaultdict(list)
+    for index, record in enumerate(records):
+        by_class[record.label].append(index)
+    out = {}
+    for label, index in sorted(by_class.items()):
+        called_positive = np.asarray(scores)[index] >= threshold
+        out[label] = {"n": len(index), "called_positive": int(called_positive.sum()),
+                      "called_positive_rate": float(called_positive.mean())}
+    return out
 
 
 def evaluation_file(run_dir: Path, data) -> Path:
@@ -377,116 +377,11 @@ def evaluation_file(run_dir: Path, data) -> Path:
     ``RUN/metrics.json`` (what the report shows); other data (one data set or several)
     beside it, under ``RUN/evaluations/``, named by the data, so no evaluation overwrites
     another."""
+    folder = RunFolder(run_dir)
     if data is None:
-        return run_dir / "metrics.json"
+        return folder.metrics_file
     parts = data if isinstance(data, (list, tuple)) else [data]
     resolved = [str(Path(d).resolve()) for d in parts]
     digest = hashlib.sha256("|".join(resolved).encode()).hexdigest()[:8]
     name = "+".join(Path(r).stem or "data" for r in resolved)
-    return run_dir / "evaluations" / f"{name}-{digest}.json"
-
-
-def format_metric(metric: dict) -> str:
-    """A metric's value and its 95% interval ("n/a" where it could not be scored)."""
-    value, (low, high) = metric["value"], metric["ci95"]
-    if not np.isfinite(value):
-        return "n/a"
-    return f"{value:.3f} ({low:.3f}-{high:.3f})" if np.isfinite(low) else f"{value:.3f}"
-
-
-def format_report(result: dict) -> str:
-    """A readable table of an ``evaluate`` result."""
-    overall = result["overall"]
-    lines = []
-    if result["synthetic_data"]:
-        lines.append("*** SYNTHETIC DATA: these numbers say nothing about real X-rays ***")
-    lines += [f"{result['notice']}",
-              f"data: {result['data']}  images: {overall['n']} "
-              f"({overall['n_positive']} {result['positive_class']})  "
-              f"threshold: {result['threshold']:.4f} ({result['threshold_method']}, frozen on "
-              f"validation)", "",
-              f"{'metric':<12} value (95% bootstrap CI)"]
-    lines += [f"{name:<12} {format_metric(overall['metrics'][name])}" for name in METRIC_NAMES]
-    c = overall["confusion"]
-    lines += ["", "confusion matrix   predicted +   predicted -",
-              f"  actual +         {c['tp']:>11}   {c['fn']:>11}",
-              f"  actual -         {c['fp']:>11}   {c['tn']:>11}"]
-    lines += ["", f"calibration: expected calibration error {result['calibration']['ece']:.3f}"
-              + (f" (temperature {result['calibration']['temperature']:.3f})"
-                 if result["calibration"].get("temperature") else "")]
-    drift = result.get("drift")
-    if drift:
-        lines += ["", drift["verdict"]]
-    sets = result.get("prediction_sets")
-    if sets:
-        lines += ["", f"prediction sets at {sets['confidence']:.0%} confidence (each class's films "
-                  f"should be covered at least that often, if they are like the validation "
-                  f"films): uncertain {sets['uncertain_rate']:.1%}, unlike the calibration data "
-                  f"{sets['unlike_rate']:.1%}"]
-        lines += [f"  {name:<16} coverage {c['coverage']:.1%} of {c['n']}, uncertain "
-                  f"{c['uncertain']:.1%}, unlike {c['unlike']:.1%}"
-                  for name, c in sets["per_class"].items()]
-    lungs = result.get("lungs") or {}
-    if lungs.get("heat_in_lungs") is not None:
-        lines += ["", f"heat in the lungs: {lungs['heat_in_lungs']:.0%} of the Grad-CAM heat lies "
-                  f"inside the lungs found on {lungs['lungs_found']} of {lungs['images']} images "
-                  f"(an even spread: {lungs['lung_area_share']:.0%}, their area)"]
-        lines += [f"  {name:<16} {share:.0%}" for name, share in
-                  {**lungs["per_class"], **lungs["per_source"]}.items()]
-    elif lungs and not lungs.get("segmenter"):
-        lines += ["", "heat in the lungs: not measured (no lung segmenter installed)"]
-    lines += format_lungs_hidden(result.get("lungs_hidden"))
-    if "shortcut" in result:
-        lines += ["", "shortcut check (border vs centre, lungs vs the rest):",
-                  "  " + result["shortcut"]["verdict"]]
-    if result["per_source"]:
-        lines += ["", "per source (a source with one class cannot show discrimination):",
-                  f"  {'source':<14}{'n':>6}{'pos':>6}  {'sensitivity':<24}{'specificity':<24}"
-                  f"roc_auc"]
-        for source, s in result["per_source"].items():
-            m = s["metrics"]
-            lines.append(f"  {source:<14}{s['n']:>6}{s['n_positive']:>6}  "
-                         f"{format_metric(m['sensitivity']):<24}"
-                         f"{format_metric(m['specificity']):<24}{format_metric(m['roc_auc'])}")
-    table = result.get("classes")
-    if table:
-        names = table["classes"]
-        lines += ["", f"{len(names)} classes, the most probable one against each film's own "
-                  f"(accuracy {table['accuracy']:.3f}):",
-                  "  actual \\ called  " + "".join(f"{n:>12}" for n in names)
-                  + "    recall  precision"]
-        for name, row in zip(names, table["confusion"]):
-            c = table["per_class"][name]
-            lines.append(f"  {name:<16}" + "".join(f"{v:>12}" for v in row)
-                         + f"    {c['recall']:.3f}   {c['precision']:.3f}")
-    for group, found in (result.get("contrasts") or {}).items():
-        lines += ["", f"by original class ({'all views' if group == 'all' else group + ' only'}):"]
-        lines += [f"  {name:<28} ROC-AUC {format_metric(value)}  ({value['n_positive']} vs "
-                  f"{value['n'] - value['n_positive']} images)" for name, value in found.items()]
-    lines += ["", "called positive per original class:"]
-    lines += [f"  {label:<16} {c['called_positive']:>5} of {c['n']:<5} "
-              f"({c['called_positive_rate']:.1%})" for label, c in result["per_class"].items()]
-    if result["unreadable_files"]:
-        lines += ["", f"{len(result['unreadable_files'])} unreadable files skipped"]
-    return "\n".join(lines)
-
-
-def format_lungs_hidden(found: dict | None) -> list[str]:
-    """The lungs-hidden test's lines for the terminal (none where it was not run)."""
-    if not found:
-        return []
-    lines = ["", f"lungs hidden (Maguolo and Nanni 2021): ROC-AUC on the "
-             f"{found['films_with_lungs']} of {found['films']} films with plausible lungs"]
-    if found["overall"] is None:
-        return lines + ["  not scored: those films hold one class only"]
-    lines.append(f"  {'films':<16}{'n':>6}{'pos':>6}  {'as they are':<24}"
-                 f"{'lungs hidden':<24}lungs only")
-    for name, figures in [("all", found["overall"]), *found["per_source"].items()]:
-        first = figures["as_they_are"]
-        lines.append(f"  {name:<16}{first['n']:>6}{first['n_positive']:>6}  "
-                     f"{format_metric(first):<24}{format_metric(figures['lungs_hidden']):<24}"
-                     f"{format_metric(figures['lungs_only'])}")
-    lines += [f"  {warning}" for warning in found["warnings"]] or [
-        f"  with the lungs hidden no group's ROC-AUC is clearly above chance (95% interval "
-        f"above {found['warning_above']}): no sign of a cue outside the lungs"]
-    return lines
+    return folder.evaluations_folder / f"{name}-{digest}.json"

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from covidxray.pixels.imageio import ImageReadError
+from covidxray.pixels.decode import ImageReadError
+from covidxray.pixels.lungfield import heat_shares
 from covidxray.pixels.transforms import grown_lungs, resize
 
 BORDER_FRACTION = 0.15  # outer 15% on each side: where text, markers and labels sit
@@ -84,21 +85,6 @@ def hidden(images: np.ndarray, masks, inside: bool) -> np.ndarray:
     return np.where(where, fill, images).astype(images.dtype)
 
 
-def heat_in_masks(cams: np.ndarray, masks) -> np.ndarray:
-    """Per image, the share of its heat map (any resolution) inside its mask (a boolean
-    array at the image's resolution; None: nan)."""
-    shares = []
-    for cam, mask in zip(cams, masks):
-        if mask is None:
-            shares.append(np.nan)
-            continue
-        heat = resize(cam, mask.shape) if cam.shape != mask.shape else cam
-        heat = np.clip(heat, 0, None)
-        total = heat.sum()
-        shares.append(float((heat * mask).sum() / total) if total > 0 else 0.0)
-    return np.array(shares, dtype=np.float64)
-
-
 def group_means(values: np.ndarray, groups) -> dict:
     """Mean of the finite values per group."""
     groups = np.asarray(groups)
@@ -161,7 +147,7 @@ def shortcut_check(predictor, images: np.ndarray, labels: list[str],
     found = [i for i, m in enumerate(lung_masks or []) if m is not None]
     if found:
         masks = np.stack([lung_masks[i] for i in found])
-        in_lungs = heat_in_masks(cams[found], masks)
+        in_lungs = heat_shares(cams[found], masks)
         area = float(masks.mean())
         delta_lungs, delta_rest = blanked(masks, found), blanked(~masks, found)
         all_shares = np.full(len(images), np.nan)

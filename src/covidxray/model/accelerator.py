@@ -9,10 +9,13 @@ speed of raw PyTorch, on the torch backend at about a sixth of it: GPU users sho
 
 from __future__ import annotations
 
+import covidxray.model.backend  # noqa: F401  (Keras' backend, chosen before Keras is imported)
 import contextlib
 import logging
 
 import keras
+
+from covidxray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ def precision_for_hardware(mixed_precision: str = "auto"):
     """Within the block, Keras' dtype policy is mixed bfloat16 when ``mixed_precision`` is
     "on", or "auto" with a GPU present; the previous policy comes back afterwards."""
     if mixed_precision not in ("auto", "on", "off"):
-        raise ValueError(f"mixed_precision must be auto, on or off, got {mixed_precision!r}")
+        raise ConfigError(f"mixed_precision must be auto, on or off, got {mixed_precision!r}")
     gpu = gpu_name() if mixed_precision != "off" else None
     use = mixed_precision == "on" or (mixed_precision == "auto" and gpu is not None)
     previous = keras.config.dtype_policy()

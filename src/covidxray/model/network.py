@@ -3,10 +3,12 @@ unit = P(COVID); one forward pass to the last stage gives scores, embeddings and
 
 from __future__ import annotations
 
+import covidxray.model.backend  # noqa: F401  (Keras' backend, chosen before Keras is imported)
 import keras
 import numpy as np
 from keras import ops
 
+from covidxray.errors import ConfigError
 from covidxray.config import AugmentConfig
 from covidxray.model.backbones import get_backbone
 from covidxray.model.outputs import Forward, cams_from_logit_maps
@@ -89,7 +91,7 @@ def stage_outputs(base: keras.Model, backbone: str, stages: int) -> list:
     each (the top stage's is the backbone's own output)."""
     prefixes = get_backbone(backbone).stages
     if not 1 <= stages <= len(prefixes):
-        raise ValueError(f"{backbone} has {len(prefixes)} stages; cannot pool {stages}")
+        raise ConfigError(f"{backbone} has {len(prefixes)} stages; cannot pool {stages}")
     outputs = [base.output]
     for stage in prefixes[1:stages]:
         last = [layer for layer in base.layers if layer.name.startswith(stage)][-1]
@@ -186,7 +188,8 @@ def stage_prefixes(backbone: str, stages: int) -> tuple[str, ...]:
     """The layer-name prefixes of ``backbone``'s top ``stages`` stages."""
     spec = get_backbone(backbone)
     if not 1 <= stages <= len(spec.stages):
-        raise ValueError(f"{spec.name} has {len(spec.stages)} stages; cannot unfreeze {stages}")
+        raise ConfigError(f"{spec.name} has {len(spec.stages)} stages; cannot unfreeze "
+                          f"{stages}")
     return tuple(p for stage in spec.stages[:stages] for p in stage)
 
 
@@ -237,7 +240,7 @@ def _predict(model: keras.Model, images: np.ndarray, batch_size: int):
 
 def predict_scores(model: keras.Model, images: np.ndarray, batch_size: int = 32,
                    positive: int = 0) -> np.ndarray:
-    """P(positive) for (n, size, size) uint8 images already through ``imageio.prepare``
+    """P(positive) for (n, size, size) uint8 images already through ``pixels.preprocess.prepare``
     (``positive``: its column of a softmax head)."""
     if len(images) == 0:
         return np.zeros(0, dtype=np.float32)

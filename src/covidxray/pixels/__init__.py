@@ -1,2 +1,4 @@
-"""Pixels: any image file -> one float32 gray array (``imageio``), and what is done to it
-(``transforms``: intensity, crop, source-cue augmentation)."""
+"""Pixels: any image file -> one float32 gray array (``decode``), the one preparation of it for
+the model (``preprocess``), what is done to it (``transforms``: intensity, crop, the lungs grown
+or filled, source-cue augmentation), and the lung field's geometry and the one heat share
+(``lungfield``)."""

@@ -1,6 +1,6 @@
 """Image transforms that remove or blur what tells the sources apart, not the disease.
 
-Two kinds, both on 2-D grayscale float images in [0, 1] (what ``imageio.read_image`` returns)
+Two kinds, both on 2-D grayscale float images in [0, 1] (what ``decode.read_image`` returns)
 and both returning the same shape, dtype float32 and range:
 
 - intensity normalisation, deterministic, meant for every image the model sees (training and

@@ -30,12 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
+from covidxray.config import TrainConfig
+from covidxray.errors import UserError
 from covidxray.fileutil import atomic_path
 
-CONFORMAL_FILE = "conformal.npz"  # in the run folder
-# 0.90: with the ~90 validation films per class of a typical run, the 90% quantile rests on
-# about nine tail scores, the 95% one on four or five (it moves with every film added)
-DEFAULT_CONFIDENCE = 0.90
+# the level a run states unless told another, set in one place: config.TrainConfig.confidence
+# (0.90: with the ~90 validation films per class of a typical run, the 90% quantile rests on
+# about nine tail scores, the 95% one on four or five; it moves with every film added)
+DEFAULT_CONFIDENCE = TrainConfig.confidence
 UNCERTAIN = "uncertain: refer"
 UNLIKE = "unlike the calibration data"
 # a film the out-of-distribution gate flags gets no verdict and an empty set, whatever its score
@@ -79,7 +81,7 @@ class ConformalSets:
         targets = np.asarray(targets).astype(int).ravel()
         alphas = hinge(probabilities)[np.arange(len(targets)), targets]
         if set(targets.tolist()) != {0, 1}:
-            raise ValueError("conformal calibration needs images of both classes")
+            raise UserError("conformal calibration needs images of both classes")
         fitted = ConformalClassifier().fit(alphas, bins=targets)
         calibration = [np.sort(fitted.alphas[fitted.bins == c]) for c in (0, 1)]
         return cls(list(classes), calibration, float(confidence))

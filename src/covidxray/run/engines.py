@@ -1,17 +1,29 @@
-"""What runs a run's model: Keras (a run folder's ``model.keras``), or onnxruntime alone (an
-exported model, ``model.onnx``: no Keras, PyTorch or JAX is imported). Both give a ``Forward``
-per batch: scores, embeddings for the gate, and per-location logit terms for Grad-CAM."""
+"""What runs a run's model. Keras trains; onnxruntime answers: a trained run's classifier is
+exported once into the cache (named by the sha256 of its ``model.keras`` and the column it
+scores) and run by onnxruntime alone, with no Keras, PyTorch or JAX imported; an exported
+model's ``model.onnx`` is run the same way. ``RUNTIMES``: "onnx" (the default), or "keras" (the
+Keras model itself, as before). Both engines give a ``Forward`` per batch: scores, embeddings
+for the gate, and per-location logit terms for Grad-CAM."""
 
 from __future__ import annotations
 
+import covidxray.model.backend  # noqa: F401  (Keras' backend, chosen before Keras is imported)
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
+from covidxray.config import RUNTIMES, check_runtime
+from covidxray.errors import require
+from covidxray.fileutil import file_sha256
+from covidxray.model import runtime
 from covidxray.model.outputs import Forward
 
-ONNX_FILE = "model.onnx"
-KERAS_FILE = "model.keras"
+log = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 1e-4  # of P(positive), between an export and its Keras model
+
 
 
 class KerasEngine:
@@ -28,6 +40,11 @@ class KerasEngine:
 
         import covidxray.model.network  # noqa: F401  registers the custom layers before loading
         return cls(keras.saving.load_model(path), positive)
+
+    @property
+    def input_size(self) -> int | None:
+        """The square input size the model takes (None: any)."""
+        return self.model.input_shape[1]
 
     def forward(self, images: np.ndarray, batch_size: int = 32, maps: bool = False) -> Forward:
         from covidxray.model.network import forward
@@ -50,14 +67,16 @@ class OnnxEngine:
     model = None  # no Keras model behind it
 
     def __init__(self, path: Path):
-        try:
-            import onnxruntime
-        except ImportError as exc:
-            raise RuntimeError("an exported model needs onnxruntime: pip install onnxruntime") \
-                from exc
-        self.session = onnxruntime.InferenceSession(str(path),
-                                                    providers=["CPUExecutionProvider"])
+        require("onnxruntime", "an exported model", "export")
+        self.path = Path(path)
+        self.session = runtime.session(path)
         self.input = self.session.get_inputs()[0].name
+
+    @property
+    def input_size(self) -> int | None:
+        """The square input size the graph takes (None: not fixed in the graph)."""
+        size = self.session.get_inputs()[0].shape[1]
+        return size if isinstance(size, int) else None
 
     def forward(self, images: np.ndarray, batch_size: int = 32, maps: bool = False) -> Forward:
         scores, embeddings, terms, probabilities = [], [], [], []
@@ -79,9 +98,55 @@ class OnnxEngine:
         return self.forward(images, batch_size).scores
 
 
-def load_engine(folder: Path, positive: int = 0):
+def load_engine(folder: Path, positive: int = 0, runtime_name: str = RUNTIMES[0]):
     """The engine of a run folder (``model.keras``) or an exported model (``model.onnx``);
-    ``positive``: the positive class's column of a softmax head."""
-    if (folder / KERAS_FILE).is_file():
-        return KerasEngine.load(folder / KERAS_FILE, positive)
-    return OnnxEngine(folder / ONNX_FILE)
+    ``positive``: the positive class's column of a softmax head. A run folder answers on
+    onnxruntime (``cached_onnx``) unless ``runtime_name`` is "keras", or onnxruntime or Keras'
+    exporter is not installed (then on Keras, said in the log)."""
+    from covidxray.run.folder import RunFolder
+    check_runtime(runtime_name)
+    run = RunFolder(folder)
+    if not run.keras_file.is_file():
+        return OnnxEngine(run.onnx_file)
+    exported = cached_onnx(run.keras_file, positive) if runtime_name == "onnx" else None
+    if exported is not None:
+        try:
+            return OnnxEngine(exported)
+        except Exception as error:  # a cached file damaged since: made again, once
+            log.warning("%s cannot be loaded (%s): exported again", exported, error)
+            exported.unlink(missing_ok=True)
+            exported = cached_onnx(run.keras_file, positive)
+            if exported is not None:
+                return OnnxEngine(exported)
+    return KerasEngine.load(run.keras_file, positive)
+
+
+def cached_onnx(keras_file: Path, positive: int = 0) -> Path | None:
+    """The classifier of ``keras_file`` as ONNX in the cache: exported the first time (seconds:
+    Keras is loaded then), found by the sha256 of the file from then on. The export is
+    checked against the Keras model on random inputs first (P(positive) within
+    ``PARITY_TOLERANCE``) and refused otherwise. None where onnxruntime or the exporter is
+    missing, or the check fails: the caller answers on Keras (a warning says why)."""
+    if not runtime.available():
+        log.info("onnxruntime is not installed (covidxray[export]): answering on Keras")
+        return None
+    path = runtime.cache_file(f"classifier-{file_sha256(keras_file)[:32]}-p{positive}")
+    if path.is_file():
+        return path
+    if not runtime.can_export():
+        log.warning("Keras' ONNX exporter for the %s backend is not installed: answering on "
+                    "Keras, seconds slower to start", os.environ.get("KERAS_BACKEND"))
+        return None
+    log.info("exporting %s for onnxruntime once, into %s", keras_file, path.parent)
+    keras_engine = KerasEngine.load(keras_file, positive)
+    size = keras_engine.input_size
+    runtime.export_keras(keras_engine.inference_graph(), path)
+    images = np.random.default_rng(0).integers(0, 256, (4, size, size), dtype=np.uint8)
+    difference = float(np.max(np.abs(keras_engine.scores(images) -
+                                     OnnxEngine(path).scores(images))))
+    if difference > PARITY_TOLERANCE:
+        path.unlink(missing_ok=True)
+        log.warning("the ONNX export of %s differs from it by %.2g: answering on Keras",
+                    keras_file, difference)
+        return None
+    return path

@@ -12,17 +12,15 @@ of the members' Grad-CAM maps.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
+from covidxray.errors import UserError
 from covidxray.model.outputs import Forward, cams_from_logit_maps
 from covidxray.pixels.transforms import resize
 
-MEMBERS_FOLDER = "members"
 
 
-class EnsembleError(ValueError):
+class EnsembleError(UserError, ValueError):
     """Runs that cannot be one ensemble (the message says why)."""
 
 
@@ -56,6 +54,3 @@ class EnsembleEngine:
     def scores(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         return self.forward(images, batch_size).scores
 
-
-def member_folders(folder: Path, members: list[str]) -> list[Path]:
-    return [Path(folder) / name for name in members]

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from covidxray.config import LUNG_FALLBACK_CROP, RESEARCH_NOTICE, Preprocessing
+from covidxray.errors import UserError
+from covidxray.config import FILL_MODES, INTENSITY_MODES, LUNG_FALLBACK_CROP, RESEARCH_NOTICE, \
+    Preprocessing, check_crop
 from covidxray.fileutil import write_json_atomic
 
 SCHEMA_VERSION = 2
-METADATA_FILE = "metadata.json"
 
 
-class RunError(FileNotFoundError):
+class RunError(UserError, FileNotFoundError):
     """A folder that is not a complete run, or a run this version cannot read."""
 
 
@@ -47,6 +49,9 @@ class RunMetadata:
     # an ensemble: its member run folders, relative to its own (run.ensemble); each prepares
     # its own input, ``preprocessing`` is the first member's
     members: list[str] = field(default_factory=list)
+    # members may lie outside the ensemble's folder (absolute paths); they are listed wherever
+    # the ensemble is evaluated or reported
+    external_members: bool = False
     # a softmax head's classes, in the order of its outputs (empty: one sigmoid unit)
     output_classes: list[str] = field(default_factory=list)
     validation_metrics: dict[str, float] = field(default_factory=dict)
@@ -145,7 +150,7 @@ class RunMetadata:
             metadata = cls(**values)
             _check_types(metadata)
         except (TypeError, ValueError) as error:
-            raise RunError(f"{source}: invalid run metadata ({error})") from error
+            raise RunError(f"{source}: invalid run metadata: {error}") from error
         return metadata
 
     @classmethod
@@ -161,16 +166,52 @@ class RunMetadata:
 
 
 def _check_types(metadata: RunMetadata) -> None:
+    """Every field a prediction reads, of its type and in its range; the first one that is
+    not is named."""
     checks = {"threshold": (int, float), "positive_class": str, "class_names": list,
-              "backbone": str, "model_id": str, "test_time_views": int}
+              "backbone": str, "model_id": str, "test_time_views": int, "members": list,
+              "output_classes": list}
     for name, kind in checks.items():
-        if not isinstance(getattr(metadata, name), kind):
-            raise TypeError(f"{name} is {getattr(metadata, name)!r}")
-    if not 0 <= metadata.threshold <= 1:
-        raise ValueError(f"threshold {metadata.threshold} is not a probability")
-    if metadata.positive_class not in metadata.class_names:
-        raise ValueError(f"positive class {metadata.positive_class!r} is not among "
-                         f"{metadata.class_names}")
+        value = getattr(metadata, name)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise TypeError(f"field {name}: {value!r} is not a {_kind_name(kind)}")
+    p = metadata.preprocessing
+    ranges = [
+        ("threshold", 0 <= metadata.threshold <= 1, "a probability in [0, 1]"),
+        ("test_time_views", metadata.test_time_views >= 0, "a count, 0 or more"),
+        ("temperature", metadata.temperature is None or (
+            isinstance(metadata.temperature, (int, float)) and math.isfinite(
+                metadata.temperature) and metadata.temperature > 0), "a number above 0"),
+        ("confidence", metadata.confidence is None or (
+            isinstance(metadata.confidence, (int, float)) and 0 < metadata.confidence < 1),
+         "in (0, 1)"),
+        ("preprocessing.image_size", isinstance(p.image_size, int) and 1 <= p.image_size
+         <= 4096, "a size in pixels, 1 to 4096"),
+        ("preprocessing.intensity", p.intensity in INTENSITY_MODES, f"one of {INTENSITY_MODES}"),
+        ("preprocessing.fill", p.fill in FILL_MODES, f"one of {FILL_MODES}"),
+        ("positive_class", metadata.positive_class in metadata.class_names,
+         f"one of class_names {metadata.class_names}"),
+        ("members", all(isinstance(m, str) and m for m in metadata.members),
+         "folder names"),
+    ]
+    for name, ok, expected in ranges:
+        if not ok:
+            value = getattr(p, name.split(".")[1]) if name.startswith("preprocessing.") \
+                else getattr(metadata, name)
+            raise ValueError(f"field {name}: {value!r} is not {expected}")
+    try:
+        check_crop(p.crop)
+    except ValueError as error:
+        raise ValueError(f"field preprocessing.crop: {error}") from None
+    if metadata.output_classes and metadata.positive_class not in metadata.output_classes:
+        raise ValueError(f"field output_classes: {metadata.output_classes} lacks the positive "
+                         f"class {metadata.positive_class!r}")
+
+
+def _kind_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({int: "whole number", float: "number", str: "text", list: "list"}.get(
+        k, k.__name__) for k in kinds)
 
 
 def _from_version_1(values: dict) -> dict:

@@ -36,7 +36,6 @@ NEIGHBOURS = 5
 EMBEDDING_COMPONENTS = 32
 QUANTILE = 0.995  # per fitted test: two of them together flag about 1% of validation X-rays
 COLOUR_LIMIT = 0.04  # mean chroma; a gray film with a coloured arrow or label stays far below
-OOD_FILE = "ood.npz"  # in the run folder
 LUNG_TEST_MIN_SHARE = 0.9  # of validation films with plausible lungs, for the lung test
 
 
@@ -185,7 +184,7 @@ class OODGate:
 
     def check(self, embeddings, images, colour=None, lungs=None) -> list[Verdict]:
         """One verdict per image; ``colour`` holds each file's colourfulness (None: unknown),
-        ``lungs`` each image's ``model.lungs.LungField`` (None: not looked for)."""
+        ``lungs`` each image's ``pixels.lungfield.LungField`` (None: not looked for)."""
         layout = nearest_distance(self.train_thumbnails, thumbnails(images))
         features = self.embedding.distance(embeddings)
         colour = np.zeros(len(layout)) if colour is None else np.asarray(colour, float)

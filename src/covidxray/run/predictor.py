@@ -1,151 +1,35 @@
 """Load a run folder into a ``Predictor``: the one path from an input (a file, its bytes or an
-array) to a ``Prediction`` (probability, label, out-of-distribution verdict, and the heat map
-on the input's own pixels). Prediction, serving, explanation and evaluation all go through it.
+array, made the model's input by ``run.inputs``) to a ``Prediction`` (probability, label,
+verdict, and the heat map on the input's own pixels). Prediction, serving, explanation and
+evaluation all go through it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from covidxray.config import READ, Preprocessing
-from covidxray.model.lungs import heat_share
+from covidxray.config import PREDICT, READ, Preprocessing
 from covidxray.model.outputs import cams_from_logit_maps
-from covidxray.pixels.imageio import ImageReadError, crop_region, decode, decode_array, \
-    declared_pixels, is_image_candidate, prepare
-from covidxray.pixels.transforms import nearest, uncrop
+from covidxray.pixels.decode import ImageReadError, declared_pixels
+from covidxray.pixels.lungfield import heat_share
+from covidxray.pixels.transforms import uncrop
 from covidxray.progress import progress
 from covidxray.run.conformal import NOT_FRONTAL, UNCERTAIN
-from covidxray.run.engines import KERAS_FILE, ONNX_FILE, KerasEngine, OnnxEngine, load_engine
-from covidxray.run.ensemble import MEMBERS_FOLDER, EnsembleEngine, member_folders
-from covidxray.run.metadata import METADATA_FILE, RunError, RunMetadata
+from covidxray.run.engines import KerasEngine, OnnxEngine, load_engine
+from covidxray.run.ensemble import EnsembleEngine
+from covidxray.run.folder import RunFolder
+from covidxray.run.inputs import Prepared, prepare_input
+from covidxray.run.metadata import RunError, RunMetadata
+from covidxray.run.record import Prediction
 
 log = logging.getLogger(__name__)
 
-ARRAY_NAME = "<array>"
-LUNGS_FOLDER = "lungs"  # in a run folder: the lung segmenter its lung crop used
 RUN_OWN = object()  # Predictor.load's default segmenter: the run's own (None means none)
-LUNGS_ONNX = "lungs.onnx"  # in an exported folder's lungs/
-
-
-@dataclass
-class Prediction:
-    """One input's result; ``error`` is set (and the rest None) when it could not be read."""
-
-    path: str
-    probability: float | None = None
-    label: str | None = None
-    positive: bool | None = None
-    ood: bool | None = None  # None: the run has no out-of-distribution gate
-    ood_reason: str | None = None
-    error: str | None = None
-    input_sha256: str | None = None  # of the file's bytes (an array's pixels); None: unread
-    # the conformal prediction set at the run's confidence, and it in words: a class,
-    # "uncertain: refer" (both) or "unlike the calibration data" (neither); None: no sets
-    prediction_set: list[str] | None = None
-    verdict: str | None = None
-    member_spread: float | None = None  # an ensemble's: the members' standard deviation
-    # a model of three or more classes: each one's probability (P(COVID) is ``probability``)
-    class_probabilities: dict[str, float] | None = None
-    # the gate's feature distance of the input to the training films (a batch's drift test)
-    feature_distance: float | None = None
-    lungs_found: bool | None = None  # plausible lungs found (None: no lung segmenter)
-    # with heat maps asked for: the share of the heat inside the lungs found (None: none found)
-    lung_heat_share: float | None = None
-    # with heat maps asked for: Grad-CAM in [0, 1] on the input's own pixels (zero where the
-    # run's crop cut), and the input as the model read it, gray in [0, 1]
-    heatmap: np.ndarray | None = field(default=None, repr=False, compare=False)
-    image: np.ndarray | None = field(default=None, repr=False, compare=False)
-    lungs: object | None = field(default=None, repr=False, compare=False)  # its LungField
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("heatmap", "image", "lungs")}
-
-
-@dataclass
-class Prepared:
-    """An input read and prepared for the model."""
-
-    name: str
-    image: np.ndarray  # (size, size) uint8: the model's input; an ensemble's: (K, size, size)
-    gray: np.ndarray  # the decoded input, 2-D float32 in [0, 1], bone bright
-    colourfulness: float  # an X-ray has none
-    sha256: str  # of the file's bytes, or of an array's pixels
-    box: tuple[slice, slice]  # the rows and columns of ``gray`` the crop kept
-    lungs: object | None = None  # its model.lungs.LungField (None: no segmenter)
-
-    def lungs_on_input(self) -> np.ndarray | None:
-        """The lungs found, on the model's input (cropped and resized as ``image`` is); None
-        where no plausible lungs were found."""
-        if self.lungs is None or not self.lungs.plausible:
-            return None
-        rows, cols = self.box
-        return nearest(self.lungs.mask_at(self.gray.shape)[rows, cols], self.image.shape[-2:])
-
-
-def prepare_input(source, preprocessing: Preprocessing | list[Preprocessing],
-                  name: str | None = None, max_pixels: int | None = READ.max_pixels,
-                  segmenter=None) -> Prepared:
-    """The one place an input becomes a model's input: ``source`` a path, the bytes of a file
-    (``name`` names it in errors) or an array (``imageio.decode_array``); ``preprocessing`` a
-    run's, or its members' (an ensemble: one input per member, stacked). ``segmenter`` (a
-    ``model.lungs.LungSegmenter``; needed by a lung crop) finds the lungs. Raises
-    ``ImageReadError`` naming the input and the reason (with the ``sha256`` of what was read,
-    when something was)."""
-    if isinstance(source, np.ndarray):
-        name = name or ARRAY_NAME
-        sha256 = hashlib.sha256(np.ascontiguousarray(source).tobytes()).hexdigest()
-        try:
-            decoded = decode_array(source)
-        except ValueError as error:
-            raise ImageReadError(name, str(error)) from error
-        return _prepared(name, decoded, sha256, preprocessing, segmenter)
-    if isinstance(source, (bytes, bytearray)):
-        name, data = name or "<bytes>", bytes(source)
-    else:
-        name = name or str(source)
-        try:
-            data = Path(source).read_bytes()
-        except OSError as exc:
-            raise ImageReadError(name, f"cannot read file ({exc.strerror or exc})") from exc
-    sha256 = hashlib.sha256(data).hexdigest()
-    try:
-        decoded = decode(name, data, max_pixels)
-    except ImageReadError as error:
-        error.sha256 = sha256
-        raise
-    return _prepared(name, decoded, sha256, preprocessing, segmenter)
-
-
-def _prepared(name: str, decoded, sha256: str, preprocessing, segmenter) -> Prepared:
-    lungs = segmenter.field(decoded.gray) if segmenter is not None else None
-    specs = preprocessing if isinstance(preprocessing, list) else [preprocessing]
-    images = [prepare(decoded.gray, spec, lungs) for spec in specs]
-    return Prepared(name, np.stack(images) if isinstance(preprocessing, list) else images[0],
-                    decoded.gray, decoded.colourfulness, sha256,
-                    crop_region(decoded.gray.shape, specs[0], lungs), lungs)
-
-
-def collect_paths(inputs) -> list[str]:
-    """Files as given, folders expanded recursively to their image files, in sorted order.
-
-    Files named explicitly are kept whatever their suffix, so a bad one is reported, not ignored.
-    """
-    paths = []
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            paths.extend(str(p) for p in sorted(item.rglob("*")) if is_image_candidate(p))
-        else:
-            paths.append(str(item))
-    return paths
 
 
 class Predictor:
@@ -176,37 +60,44 @@ class Predictor:
         return self.engine.model
 
     @classmethod
-    def load(cls, run_dir: str | Path, segmenter=RUN_OWN) -> "Predictor":
-        """A run folder (``model.keras``), or an exported model's folder (``model.onnx``, run
-        with onnxruntime alone). ``segmenter``: the lung segmenter to use instead of the run's
-        own (an ensemble's members get the ensemble's, the only one its inputs go through,
-        None included)."""
-        run_dir = Path(run_dir)
-        has_model = (run_dir / KERAS_FILE).is_file() or (run_dir / ONNX_FILE).is_file() or \
-            (run_dir / MEMBERS_FOLDER).is_dir()
-        if not has_model or not (run_dir / METADATA_FILE).is_file():
-            missing = ", ".join(name for name, present in (
-                (f"{KERAS_FILE} or {ONNX_FILE}", has_model),
-                (METADATA_FILE, (run_dir / METADATA_FILE).is_file())) if not present)
-            raise RunError(f"{run_dir}: not a complete run (missing {missing}); train one with "
-                           f"'covidxray train DATA --out {run_dir}'")
-        metadata = RunMetadata.load(run_dir / METADATA_FILE)
-        from covidxray.run.ood import OOD_FILE, OODGate
+    def load(cls, run_dir: str | Path, segmenter=RUN_OWN, gate: bool = True,
+             runtime: str = PREDICT.runtime, _within: tuple[Path, ...] = ()) -> "Predictor":
+        """A run folder (``model.keras``), an exported model's folder (``model.onnx``, run
+        with onnxruntime alone) or an ensemble's. Every file a prediction depends on is read
+        and checked here (``run.folder.RunFolder``): one that is damaged or out of range fails
+        now, named. ``segmenter``: the lung segmenter to use instead of the run's own (an
+        ensemble's members get the ensemble's, the only one its inputs go through, None
+        included); ``gate=False``: no out-of-distribution gate, even where the run has one
+        (``--no-gate``: a gate file that cannot be read otherwise stops the load); ``runtime``:
+        "onnx" (the run's classifier exported once for onnxruntime: no Keras imported) or
+        "keras" (``config.RUNTIMES``)."""
+        folder = RunFolder(run_dir)
+        folder.require_complete()
+        metadata = folder.metadata()
+        own = folder.path.resolve()
+        if own in _within:
+            raise RunError(f"ensemble {folder.path}: its members lead back to itself (a cycle)")
         if segmenter is RUN_OWN:
-            segmenter = load_segmenter(run_dir)
-        engine = EnsembleEngine([cls.load(f, segmenter)
-                                 for f in member_folders(run_dir, metadata.members)]) \
-            if metadata.members else load_engine(run_dir, metadata.positive_index)
-        gate = None
-        if (run_dir / OOD_FILE).is_file():
-            try:
-                gate = OODGate.load(run_dir / OOD_FILE)
-            except (ValueError, KeyError) as error:
-                log.warning("no out-of-distribution gate, verdicts are unknown: %s", error)
-        from covidxray.run.conformal import CONFORMAL_FILE, ConformalSets
-        conformal = ConformalSets.load(run_dir / CONFORMAL_FILE) \
-            if (run_dir / CONFORMAL_FILE).is_file() else None
-        return cls(engine, metadata, run_dir, gate, segmenter, conformal)
+            segmenter = load_segmenter(folder.path)
+        if metadata.members:
+            # the members' own gates are not used: the ensemble has its own
+            engine = EnsembleEngine([cls.load(member.path, segmenter, False, runtime,
+                                              (*_within, own))
+                                     for member in folder.member_folders(metadata)])
+        else:
+            if folder.is_exported:
+                folder.check_export()
+            engine = load_engine(folder.path, metadata.positive_index, runtime)
+            size = engine.input_size
+            if size is not None and size != metadata.image_size:
+                raise RunError(f"{folder.metadata_file}: field preprocessing.image_size: "
+                               f"{metadata.image_size} is not the input size of the run's "
+                               f"model ({size})")
+        if not gate and folder.gate_file.is_file():
+            log.warning("%s: no out-of-distribution gate (--no-gate): no film is flagged as "
+                        "unlike a chest X-ray", folder.path)
+        return cls(engine, metadata, folder.path, folder.gate() if gate else None, segmenter,
+                   folder.sets(metadata))
 
     def with_test_time_views(self, views: int) -> "Predictor":
         """The same model scoring with ``views`` test-time views (its threshold was chosen with
@@ -246,6 +137,16 @@ class Predictor:
                 max_pixels: int | None = READ.max_pixels) -> Prepared:
         """``prepare_input`` with this run's preprocessing: the one path to its model."""
         return prepare_input(source, self.input_preprocessing, name, max_pixels, self.segmenter)
+
+    def prepare_or_error(self, source, name: str | None = None,
+                         max_pixels: int | None = READ.max_pixels) -> Prepared | Prediction:
+        """``prepare``, or, for an input that cannot be read, its ``Prediction`` with
+        ``error`` set (the file and the reason)."""
+        try:
+            return self.prepare(source, name, max_pixels)
+        except ImageReadError as error:
+            return Prediction(path=error.path, error=error.reason,
+                              input_sha256=getattr(error, "sha256", None))
 
     def declared_pixels(self, data: bytes, name: str = "<bytes>") -> int:
         """The pixel count a file's header declares, every frame of a DICOM included, without
@@ -331,7 +232,7 @@ class Predictor:
                 prediction.heatmap = uncrop(cam, item.gray.shape, item.box)
                 prediction.image = item.gray
                 if prediction.lungs_found:
-                    prediction.lung_heat_share = heat_share(prediction.heatmap, item.lungs)
+                    prediction.lung_heat_share = heat_share(prediction.heatmap, item.lungs.mask)
             predictions.append(prediction)
         return predictions
 
@@ -344,11 +245,7 @@ class Predictor:
         names = list(names) if names is not None else [None] * len(sources)
 
         def load(index):
-            try:
-                return self.prepare(sources[index], names[index], max_pixels)
-            except ImageReadError as error:
-                return Prediction(path=error.path, error=error.reason,
-                                  input_sha256=getattr(error, "sha256", None))
+            return self.prepare_or_error(sources[index], names[index], max_pixels)
 
         starts = range(0, len(sources), batch_size)
         with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -397,11 +294,11 @@ class Predictor:
 def input_preprocessing_of(folder: Path) -> Preprocessing | list[Preprocessing]:
     """``Predictor.input_preprocessing`` of a run or ensemble folder, read from its metadata
     without loading a model."""
-    metadata = RunMetadata.load(Path(folder) / METADATA_FILE)
+    run = RunFolder(folder)
+    metadata = run.metadata()
     if not metadata.members:
         return metadata.preprocessing
-    return [RunMetadata.load(f / METADATA_FILE).preprocessing
-            for f in member_folders(folder, metadata.members)]
+    return [member.metadata().preprocessing for member in run.member_folders(metadata)]
 
 
 def load_segmenter(folder: Path):
@@ -409,9 +306,10 @@ def load_segmenter(folder: Path):
     export; exported: ``lungs/lungs.onnx``), else the one shipped with the package (None, with
     a warning, where it is not installed)."""
     from covidxray.model.lungs import CARD_NAME, LungCard, LungSegmenter, default_segmenter
-    own = Path(folder) / LUNGS_FOLDER
-    if (own / LUNGS_ONNX).is_file():
-        return LungSegmenter.from_onnx(own / LUNGS_ONNX, LungCard.load(own / CARD_NAME))
+    run = RunFolder(folder)
+    own = run.lungs_folder
+    if run.lungs_onnx_file.is_file():
+        return LungSegmenter.from_onnx(run.lungs_onnx_file, LungCard.load(own / CARD_NAME))
     if own.is_dir():
         return LungSegmenter.load(own)
     return default_segmenter()

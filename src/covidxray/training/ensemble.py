@@ -21,17 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from covidxray.config import TrainConfig
+from covidxray.errors import ConfigError, UserError
+from covidxray.config import PREDICT, TrainConfig
 from covidxray.data.dataset import LoadedImages
-from covidxray.data.split import read_split_records, write_split_csv
-from covidxray.evaluation.metrics import binary_metrics, choose_threshold
 from covidxray.fileutil import folder_lock
-from covidxray.run.calibration import apply_temperature, fit_temperature
-from covidxray.run.conformal import CONFORMAL_FILE, ConformalSets
-from covidxray.run.ensemble import MEMBERS_FOLDER, EnsembleEngine, EnsembleError
-from covidxray.run.metadata import METADATA_FILE
-from covidxray.run.ood import OOD_FILE
-from covidxray.run.predictor import LUNGS_FOLDER, Predictor, Prepared
+from covidxray.run.ensemble import EnsembleEngine, EnsembleError
+from covidxray.run.folder import SERVE, RunFolder
+from covidxray.run.inputs import Prepared
+from covidxray.run.predictor import Predictor
+from covidxray.training.calibrate import calibrate_and_gate
 from covidxray.version import __version__
 
 log = logging.getLogger(__name__)
@@ -46,19 +44,19 @@ def train_ensemble(config: TrainConfig, members: int, resume: bool = False,
     interrupted one continues with ``resume`` (finished members are kept)."""
     from covidxray.training.fit import train
     if members < 2:
-        raise ValueError(f"an ensemble needs at least 2 members, got {members}")
+        raise ConfigError(f"an ensemble needs at least 2 members, got {members}")
     out = Path(config.out)
-    if (out / METADATA_FILE).exists():
-        raise FileExistsError(f"{out} already holds a complete ensemble")
+    if RunFolder(out).metadata_file.exists():
+        raise UserError(f"{out} already holds a complete ensemble")
     folders = []
     for index in range(members):
-        folder = out / MEMBERS_FOLDER / str(index)
-        if not (folder / "model.keras").is_file():
+        folder = RunFolder(out).members_folder / str(index)
+        if not RunFolder(folder).keras_file.is_file():
             member = replace(config, out=str(folder), seed=config.seed + index,
-                             split_file=str(folders[0] / "split.csv") if folders
+                             split_file=str(RunFolder(folders[0]).split_file) if folders
                              else config.split_file)
             log.info("ensemble member %d of %d (seed %d)", index + 1, members, member.seed)
-            train(member, resume=resume and (folder / "config.json").is_file(),
+            train(member, resume=resume and RunFolder(folder).config_file.is_file(),
                   verbose=verbose, callbacks=callbacks)
         folders.append(folder)
     return build_ensemble(folders, out, confidence=config.confidence,
@@ -66,16 +64,17 @@ def train_ensemble(config: TrainConfig, members: int, resume: bool = False,
 
 
 def build_ensemble(runs, out: str | Path, confidence: float | None = None,
-                   calibrate: bool = False, copy: bool = True,
-                   batch_size: int = 32) -> Path:
-    """The ensemble of ``runs`` (run folders) in ``out``; ``copy``: copy them into
-    ``out/members/`` first (False: they are there already)."""
+                   calibrate: bool = TrainConfig.calibrate, copy: bool = True,
+                   batch_size: int = PREDICT.batch_size) -> Path:
+    """The ensemble of ``runs`` (run folders) in ``out``; ``confidence`` None: the first
+    run's, else ``TrainConfig.confidence``; ``copy``: copy them into ``out/members/`` first
+    (False: they are there already)."""
     out = Path(out)
     runs = [Path(r) for r in runs]
     if len(runs) < 2:
         raise EnsembleError("an ensemble needs at least 2 runs")
-    if (out / METADATA_FILE).exists():
-        raise FileExistsError(f"{out} already holds a run or an ensemble; use another --out")
+    if RunFolder(out).metadata_file.exists():
+        raise UserError(f"{out} already holds a run or an ensemble; use another --out")
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, "covidxray ensemble"):
         members = [Predictor.load(r) for r in runs]
@@ -105,8 +104,9 @@ def _check_compatible(runs: list[Path], members: list[Predictor]) -> None:
                 f"members of an ensemble share the image size and the crop (so that their "
                 f"heat maps lie on the same pixels); their intensity, backbone and seed may "
                 f"differ")
-        if not (run / "split.csv").is_file():
-            raise EnsembleError(f"{run}: no split.csv, so the films it trained on are unknown")
+        if not RunFolder(run).split_file.is_file():
+            raise EnsembleError(f"{run}: no {RunFolder(run).split_file.name}, so the films it "
+                                f"trained on are unknown")
     if first.preprocessing.uses_lungs:
         cards = {m.segmenter.card.sha256 for m in members}
         if len(cards) > 1:
@@ -117,11 +117,11 @@ def _copied(runs: list[Path], out: Path) -> list[Path]:
     """The runs copied into ``out/members/<i>`` (each copied whole, then renamed)."""
     folders = []
     for index, run in enumerate(runs):
-        target = out / MEMBERS_FOLDER / str(index)
+        target = RunFolder(out).members_folder / str(index)
         if not target.is_dir():
             partial = target.with_name(f".{index}.partial")
             shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(run, partial, ignore=shutil.ignore_patterns("serve", ".lock"))
+            shutil.copytree(run, partial, ignore=shutil.ignore_patterns(SERVE, ".lock"))
             partial.rename(target)
         folders.append(target)
     return folders
@@ -131,7 +131,7 @@ def shared_splits(runs: list[Path], positive_class: str) -> dict[str, list]:
     """The records each split holds for every member: a film is in the ensemble's validation
     (test) split only where it is validation (test) for all of them, so that no member
     trained on it."""
-    per_run = [{r.path: r for r in read_split_records(run / "split.csv", positive_class)}
+    per_run = [{r.path: r for r in RunFolder(run).read_split(positive_class)}
                for run in runs]
     out = {}
     for split in ("train", "val", "test"):
@@ -172,20 +172,19 @@ def _finish(members: list[Predictor], runs: list[Path], out: Path,
     ensemble = Predictor(EnsembleEngine(members), first, out, None, members[0].segmenter)
     val, train = _prepared(ensemble, splits["val"]), _prepared(ensemble, splits["train"])
     val_pass = ensemble.engine.forward(val.images, batch_size)
-    scores = val_pass.scores
-    temperature = None
-    if calibrate:
-        temperature = fit_temperature(val.targets, scores)
-        scores = apply_temperature(scores, temperature).astype(np.float32)
-    threshold = choose_threshold(val.targets, scores, first.threshold_method,
-                                 first.target_sensitivity or 0.95)
-    val_metrics = binary_metrics(val.targets, scores, threshold)
-    level = confidence or first.confidence or 0.90
+    # the members' mean has no test-time views of its own: its validation scores are the pass's
+    fitted = calibrate_and_gate(
+        val_pass.scores, ensemble.engine.forward(train.images, batch_size),
+        _first_inputs(train), val_pass, _first_inputs(val),
+        [first.negative_label, first.positive_class], threshold_method=first.threshold_method,
+        target_sensitivity=first.target_sensitivity, calibrate=calibrate,
+        confidence=confidence or first.confidence)
+    threshold, val_metrics = fitted.threshold, fitted.validation_metrics
     ids = [m.metadata.model_id for m in members]
     metadata = dataclasses.replace(
         first, backbone=f"ensemble of {len(members)}: " + ", ".join(
             m.metadata.backbone for m in members), weights="members", threshold=threshold,
-        temperature=temperature, test_time_views=0, confidence=level,
+        temperature=fitted.temperature, test_time_views=0, confidence=fitted.sets.confidence,
         model_id=f"ensemble{len(members)}-{first.image_size}px-"
                  + hashlib.sha256("|".join(ids).encode()).hexdigest()[:12],
         validation_metrics=val_metrics, members=relative,
@@ -204,16 +203,14 @@ def _finish(members: list[Predictor], runs: list[Path], out: Path,
              "threshold %.4f", len(members), val_metrics["roc_auc"], len(val.records),
              ", ".join(f"{m.metadata.validation_metrics.get('roc_auc', float('nan')):.3f}"
                        for m in members), threshold)
-    from covidxray.training.finalize import fit_ood_gate
-    fit_ood_gate(ensemble.engine.forward(train.images, batch_size),
-                 _first_inputs(train), val_pass, _first_inputs(val)).save(out / OOD_FILE)
-    ConformalSets.fit(scores, val.targets, [metadata.negative_label, metadata.positive_class],
-                      level).save(out / CONFORMAL_FILE)
-    write_split_csv(out / "split.csv", [r for records in splits.values() for r in records])
-    if first.preprocessing.uses_lungs and (runs[0] / LUNGS_FOLDER).is_dir() and \
-            not (out / LUNGS_FOLDER).is_dir():
-        shutil.copytree(runs[0] / LUNGS_FOLDER, out / LUNGS_FOLDER)
-    metadata.save(out / METADATA_FILE)  # last: the ensemble is complete once it exists
+    folder, first_run = RunFolder(out), RunFolder(runs[0])
+    fitted.gate.save(folder.gate_file)
+    fitted.sets.save(folder.sets_file)
+    folder.write_split([r for records in splits.values() for r in records])
+    if first.preprocessing.uses_lungs and first_run.lungs_folder.is_dir() and \
+            not folder.lungs_folder.is_dir():
+        shutil.copytree(first_run.lungs_folder, folder.lungs_folder)
+    metadata.save(folder.metadata_file)  # last: the ensemble is complete once it exists
     return out
 
 

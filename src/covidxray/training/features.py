@@ -15,6 +15,7 @@ data and weights starts from them.
 
 from __future__ import annotations
 
+import covidxray.model.backend  # noqa: F401  (Keras' backend, chosen before Keras is imported)
 import dataclasses
 import hashlib
 import json
@@ -27,7 +28,8 @@ import numpy as np
 
 from covidxray.config import AugmentConfig
 from covidxray.fileutil import atomic_path
-from covidxray.model.network import OUTPUT_NAME, augmentation_layers, backbone_of, forward
+from covidxray.model.network import OUTPUT_NAME, augmentation_layers, backbone_of, forward, \
+    predict_padded
 from covidxray.pixels.transforms import SourceAugment, augment_prepared
 from covidxray.progress import progress
 
@@ -140,8 +142,9 @@ class FeatureCache:
             if view > 0:
                 batch = np.stack([augment_prepared(image, augment, np.random.default_rng(
                     (seed, view, int(image_key(image)[:15], 16)))) for image in batch])
-            return np.asarray(split.trunk.predict(batch[..., None], batch_size=batch_size,
-                                                  verbose=0), np.float32)
+            # padded: data parallel, every batch must split evenly over the devices
+            return np.asarray(predict_padded(split.trunk, batch[..., None], batch_size),
+                              np.float32)
 
         return self.arrays(key, images, view, trunk_output)
 

@@ -7,6 +7,7 @@ are kept; the result is the one an uninterrupted run would have given.
 
 from __future__ import annotations
 
+import covidxray.model.backend  # noqa: F401  (Keras' backend, chosen before Keras is imported)
 import logging
 import os
 import shutil
@@ -17,29 +18,31 @@ from pathlib import Path
 
 import keras
 
+from covidxray.errors import UserError
 from covidxray.config import Preprocessing, TrainConfig
-from covidxray.data.audit import AS_THEY_ARE, RUN_PIXELS, STATISTICS_SIZE, \
-    exact_duplicates_across_splits, image_statistics_separability, select_sources, \
-    separability_warnings
+from covidxray.data.audit import exact_duplicates_across_splits
+from covidxray.data.sources import select_sources
+from covidxray.data.statistics import AS_THEY_ARE, RUN_PIXELS, STATISTICS_SIZE, \
+    image_statistics_separability, separability_warnings
 from covidxray.data.dataset import DataError, Dataset, LoadedImages, Record, discover, \
     file_hashes, load_images, with_splits
-from covidxray.data.split import assign_splits, patients_across_splits, read_split_csv, \
-    write_split_csv
+from covidxray.data.split import assign_splits, patients_across_splits, read_split_csv
 from covidxray.fileutil import folder_lock
 from covidxray.model.accelerator import precision_for_hardware
 from covidxray.model.lungs import CARD_NAME, WEIGHTS_NAME, LungSegmenter, default_segmenter
 from covidxray.model.network import build_model, stage_prefixes, unfreeze_top_stages
-from covidxray.training.distribute import data_parallel
+from covidxray.training.distribute import data_parallel, fit_to_devices
 from covidxray.training.features import trunk_split
 from covidxray.training.finalize import finalize_run
-from covidxray.run.predictor import LUNGS_FOLDER
+from covidxray.run.folder import RunFolder
+from covidxray.run.metadata import RunError
 from covidxray.training.phases import PHASE_NAMES, Best, Phase, best_weights_file, \
-    checkpoint_folder, class_count, fit_phase, full_fitting, head_fitting, top_fitting
+    class_count, fit_phase, full_fitting, head_fitting, top_fitting
 
 log = logging.getLogger(__name__)
 
 
-class RunExistsError(FileExistsError):
+class RunExistsError(UserError, FileExistsError):
     """The output folder already holds a run; resume it or choose another folder."""
 
 
@@ -73,8 +76,8 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
     of both phases (experiment tracking).
     """
     run = Path(config.out)
-    if resume and not (run / "config.json").is_file():
-        raise FileNotFoundError(f"{run}: no config.json to resume from")
+    if resume and not RunFolder(run).config_file.is_file():
+        raise RunError(f"{run}: no {RunFolder(run).config_file.name} to resume from")
     run.mkdir(parents=True, exist_ok=True)
     # held before anything is looked at or written: a second job on the folder is refused
     with folder_lock(run, "covidxray train"):
@@ -82,19 +85,20 @@ def train(config: TrainConfig, resume: bool = False, verbose: int | str = "auto"
 
 
 def _train(config: TrainConfig, run: Path, resume: bool, verbose, callbacks: tuple) -> Path:
+    folder = RunFolder(run)
     if resume:
-        if (run / "model.keras").is_file():
+        if folder.keras_file.is_file():
             raise RunExistsError(f"{run}: this run is already complete")
-        config = TrainConfig.load(run / "config.json")
-        if (run / "split.csv").is_file():  # the split the interrupted run trained on
-            config.split_file = str(run / "split.csv")
-    elif (run / "config.json").exists():
+        config = folder.read_config()
+        if folder.split_file.is_file():  # the split the interrupted run trained on
+            config.split_file = str(folder.split_file)
+    elif folder.config_file.exists():
         raise RunExistsError(f"{run} already holds a run: use --resume to continue it, or "
                              f"another --out")
     keras.utils.set_random_seed(config.seed)
 
     dataset, records, hashes = prepare_splits(config, run)
-    config.save(run / "config.json")
+    config.save(folder.config_file)
     segmenter = lung_segmenter(config, run)
     statistics = training_image_statistics(records, config, segmenter)
     # the validation films' lungs are looked for even without a lung crop: the gate's lung
@@ -114,7 +118,7 @@ def _train(config: TrainConfig, run: Path, resume: bool, verbose, callbacks: tup
                              callbacks=callbacks)
         finalize_run(model, config, splits, run, policy, selection_record(best, config, splits),
                      statistics)
-    shutil.rmtree(checkpoint_folder(run), ignore_errors=True)
+    shutil.rmtree(folder.checkpoints_folder, ignore_errors=True)
     return run
 
 
@@ -136,8 +140,8 @@ def _train_phases(model: keras.Model, config: TrainConfig, splits: Splits, run: 
         log.info("phase %d (%s): %d epochs at learning rate %g", phase.number, phase.name,
                  phase.epochs, phase.learning_rate)
         fitting = _fitting(model, phase, config, splits)
-        # split over devices, every batch must be whole: the rest of an epoch waits its turn
-        fitting.batches.drop_remainder = devices > 1
+        if devices > 1:
+            fit_to_devices(fitting.batches, devices, phase.name)
         best = fit_phase(fitting, phase, classifier=model, config=config, run=run,
                          best_so_far=best, verbose=verbose, callbacks=callbacks)
     if best_weights_file(run).exists():
@@ -226,7 +230,7 @@ def prepare_splits(config: TrainConfig, run: Path) -> tuple[Dataset, list, dict[
         if not config.allow_leaks:
             raise DataError(message + "; remove them, or pass --allow-leaks to train anyway")
         log.warning("%s (trained anyway: --allow-leaks)", message)
-    write_split_csv(run / "split.csv", records)
+    RunFolder(run).write_split(records)
     counts = Counter((r.split, r.label) for r in records)
     log.info("split: %s", ", ".join(f"{s}/{c}={n}" for (s, c), n in sorted(counts.items())))
     return dataset, records, hashes
@@ -256,9 +260,9 @@ def lung_segmenter(config: TrainConfig, run: Path) -> LungSegmenter | None:
     segmenter = segmenter_of(config)
     if segmenter is None:
         return None
-    own = run / LUNGS_FOLDER
+    own = RunFolder(run).lungs_folder
     if not own.is_dir():
-        partial = run / f".{LUNGS_FOLDER}.partial"
+        partial = run / f".{own.name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
         for name in (WEIGHTS_NAME, CARD_NAME):
@@ -270,8 +274,8 @@ def lung_segmenter(config: TrainConfig, run: Path) -> LungSegmenter | None:
 def training_image_statistics(records: list[Record], config: TrainConfig,
                               segmenter=None) -> dict:
     """How well image statistics alone separate the classes of each training source, as the
-    files are and as this run prepares them (``audit.image_statistics_separability``), logged
-    with a warning where they give the class away; for the run's metadata and report."""
+    files are and as this run prepares them (``data.statistics.image_statistics_separability``),
+    logged with a warning where they give the class away; for the run's metadata and report."""
     options = {AS_THEY_ARE: Preprocessing(STATISTICS_SIZE),
                RUN_PIXELS: replace(config.preprocessing, image_size=STATISTICS_SIZE)}
     found = image_statistics_separability([r for r in records if r.split in ("train", "val")],

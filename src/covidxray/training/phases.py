@@ -16,6 +16,7 @@ from the seed and the epoch alone, so a resumed phase replays exactly what was l
 
 from __future__ import annotations
 
+import covidxray.model.backend  # noqa: F401  (Keras' backend, chosen before Keras is imported)
 import csv
 import dataclasses
 import io
@@ -28,12 +29,13 @@ import keras
 import numpy as np
 
 from covidxray.config import TrainConfig
-from covidxray.data.dataset import LoadedImages
+from covidxray.data.dataset import DataError, LoadedImages
 from covidxray.fileutil import atomic_path, write_text_atomic
 from covidxray.pixels.transforms import SourceAugment
-from covidxray.evaluation.metrics import roc_auc
+from covidxray.metrics import roc_auc
 from covidxray.model.network import data_parallel_devices, predict_padded
 from covidxray.training.features import FeatureCache, TrunkSplit, head_model, model_key
+from covidxray.run.folder import RunFolder
 from covidxray.training.pipeline import ImageSequence, ViewBatches
 
 log = logging.getLogger(__name__)
@@ -80,13 +82,9 @@ class Fitting:
     validation: tuple[np.ndarray, np.ndarray]
 
 
-def checkpoint_folder(run: Path) -> Path:
-    return run / ".checkpoints"
-
-
 def best_weights_file(run: Path) -> Path:
     """The classifier's weights at its best validation ROC-AUC so far, over both phases."""
-    return checkpoint_folder(run) / "best.weights.h5"
+    return RunFolder(run).checkpoints_folder / "best.weights.h5"
 
 
 def head_fitting(classifier: keras.Model, train: LoadedImages, val: LoadedImages,
@@ -147,7 +145,7 @@ def fit_phase(fitting: Fitting, phase: Phase, *, classifier: keras.Model, config
               run: Path, best_so_far: Best, verbose, callbacks: tuple = ()) -> Best:
     """Fit ``phase``, continuing from its checkpoint when it has one; returns the best
     selection score over this phase and the ones before, and where it was reached."""
-    state_file = checkpoint_folder(run) / f"phase{phase.number}.npz"
+    state_file = RunFolder(run).checkpoints_folder / f"phase{phase.number}.npz"
     steps = len(fitting.batches)
     _compile(fitting.model, phase.learning_rate, config.schedule, phase.epochs * steps,
              class_count(config), positive_column(config))
@@ -156,7 +154,7 @@ def fit_phase(fitting: Fitting, phase: Phase, *, classifier: keras.Model, config
     start = checkpoint.restore(fitting.model)
     if checkpoint.done:
         return checkpoint.best
-    _drop_history(run / "history.csv", phase.number, start)  # epochs that were not kept
+    _drop_history(RunFolder(run).history_file, phase.number, start)  # epochs that were not kept
     fitting.batches.epoch = start
     # data parallel: every batch must split over the devices, the validation split's last
     # one too; its score is computed from a padded prediction instead of Keras' validation
@@ -169,7 +167,7 @@ def fit_phase(fitting: Fitting, phase: Phase, *, classifier: keras.Model, config
                       validation_batch_size=fitting.batches.batch_size, epochs=phase.epochs,
                       initial_epoch=start, shuffle=False, verbose=verbose,
                       callbacks=[*scorer, _PhaseColumn(phase.number),
-                                 keras.callbacks.CSVLogger(str(run / "history.csv"),
+                                 keras.callbacks.CSVLogger(str(RunFolder(run).history_file),
                                                            append=True), checkpoint,
                                  *callbacks])
     return checkpoint.best
@@ -333,7 +331,7 @@ def positive_column(config: TrainConfig) -> int:
     matches = [i for i, name in enumerate(names) if name == wanted or (
         config.positive_class is None and "covid" in name and not name.startswith("non"))]
     if not matches:
-        raise ValueError(f"the classes {config.classes} do not include the positive class "
+        raise DataError(f"the classes {config.classes} do not include the positive class "
                          f"({config.positive_class or 'COVID'})")
     return matches[0]
 
@@ -343,7 +341,7 @@ def class_indices(images: LoadedImages, config: TrainConfig) -> np.ndarray:
     index = {c.lower(): i for i, c in enumerate(config.classes)}
     unknown = sorted({r.label for r in images.records if r.label.lower() not in index})
     if unknown:
-        raise ValueError(f"labels {unknown} are none of the classes {list(config.classes)}: "
+        raise DataError(f"labels {unknown} are none of the classes {list(config.classes)}: "
                          f"name every class (--classes), or relabel those images")
     return np.array([index[r.label.lower()] for r in images.records], dtype=int)
 

@@ -2,13 +2,14 @@
 
 ``ImageSequence`` is a ``keras.utils.PyDataset``: Keras runs ``__getitem__`` in ``workers``
 threads while the model trains, on every backend. Each image goes through the one preprocessing
-path (``imageio.load_for_model``); with ``cache_dir`` the prepared image is kept as a small
+path (``pixels.preprocess.load_for_model``); with ``cache_dir`` the prepared image is kept as a small
 ``.npy`` named by the file's sha256 under a folder named by the preprocessing, so later epochs
 and later runs skip decoding and resizing, and an edited file is a new entry.
 """
 
 from __future__ import annotations
 
+import covidxray.model.backend  # noqa: F401  (Keras' backend, chosen before Keras is imported)
 import functools
 import hashlib
 import math
@@ -19,7 +20,7 @@ import numpy as np
 
 from covidxray.config import Preprocessing
 from covidxray.fileutil import atomic_path
-from covidxray.pixels.imageio import as_preprocessing, load_for_model
+from covidxray.pixels.preprocess import as_preprocessing, load_for_model
 from covidxray.pixels.transforms import augment_prepared
 
 
@@ -55,9 +56,9 @@ class EpochBatches(keras.utils.PyDataset):
         return epoch_order(len(self.targets), self.seed, self.epoch)
 
     def __len__(self) -> int:
-        whole = len(self.targets) // self.batch_size
-        return whole if self.drop_remainder and whole else \
-            math.ceil(len(self.targets) / self.batch_size)
+        if self.drop_remainder:  # distribute.fit_to_devices made at least one whole batch
+            return len(self.targets) // self.batch_size
+        return math.ceil(len(self.targets) / self.batch_size)
 
     def __getitem__(self, index: int):
         chosen = self.order[index * self.batch_size:(index + 1) * self.batch_size]

@@ -10,6 +10,7 @@ TensorFlow, which a torch or jax user does not have.
 
 from __future__ import annotations
 
+import covidxray.model.backend  # noqa: F401  (Keras' backend, chosen before Keras is imported)
 import json
 import logging
 import os
@@ -20,6 +21,10 @@ from urllib.parse import urlparse
 
 import keras
 
+from covidxray.errors import ConfigError, MissingExtraError
+from covidxray.errors import UserError
+from covidxray.run.folder import HISTORY
+
 log = logging.getLogger(__name__)
 
 MLFLOW_EXPERIMENT = "covidxray"
@@ -28,7 +33,7 @@ MLFLOW_EXPERIMENT = "covidxray"
 REACH_TIMEOUT_S = 5.0
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(UserError, RuntimeError):
     """The tracking server cannot be reached; nothing was trained."""
 
 
@@ -56,7 +61,7 @@ def parse_track(value: str) -> str | None:
     for the default."""
     kind, _, uri = value.partition("=")
     if kind.strip().lower() != "mlflow":
-        raise ValueError(f"--track {value!r}: only mlflow is supported (mlflow or mlflow=URI)")
+        raise ConfigError(f"--track {value!r}: only mlflow is supported (mlflow or mlflow=URI)")
     return uri.strip() or None
 
 
@@ -64,7 +69,7 @@ def _mlflow():
     try:
         import mlflow
     except ImportError as exc:
-        raise ImportError("--track mlflow needs MLflow: pip install 'covidxray[track]'") from exc
+        raise MissingExtraError("--track mlflow", "track") from exc
     return mlflow
 
 
@@ -90,7 +95,7 @@ class _EpochMetrics(keras.callbacks.Callback):
                 self.failed = True
                 log.warning("experiment tracking failed at epoch %d and is off for the rest "
                             "of this run (%s: %s); the run folder has every epoch in "
-                            "history.csv", self.step + 1, type(error).__name__, error)
+                            "%s", self.step + 1, type(error).__name__, error, HISTORY)
         self.step += 1
 
 
@@ -158,8 +163,7 @@ class _TensorBoardEvents:
         try:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
         except ImportError as exc:
-            raise ImportError("--tensorboard needs TensorBoard: pip install "
-                              "'covidxray[track]'") from exc
+            raise MissingExtraError("--tensorboard", "track") from exc
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         self.writer = EventFileWriter(str(log_dir))
 

@@ -22,15 +22,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from covidxray.config import DicomNodeConfig
+from covidxray.deploy.dicom.outbox import Outbox
+from covidxray.deploy.dicom.results import bad_uid, missing_for_results
+from covidxray.errors import UserError
 from covidxray.fileutil import atomic_path
+from covidxray.run.folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ STORAGE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
     "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
 }
-# what covidxray.pixels.imageio decodes: uncompressed, deflated, JPEG baseline and extended,
+# what covidxray.pixels.decode decodes: uncompressed, deflated, JPEG baseline and extended,
 # JPEG Lossless, JPEG-LS, JPEG 2000, RLE
 TRANSFER_SYNTAXES = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99",
                      "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
@@ -60,7 +64,7 @@ def parse_destination(value: str) -> tuple[str, str, int]:
     title, at, address = value.partition("@")
     host, colon, port = address.rpartition(":")
     if not (at and colon and title and host and port.isdigit()):
-        raise ValueError(f"--send-to {value!r}: expected AE@host:port, e.g. ORTHANC@pacs:4242")
+        raise UserError(f"--send-to {value!r}: expected AE@host:port, e.g. ORTHANC@pacs:4242")
     return title, host, int(port)
 
 
@@ -102,16 +106,16 @@ class NodeMetrics:
 
 @dataclass
 class DicomNode:
-    """A running node: its pynetdicom server, and what it keeps count of."""
+    """A running node: its pynetdicom server, its outbox, and what it keeps count of."""
 
     config: DicomNodeConfig
     predictor: object
     records: object
     metrics: NodeMetrics
     server: object = None
+    outbox: Outbox | None = None  # with send_to: what waits for the PACS
     per_association: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one model pass at a time
-    sender: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
 
     @property
     def port(self) -> int:
@@ -120,7 +124,8 @@ class DicomNode:
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
-        self.sender.shutdown(wait=True)
+        if self.outbox is not None:
+            self.outbox.stop()
 
     # --- handlers -----------------------------------------------------------------------
 
@@ -147,27 +152,47 @@ class DicomNode:
             data = self._received(event)
         except ValueError as error:
             return self._refuse(peer, uid, OUT_OF_RESOURCES, str(error))
+        source = _header(data)
+        problem = None if source is None else bad_uid(source)
+        if problem:  # nothing named from it may reach the file system or the PACS
+            return self._refuse(peer, uid, CANNOT_UNDERSTAND, problem)
         with self.lock:
             prediction = self.predictor.predict_many([data], [uid], heatmaps=True,
                                                      max_pixels=self.config.max_pixels)[0]
         request_id = uuid.uuid4().hex
-        from covidxray.deploy.serve.records import Served
-        self.records.record([Served.of(prediction, request_id, self.predictor.metadata.model_id,
-                                       hashlib.sha256(data).hexdigest(), None, channel="dicom",
-                                       sop_instance_uid=uid, calling_ae=calling)])
+        from covidxray.deploy.records import RecordUnavailable, Served
+        try:
+            self.records.record([Served(prediction, request_id,
+                                        self.predictor.metadata.model_id,
+                                        hashlib.sha256(data).hexdigest(), None,
+                                        channel="dicom", sop_instance_uid=uid,
+                                        calling_ae=calling)])
+        except RecordUnavailable as error:  # not on record: not acknowledged either
+            return self._refuse(peer, uid, OUT_OF_RESOURCES, str(error))
         self.metrics.seconds.observe(time.monotonic() - started)
         if prediction.error:
             return self._refuse(peer, uid, CANNOT_UNDERSTAND, prediction.error)
+        self.metrics.instances.labels("scored").inc()
+        log.info("C-STORE from %s: %s scored P(COVID)=%.4f %s", peer, uid,
+                 prediction.probability, prediction.verdict or prediction.label)
+        missing = missing_for_results(source)
+        if missing:  # scored and recorded: what cannot be made is said
+            log.warning("C-STORE from %s: %s scored and recorded, but no report or heat map "
+                        "was made: the film lacks %s, without which they cannot join its "
+                        "study", peer, uid, " and ".join(missing))
+            return SUCCESS
         try:
-            results = self._results(data, prediction)
+            results = self._results(source, prediction, peer, uid)
         except Exception as error:  # a header the result objects cannot be built from
             return self._refuse(peer, uid, CANNOT_UNDERSTAND,
                                 f"scored, but no result could be made from its header "
                                 f"({type(error).__name__}: {error})")
-        self.metrics.instances.labels("scored").inc()
-        log.info("C-STORE from %s: %s scored P(COVID)=%.4f %s", peer, uid,
-                 prediction.probability, prediction.verdict or prediction.label)
-        self._deliver(results)
+        try:
+            self._deliver(results)
+        except OSError as error:  # not kept: not acknowledged, so the sender tries again
+            return self._refuse(peer, uid, OUT_OF_RESOURCES,
+                                f"scored, but its results could not be kept "
+                                f"({error.strerror or error})")
         return SUCCESS
 
     def _refuse(self, peer: str, uid: str, status: int, reason: str) -> int:
@@ -191,53 +216,69 @@ class DicomNode:
             raise ValueError(f"instance of {len(data)} bytes is over the limit of {limit}")
         return data
 
-    def _results(self, data: bytes, prediction) -> list:
-        import io
-
-        import pydicom
-
-        from covidxray.deploy.dicom.results import result_objects
+    def _results(self, source, prediction, peer: str, uid: str) -> list:
+        from covidxray.deploy.dicom.results import prepared_source, result_objects
         from covidxray.evaluation.explain import explanation_of
-        source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        for note in prepared_source(source):
+            log.warning("C-STORE from %s: %s: %s", peer, uid, note)
         return result_objects(source, prediction, self.predictor.metadata,
                               explanation_of(prediction).overlay)
 
     def _deliver(self, results: list) -> None:
+        """The results as files under ``out`` (one folder per study, named by its checked
+        UID) and into the outbox for the PACS: both on the disk before the C-STORE is
+        acknowledged."""
         if self.config.out:
+            out = Path(self.config.out).resolve()
             for dataset in results:
-                target = Path(self.config.out) / dataset.StudyInstanceUID / \
-                    f"{dataset.Modality}-{dataset.SOPInstanceUID}.dcm"
+                target = (out / str(dataset.StudyInstanceUID) /
+                          f"{dataset.Modality}-{dataset.SOPInstanceUID}.dcm").resolve()
+                if out not in target.parents:  # a UID is digits and dots: never, but checked
+                    raise OSError(f"{target} would lie outside {out}")
                 with atomic_path(target, suffix=".dcm") as tmp:
                     dataset.save_as(tmp, enforce_file_format=True)
-        if self.config.send_to:
-            self.sender.submit(self._send, results)
+        if self.outbox is not None:
+            self.outbox.put(results)
 
-    def _send(self, results: list) -> None:
-        """C-STORE of the results to the destination, in this node's own association."""
+    def _send(self, paths: list[Path]) -> list[Path]:
+        """C-STORE of waiting results to the destination, in one association of this node's
+        own; returns those the destination accepted."""
+        import pydicom
         from pynetdicom import AE
         title, host, port = parse_destination(self.config.send_to)
         ae = AE(ae_title=self.config.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.config.timeout_s
-        for dataset in results:
-            ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
-        try:
-            assoc = ae.associate(host, port, ae_title=title)
-            if not assoc.is_established:
-                raise ConnectionError(f"{title}@{host}:{port} refused the association")
+        datasets = {}
+        for path in paths:
             try:
-                for dataset in results:
-                    status = assoc.send_c_store(dataset)
-                    code = getattr(status, "Status", None)
-                    outcome = "sent" if code == SUCCESS else "refused"
-                    self.metrics.results_sent.labels(outcome).inc()
-                    if code != SUCCESS:
-                        log.warning("%s@%s:%s answered 0x%04X to %s", title, host, port,
-                                    code or 0xFFFF, dataset.SOPInstanceUID)
-            finally:
-                assoc.release()
-        except Exception as error:  # the destination's trouble; the node serves on
-            self.metrics.results_sent.labels("failed").inc(len(results))
-            log.warning("could not send the results to %s: %s", self.config.send_to, error)
+                datasets[path] = pydicom.dcmread(path)
+            except Exception as error:  # a damaged file: set aside, not sent for ever
+                log.error("%s cannot be read (%s): left in the outbox for a person", path,
+                          error)
+                path.rename(path.with_suffix(".unreadable"))
+        contexts = {(d.SOPClassUID, d.file_meta.TransferSyntaxUID) for d in datasets.values()}
+        for sop_class, syntax in contexts:
+            ae.add_requested_context(sop_class, syntax)
+        assoc = ae.associate(host, port, ae_title=title)
+        if not assoc.is_established:
+            self.metrics.results_sent.labels("failed").inc(len(datasets))
+            raise ConnectionError(f"{title}@{host}:{port} cannot be reached or refused the "
+                                  f"association")
+        accepted = []
+        try:
+            for path, dataset in datasets.items():
+                status = assoc.send_c_store(dataset)
+                code = getattr(status, "Status", None)
+                self.metrics.results_sent.labels("sent" if code == SUCCESS else
+                                                 "refused").inc()
+                if code == SUCCESS:
+                    accepted.append(path)
+                else:
+                    log.warning("%s@%s:%s answered 0x%04X to %s: it stays in the outbox",
+                                title, host, port, code or 0xFFFF, dataset.SOPInstanceUID)
+        finally:
+            assoc.release()
+        return accepted
 
 
 def start_node(run_dir: str | Path, config: DicomNodeConfig, block: bool = False) -> DicomNode:
@@ -245,15 +286,23 @@ def start_node(run_dir: str | Path, config: DicomNodeConfig, block: bool = False
     from pynetdicom import AE, _config, evt
     from pynetdicom.sop_class import Verification
 
-    from covidxray.deploy.serve.records import PredictionLog, default_audit_url
+    from covidxray.deploy.records import PredictionLog, default_audit_url
     from covidxray.run.predictor import Predictor
-    predictor = Predictor.load(run_dir)
+    check_node_folders(config, run_dir)
+    predictor = Predictor.load(run_dir, gate=config.gate, runtime=config.runtime)
     _config.STORE_RECV_CHUNKED_DATASET = True  # instances go to a temporary file, not memory
     # highdicom tells every attribute it copies at INFO: one line per module per result
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     node = DicomNode(config, predictor,
                      PredictionLog(config.audit_db or default_audit_url(Path(run_dir))),
                      NodeMetrics.create())
+    if config.send_to:
+        node.outbox = Outbox(outbox_folder(config, run_dir), node._send,
+                             config.outbox_expiry_h * 3600).start()
+        waiting = len(node.outbox.waiting())
+        if waiting:
+            log.info("%d results wait in %s from before: sending them", waiting,
+                     node.outbox.folder)
     ae = AE(ae_title=config.ae_title)
     ae.maximum_associations = config.max_associations
     ae.maximum_pdu_size = config.max_pdu
@@ -288,6 +337,42 @@ def start_node(run_dir: str | Path, config: DicomNodeConfig, block: bool = False
         except KeyboardInterrupt:
             node.stop()
     return node
+
+
+def outbox_folder(config: DicomNodeConfig, run_dir) -> Path:
+    """Where results wait for the PACS: ``config.outbox``, else the run's serve folder."""
+    return Path(config.outbox) if config.outbox else RunFolder(run_dir).outbox_folder
+
+
+def check_node_folders(config: DicomNodeConfig, run_dir) -> None:
+    """Before the node starts: the folders it writes to must take a file (a node that scored
+    every film and then failed to keep a result would have to refuse them all)."""
+    folders = ([("--out", Path(config.out))] if config.out else []) + (
+        [("the outbox", outbox_folder(config, run_dir))] if config.send_to else [])
+    if config.send_to:
+        parse_destination(config.send_to)
+    for what, folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, probe = tempfile.mkstemp(prefix=".covidxray-write-check-", dir=folder)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as error:
+            raise UserError(f"{folder} ({what}) cannot be written ({error.strerror or error}): "
+                            f"the node does not start; choose a folder it can write to") \
+                from None
+
+
+def _header(data: bytes):
+    """The instance's data set without its pixels (None: not readable as DICOM; the reader
+    says why when it is scored)."""
+    import io
+
+    import pydicom
+    try:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+    except Exception:
+        return None
 
 
 def _refused_host(address) -> bool:

@@ -14,9 +14,13 @@ the film, which the SR references.
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 
 from covidxray.config import RESEARCH_NOTICE
+from covidxray.run.conformal import NOT_FRONTAL
 from covidxray.version import __version__
 
 SCHEME = "99COVIDXRAY"
@@ -37,20 +41,61 @@ COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "S
                 "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-def with_type2_attributes(source):
-    """``source`` with every attribute of ``COPIED_TYPE2`` it lacks present and empty (what
-    an absent Type 2 attribute means), so that the results can copy them."""
+# a DICOM UID: digits and dots, each component without a leading zero, at most 64 characters
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# what the results need of the film to join its study and point at it
+REQUIRED_UIDS = ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def is_uid(value) -> bool:
+    text = str(value)
+    return len(text) <= 64 and bool(UID_PATTERN.match(text))
+
+
+def bad_uid(source) -> str | None:
+    """Why the film's UIDs cannot name a file or a result (None: they can): a UID that is
+    present but not digits and dots (a path, say)."""
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        value = source.get(keyword)
+        if value is not None and str(value) and not is_uid(value):
+            return (f"{keyword} {str(value)[:80]!r} is not a DICOM UID (digits and dots, at "
+                    f"most 64 characters)")
+    return None
+
+
+def missing_for_results(source) -> list[str]:
+    """The UIDs the results need that the film lacks (their study, the film they point at)."""
+    return [keyword for keyword in REQUIRED_UIDS if not str(source.get(keyword) or "")]
+
+
+def prepared_source(source) -> list[str]:
+    """Make ``source`` fit to copy into the results: every attribute of ``COPIED_TYPE2`` it
+    lacks added, empty (what an absent Type 2 attribute means), and every date or time among
+    them that is not one blanked the same way (a sender's "notadate" would fail the SR).
+    Returns what was blanked, for the log."""
+    from pydicom.valuerep import DA, DT, TM
+    blanked = []
     for keyword in COPIED_TYPE2:
         if keyword not in source:
             setattr(source, keyword, "")
-    return source
+            continue
+        element = source[keyword]
+        reader = {"DA": DA, "TM": TM, "DT": DT}.get(element.VR)
+        if reader is None or not element.value:
+            continue
+        try:
+            reader(str(element.value))
+        except (ValueError, TypeError):
+            blanked.append(f"{keyword} {str(element.value)[:40]!r} is not a valid "
+                           f"{element.VR}: left empty in the results")
+            element.value = ""
+    return blanked
 
 
 def result_objects(source, prediction, metadata, overlay_rgb: np.ndarray) -> list:
     """The Structured Report and the Secondary Capture of ``prediction`` of the film
-    ``source`` (its pydicom data set, pixel data not needed; its missing Type 2 attributes are
-    added, empty)."""
-    source = with_type2_attributes(source)
+    ``source`` (its pydicom data set, pixel data not needed, made fit by
+    ``prepared_source``)."""
     return [structured_report(source, prediction, metadata),
             secondary_capture(source, overlay_rgb, prediction)]
 
@@ -86,7 +131,10 @@ def structured_report(source, prediction, metadata):
                         if prediction.ood else "not flagged" if prediction.ood is False
                         else "no gate", contains),
     ]
-    if prediction.verdict is not None:
+    if prediction.ood:
+        items.append(TextContentItem(_code("SET", "Prediction set"), f"{NOT_FRONTAL} (the "
+                                     f"score above is for research only)", contains))
+    elif prediction.verdict is not None:
         items.append(TextContentItem(
             _code("SET", "Prediction set"),
             f"{prediction.verdict} (conformal set {{{', '.join(prediction.prediction_set)}}} at "
@@ -95,6 +143,9 @@ def structured_report(source, prediction, metadata):
         items.append(NumContentItem(_code("LUNG-HEAT", "Share of the heat map inside the "
                                           "lungs found"), float(prediction.lung_heat_share),
                                     unit, relationship_type=contains))
+    # every field of the prediction's record (run.record): what the other outputs carry too
+    items.append(TextContentItem(_code("RECORD", "covidxray prediction record (JSON)"),
+                                 json.dumps(prediction.row()), contains))
     items.append(ImageContentItem(_code("SOURCE", "Source image"), source.SOPClassUID,
                                   source.SOPInstanceUID, relationship_type=contains))
     for item in items:
@@ -108,6 +159,8 @@ def structured_report(source, prediction, metadata):
 
 
 def _label_code(prediction, metadata):
+    if prediction.ood:  # the gate flagged it: no call is made, whatever the score
+        return _code("NO-VERDICT", NOT_FRONTAL)
     if prediction.positive:
         return _code("840539006", "Disease caused by SARS-CoV-2", "SCT")
     return _code("NOT-COVID", metadata.negative_label)
@@ -118,8 +171,9 @@ def secondary_capture(source, overlay_rgb: np.ndarray, prediction):
     and the score burned into the pixels (``source`` with ``COPIED_TYPE2`` present)."""
     import highdicom as hd
     from pydicom.uid import generate_uid
-    image = burn_in(overlay_rgb, [BURNED_IN, f"P(COVID) {prediction.probability:.3f}: "
-                                              f"{prediction.verdict or prediction.label}"])
+    headline = NOT_FRONTAL.upper() if prediction.ood else \
+        f"P(COVID) {prediction.probability:.3f}: {prediction.verdict or prediction.label}"
+    image = burn_in(overlay_rgb, [BURNED_IN, headline])
     # as the film is shown; a film that does not say is taken as a frontal chest film is
     # shown (rows toward the patient's left, columns toward the feet)
     orientation = tuple(getattr(source, "PatientOrientation", None) or ()) or ("L", "F")

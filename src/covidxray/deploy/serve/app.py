@@ -23,20 +23,25 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 
 from covidxray.config import RESEARCH_NOTICE, SERVE, STAND_IN_CAVEAT, ServeConfig
-from covidxray.deploy.serve.records import Metrics, PredictionLog, Served, default_audit_url
+from covidxray.deploy.records import PredictionLog, RecordUnavailable, Served, \
+    default_audit_url
+from covidxray.deploy.serve.metrics import Metrics
 from covidxray.deploy.serve.security import API_KEY_HEADER, APIKeys, FailedKeyThrottle, \
     RequestSizeLimit, SameOriginPost, SecurityHeaders
 from covidxray.evaluation.explain import LUNG_OUTLINE_COLOUR, overlay
+from covidxray.deploy.serve.batching import Batcher
+from covidxray.run.inputs import Prepared
 from covidxray.run.predictor import Predictor
+from covidxray.run.record import Prediction, api_fields
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -45,40 +50,29 @@ INTENDED_USE = "Research on chest X-ray classification. " + RESEARCH_NOTICE
 RETRY_AFTER_SECONDS = 5
 
 
-class OODVerdict(BaseModel):
-    flag: bool | None
-    reason: str | None
+class Presentation(BaseModel):
+    """What an answer adds to the prediction's own record (``run.record.Prediction``, whose
+    fields the answer carries, every one of them): the run's threshold and id, the set's
+    confidence, and the images for the page."""
 
-
-class ImageResult(BaseModel):
-    filename: str
-    probability: float | None = None
-    label: str | None = None
-    positive: bool | None = None
     threshold: float
     model_id: str
-    ood: OODVerdict | None = None
+    confidence: float | None = None  # of the prediction set
     image_png: str | None = None
     heatmap_png: str | None = None
     overlay_png: str | None = None
-    # the conformal prediction set and it in words: a class, "uncertain: refer" (both
-    # classes) or "unlike the calibration data" (neither); null: the run has no sets
-    prediction_set: list[str] | None = None
-    verdict: str | None = None
-    confidence: float | None = None  # of the set
-    # a model of three or more classes: each class's probability (null: COVID against the rest)
-    class_probabilities: dict[str, float] | None = None
-    lungs_found: bool | None = None  # null: no lung segmenter
-    lung_heat_share: float | None = None  # of the heat map, inside the lungs found
     lung_outline_png: str | None = None  # the lungs found, outlined on a transparent image
-    error: str | None = None
 
 
-class PredictResponse(BaseModel):
-    notice: str
-    synthetic_data: bool
-    request_id: str
-    results: list[ImageResult]
+def result_model(record: type = Prediction) -> type[BaseModel]:
+    """One image's answer: ``Presentation`` and every field of the record."""
+    return create_model("ImageResult", __base__=Presentation, **api_fields(record))
+
+
+def response_model(image_result: type[BaseModel]) -> type[BaseModel]:
+    """A request's answer: the notice, and one ``image_result`` per file."""
+    return create_model("PredictResponse", notice=(str, ...), synthetic_data=(bool, ...),
+                        request_id=(str, ...), results=(list[image_result], ...))
 
 
 def _png(rgb_or_rgba: np.ndarray) -> str:
@@ -134,14 +128,15 @@ def api_docs(openapi: dict) -> str:
 def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = None,
                settings: ServeConfig = SERVE) -> FastAPI:
     """The app for one run; the model is loaded once, here."""
-    predictor = predictor or Predictor.load(run_dir)
+    predictor = predictor or Predictor.load(run_dir, gate=settings.gate,
+                                            runtime=settings.runtime)
     run_dir = run_dir or predictor.run_dir
     meta = predictor.metadata
     keys = APIKeys.load(settings.api_keys) if settings.api_keys else None
     throttle = FailedKeyThrottle(settings.key_failures_allowed)
     records = PredictionLog(settings.audit_db or default_audit_url(run_dir))
     metrics = Metrics()
-    inference_lock = threading.Lock()  # one forward pass at a time; each request is a batch
+    batcher = Batcher(predictor, settings.batch_films, settings.batch_wait_ms / 1000)
     admission = threading.BoundedSemaphore(settings.queue + 1)  # running + waiting
     app = FastAPI(title="covidxray", version=meta.covidxray_version, docs_url=None,
                   redoc_url=None,
@@ -174,8 +169,12 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
         return key_id
 
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "model_id": meta.model_id}
+    def health() -> JSONResponse:
+        problem = records.check()
+        if problem:  # answers would be refused: say so to the load balancer
+            return JSONResponse({"status": "unavailable", "model_id": meta.model_id,
+                                 "record": f"cannot be written: {problem}"}, status_code=503)
+        return JSONResponse({"status": "ok", "model_id": meta.model_id})
 
     @app.get("/api/model")
     def model_card(request: Request) -> dict:
@@ -205,6 +204,9 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
+    ImageResult = result_model()
+    PredictResponse = response_model(ImageResult)
+
     @app.post("/api/predict", response_model=PredictResponse,
               responses={401: {"description": "an API key is needed"},
                          403: {"description": "a cross-site request"},
@@ -214,7 +216,9 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
                          422: {"description": "no uploaded file could be used as an image"},
                          503: {"description": "busy: try again after Retry-After seconds"}})
     def predict(request: Request,
-                files: list[UploadFile] = File(..., description="PNG, JPEG or DICOM images")):
+                files: list[UploadFile] = File(..., description="PNG, JPEG or DICOM images"),
+                heatmap: bool = Query(False, description="add the Grad-CAM heat map, the "
+                                      "overlay and the previews (the page asks for them)")):
         started = time.monotonic()
         key_id = caller(request)
         if len(files) > settings.max_files:
@@ -233,21 +237,29 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
             metrics.requests.labels("503").inc()
             raise HTTPException(503, detail="the model is busy; try again shortly",
                                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-        try:
-            with inference_lock:
-                predictions = predictor.predict_many(contents, names, heatmaps=True,
-                                                     max_pixels=settings.max_pixels)
+        try:  # decoded here, in this request's thread; scored in a pass shared with others
+            read = [predictor.prepare_or_error(data, name, settings.max_pixels)
+                    for data, name in zip(contents, names)]
+            scored = iter(batcher.predict([x for x in read if isinstance(x, Prepared)],
+                                          heatmap))
+            predictions = [next(scored) if isinstance(x, Prepared) else x for x in read]
         finally:
             admission.release()
         request_id = uuid.uuid4().hex
-        records.record([Served.of(p, request_id, meta.model_id,
-                                  hashlib.sha256(data).hexdigest(), key_id)
-                        for p, data in zip(predictions, contents)])
+        try:
+            records.record([Served(p, request_id, meta.model_id,
+                                   hashlib.sha256(data).hexdigest(), key_id)
+                            for p, data in zip(predictions, contents)])
+        except RecordUnavailable as error:  # no answer that is not on record
+            metrics.requests.labels("503").inc()
+            raise HTTPException(503, detail=f"{error}: no answer is given that is not on "
+                                            f"record; try again later",
+                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         for p in predictions:
             if p.error:
                 metrics.errors.inc()
             else:
-                metrics.images.labels(p.label, str(bool(p.ood)).lower()).inc()
+                metrics.images.labels(p.label or "no verdict", str(bool(p.ood)).lower()).inc()
         metrics.latency.observe(time.monotonic() - started)
         if all(p.error for p in predictions):
             metrics.requests.labels("422").inc()
@@ -260,24 +272,18 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
             results=[_result(p) for p in predictions]).model_dump(),
             headers={"X-Request-ID": request_id})
 
-    def _result(prediction) -> ImageResult:
-        common = dict(filename=prediction.path, threshold=predictor.threshold,
-                      model_id=meta.model_id)
-        if prediction.error:
-            return ImageResult(**common, error=prediction.error)
+    def _result(prediction):
+        common = dict(prediction.to_dict(), threshold=predictor.threshold,
+                      model_id=meta.model_id,
+                      confidence=meta.confidence if prediction.verdict else None)
+        if prediction.error or prediction.heatmap is None:  # no heat maps asked for
+            return ImageResult(**common)
         preview, heat = _preview(prediction.image), _preview(prediction.heatmap)
         outline = prediction.lungs.outline(preview.shape) if prediction.lungs_found else None
         return ImageResult(
-            **common, probability=prediction.probability, label=prediction.label,
-            positive=prediction.positive,
-            ood=OODVerdict(flag=prediction.ood, reason=prediction.ood_reason),
-            image_png=_png(np.rint(preview * 255).astype(np.uint8)),
+            **common, image_png=_png(np.rint(preview * 255).astype(np.uint8)),
             heatmap_png=_png(_heatmap_rgba(heat)),
             overlay_png=_png(overlay(preview, heat, outline=outline)),
-            prediction_set=prediction.prediction_set, verdict=prediction.verdict,
-            confidence=meta.confidence if prediction.verdict else None,
-            class_probabilities=prediction.class_probabilities,
-            lungs_found=prediction.lungs_found, lung_heat_share=prediction.lung_heat_share,
             lung_outline_png=None if outline is None else _png(_outline_rgba(outline)))
 
     @app.get("/", include_in_schema=False)

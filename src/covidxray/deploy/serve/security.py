@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from covidxray.errors import UserError
 from covidxray.fileutil import atomic_path
 
 # the page loads nothing from anywhere else, runs no inline script, and cannot be framed
@@ -144,10 +145,10 @@ class APIKeys:
                 continue
             key_id, _, digest = line.rpartition(":")
             if not key_id or len(digest) != 64:
-                raise ValueError(f"{path}:{number}: expected 'id:sha256-of-the-key'")
+                raise UserError(f"{path}:{number}: expected 'id:sha256-of-the-key'")
             hashes[digest.lower()] = key_id
         if not hashes:
-            raise ValueError(f"{path}: no API keys")
+            raise UserError(f"{path}: no API keys")
         return cls(hashes)
 
     def identify(self, key: str | None) -> str | None:
@@ -200,7 +201,7 @@ def new_api_key(path: str | Path, key_id: str) -> str:
     """A new random key, its hash appended to ``path`` under ``key_id``; returns the key (shown
     once: only its hash is kept)."""
     if ":" in key_id or not key_id.strip():
-        raise ValueError("a key id must be a non-empty name without ':'")
+        raise UserError("a key id must be a non-empty name without ':'")
     key = secrets.token_urlsafe(32)
     path = Path(path)
     existing = path.read_text() if path.is_file() else "# covidxray API keys: id:sha256\n"

@@ -10,6 +10,8 @@ import importlib.util
 import math
 from dataclasses import dataclass
 
+from covidxray.errors import ConfigError
+
 _KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 _RESNET_STAGES = (("conv5_",), ("conv4_",), ("conv3_",), ("conv2_",))
 # keras.applications' EfficientNet layer names, which the Lite port shares
@@ -128,7 +130,8 @@ def get_backbone(name: str) -> Backbone:
     try:
         return BACKBONES[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}") from None
+        raise ConfigError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}") \
+            from None
 
 
 def weights_installed(module: str) -> bool:

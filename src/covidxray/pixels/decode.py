@@ -1,8 +1,9 @@
-"""Read any supported image file into one float32 grayscale array, and the one preprocessing step.
+"""Decoding: an image file, its bytes or an array in memory -> one float32 grayscale array,
+bone bright, or an ``ImageReadError`` that names the file and says why it cannot be.
 
-Every image the model sees, at training, evaluation, prediction and serving time, goes through
-``load_for_model`` (= ``read_image`` then ``prepare``), so a model can never see differently
-prepared pixels.
+PNG, JPEG, TIFF and BMP through Pillow, DICOM through pydicom; the pixels a header declares
+(every frame and sample of a DICOM) are checked against the budget before anything is decoded
+or inflated. What is then done to the image for the model is ``pixels.preprocess``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from covidxray.config import LUNG_FALLBACK_CROP, READ, Preprocessing
+from covidxray.errors import UserError
+from covidxray.config import READ
 
 # larger images are reduced (JPEG: while decoding) by a whole factor to at most this side
 # before anything else: no radiograph needs more, and a 10000 px file would need gigabytes
@@ -27,7 +29,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".di
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 
 
-class ImageReadError(Exception):
+class ImageReadError(UserError):
     """A file that cannot be used as an image; carries the path and the reason."""
 
     def __init__(self, path, reason: str):
@@ -155,61 +157,6 @@ def decode_array(array: np.ndarray) -> Decoded:
     mode = {2: "LA", 3: "RGB", 4: "RGBA"}[array.shape[-1]]
     gray, colour = _pillow_to_gray(Image.fromarray(array.astype(np.uint8), mode=mode))
     return Decoded(gray, colour)
-
-
-def as_preprocessing(spec: int | Preprocessing) -> Preprocessing:
-    """An image size alone means: resize only."""
-    return spec if isinstance(spec, Preprocessing) else Preprocessing(int(spec))
-
-
-def crop_region(shape: tuple[int, int], spec: Preprocessing,
-                lungs=None) -> tuple[slice, slice]:
-    """The rows and columns of an image of ``shape`` that ``spec`` keeps: all but a fixed
-    fraction of each side, or, for a lung crop, the box of ``lungs`` (the image's
-    ``model.lungs.LungField``) or, where it found no plausible lungs, all but
-    ``LUNG_FALLBACK_CROP`` of each side."""
-    from covidxray.pixels.transforms import crop_box
-    if not spec.lung_crop:
-        return crop_box(shape, spec.crop)
-    if lungs is None:
-        raise ValueError("this preprocessing crops to the lungs: the image's lung field is "
-                         "needed (covidxray.model.lungs)")
-    return lungs.box(shape) if lungs.plausible else crop_box(shape, LUNG_FALLBACK_CROP)
-
-
-def prepare(gray: np.ndarray, spec: int | Preprocessing, lungs=None) -> np.ndarray:
-    """A [0, 1] grayscale image -> the (size, size) uint8 model input: the crop
-    (``crop_region``; ``lungs``: the image's lung field, for a lung crop or fill), ``intensity``
-    normalisation, the ``fill`` outside the lungs, bilinear resize to ``image_size`` square (no padding, as Keras'
-    ``flow_from_directory`` does), quantised to uint8 (see ``config.Preprocessing``)."""
-    from covidxray.pixels.transforms import grown_lungs, nearest, normalise_intensity
-    spec = as_preprocessing(spec)
-    gray = np.asarray(gray, dtype=np.float32)
-    box = crop_region(gray.shape, spec, lungs)
-    outside = None
-    if spec.fill != "none":
-        if lungs is None:
-            raise ValueError("this preprocessing keeps the lungs alone: the image's lung field "
-                             "is needed (covidxray.model.lungs)")
-        if lungs.plausible:  # grown at the segmenter's resolution, then brought to the film's
-            outside = ~nearest(grown_lungs(lungs.mask), gray.shape)[box]
-    gray = gray[box]
-    if spec.intensity != "none":
-        gray = normalise_intensity(gray, spec.intensity)
-    if outside is not None:
-        gray = np.where(outside, gray.mean(), gray).astype(np.float32)
-    image = Image.fromarray(gray, mode="F")
-    image = image.resize((spec.image_size, spec.image_size), Image.Resampling.BILINEAR)
-    return np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
-
-
-def load_for_model(path: str | Path, spec: int | Preprocessing,
-                   data: bytes | None = None, segmenter=None) -> np.ndarray:
-    """The one preprocessing path: file -> (size, size) uint8 grayscale model input.
-    ``segmenter`` (a ``model.lungs.LungSegmenter``) finds the lungs of a lung crop."""
-    spec = as_preprocessing(spec)
-    gray = read_image(path, data)
-    return prepare(gray, spec, segmenter.field(gray) if spec.uses_lungs else None)
 
 
 def _check_pixels(path, width: int, height: int, max_pixels: int | None,
@@ -384,7 +331,7 @@ def _deflated_first_frame(path, data: bytes, frame_bytes: int, frames: int):
 
 def _read_dicom(path, data: bytes, max_pixels: int | None = None) -> tuple[np.ndarray, float]:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     header = _dicom_header(path, data)
     rows, columns, frames, samples, bits = dicom_layout(path, header)
@@ -393,10 +340,10 @@ def _read_dicom(path, data: bytes, max_pixels: int | None = None) -> tuple[np.nd
         if _is_deflated(data):  # the first frame alone, never the rest of the stream
             frame_bytes = -(-rows * columns * samples * bits // 8)
             dataset = _deflated_first_frame(path, data, frame_bytes, frames)
-            pixels = dataset.pixel_array
+            pixels = _first_frame(path, dataset, 1)
         else:
             dataset = pydicom.dcmread(io.BytesIO(data), force=True)
-            pixels = pixel_array(dataset, index=0) if frames > 1 else dataset.pixel_array
+            pixels = _first_frame(path, dataset, frames)
     except ImageReadError:
         raise
     except Exception as exc:  # pydicom raises many types for bad or undecodable data
@@ -425,6 +372,29 @@ def _read_dicom(path, data: bytes, max_pixels: int | None = None) -> tuple[np.nd
     if photometric == "MONOCHROME1":  # low values are bright in MONOCHROME1
         gray = 1.0 - gray
     return gray, 0.0
+
+
+def _first_frame(path, dataset, frames: int) -> np.ndarray:
+    """The first frame's pixels, decoded by pydicom's plugins for the transfer syntax in turn,
+    never by GDCM: it aborts the whole process (a C++ exception) on some damaged JPEG data,
+    which would take a server down with one upload."""
+    from pydicom.pixels import get_decoder, pixel_array
+    syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
+    decoder = get_decoder(syntax) if syntax is not None else None
+    if decoder is None or decoder.is_native:
+        return pixel_array(dataset, index=0 if frames > 1 else None)
+    plugins = [name for name in decoder.available_plugins if name != "gdcm"]
+    if not plugins:
+        raise ImageReadError(path, f"no decoder for DICOM {syntax.name} is installed but GDCM, "
+                                   f"which covidxray does not use (reinstall covidxray: pylibjpeg "
+                                   f"decodes it)")
+    for plugin in plugins:
+        try:
+            return pixel_array(dataset, index=0 if frames > 1 else None,
+                               decoding_plugin=plugin)
+        except Exception as exc:  # the next plugin may read what this one cannot
+            error = exc
+    raise error
 
 
 def _check_window(path, dataset) -> None:

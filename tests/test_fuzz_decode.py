@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from covidxray.pixels.imageio import ImageReadError, decode
-from test_imageio import gradient, write_dicom
+from covidxray.pixels.decode import ImageReadError, decode
+from test_decode import gradient, write_dicom
 
 EXAMPLES = 500  # per format
 # mutated headers make pydicom warn about each invalid value it still reads
