@@ -136,3 +136,27 @@ def test_fewer_training_images_than_devices_are_refused():
     with pytest.raises(DistributionError, match="3 training images cannot be split over 8"):
         fit_to_devices(ViewBatches([np.zeros((3, 3), np.float32)], np.array([0, 1, 0]),
                                    batch_size=32), 8, "head")
+
+
+
+COMPILED = """
+import keras
+from covidxray.config import AugmentConfig
+from covidxray.model.network import build_model
+from covidxray.training.phases import _compile
+model = build_model(32, "mobilenetv3small", "none", augment=AugmentConfig())
+_compile(model, 1e-3)
+print(model.jit_compile)
+"""
+
+
+def test_training_with_augmentation_is_compiled_on_jax():
+    """Issue 34's case (12 films a class, every epoch option at 1, on 2 devices) aborted in an
+    all-reduce in phase 2: Keras' random rotation, zoom and translation layers say they cannot
+    be compiled, so the model trained op by op, each op a collective of its own, and two
+    devices deadlocked. On jax they compile, and the training step is one XLA program."""
+    pytest.importorskip("jax")
+    done = subprocess.run([sys.executable, "-c", COMPILED], env=JAX, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "True"

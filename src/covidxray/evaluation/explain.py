@@ -6,6 +6,7 @@ The heat maps come from the run's ``Predictor`` (Grad-CAM in closed form,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,15 +27,30 @@ def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4,
     """RGB uint8: the grayscale image (in [0, 1]) with the colour-mapped heat map blended in,
     more strongly where the heat is higher; ``outline`` (boolean, the image's size): drawn on
     top, e.g. the lungs found (``LungField.outline``)."""
-    from matplotlib import colormaps
     heat = resize(heatmap, gray.shape) if heatmap.shape != gray.shape else heatmap
-    colours = colormaps[colormap](np.clip(heat, 0, 1))[..., :3]
-    weight = alpha * np.clip(heat, 0, 1)[..., None]
-    blended = (1 - weight) * np.asarray(gray)[..., None] + weight * colours
+    heat = np.clip(np.asarray(heat, np.float32), 0, 1)
+    colours = heat_colours(heat, colormap)
+    weight = alpha * heat[..., None]
+    blended = (1 - weight) * np.asarray(gray, np.float32)[..., None] + weight * colours
     rgb = np.clip(np.rint(blended * 255), 0, 255).astype(np.uint8)
     if outline is not None:
         rgb[outline] = LUNG_OUTLINE_COLOUR
     return rgb
+
+
+def heat_colours(heat: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """RGB float32 in [0, 1] of a heat map in [0, 1]: a matplotlib colour map's own entries,
+    indexed as matplotlib indexes them, looked up per pixel (several times faster than calling
+    the colour map on a full-resolution film)."""
+    table = _colour_table(colormap)
+    return table[np.minimum((heat * len(table)).astype(np.intp), len(table) - 1)]
+
+
+@functools.cache
+def _colour_table(colormap: str) -> np.ndarray:
+    from matplotlib import colormaps
+    table = colormaps[colormap]
+    return table(np.arange(table.N))[:, :3].astype(np.float32)
 
 
 def border_mask(size: int, fraction: float = BORDER_FRACTION) -> np.ndarray:
