@@ -20,7 +20,10 @@ TRAIN="--image-size 64 --backbone mobilenetv3small --weights none --head-epochs 
 covidxray train tiny --out run0 $TRAIN > /dev/null 2>&1
 covidxray train tiny --out run1 $TRAIN --seed 1 > /dev/null 2>&1
 film=$(ls tiny/COVID/*.png | head -1)
-as_nobody() { if [ "$(id -u)" = 0 ]; then setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/tmp "$@"; else "$@"; fi; }
+# a folder nobody can write into, root included (permission bits do not stop root): a
+# read-only tmpfs where this runs as root, else a folder without write permission
+read_only() { mkdir -p "$1"; if [ "$(id -u)" = 0 ]; then mount -t tmpfs -o ro,size=1m tmpfs "$1"; else chmod 555 "$1"; fi; }
+trap 'umount "$work/ro-out" "$work/ro" 2>/dev/null' EXIT
 port() { python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
 
 echo "== 1. DICOM node: a StudyInstanceUID that is a path"
@@ -79,18 +82,18 @@ grep -E "wait|from before" node2.log node3.log | sed 's/^/  log: /' | head -4
 kill $node $orthanc; wait $node $orthanc 2>/dev/null
 
 echo "== 3. DICOM node --out not writable"
-mkdir -p ro-out && chmod 555 ro-out
-as_nobody covidxray dicom-node "$work/run0" --port 0 --out "$work/ro-out"; echo "  exit $?"
+read_only ro-out
+covidxray dicom-node run0 --port 0 --out ro-out; echo "  exit $?"
 
 echo "== 4. archive: a file half-copied, then complete; links; an --out that cannot be written"
 mkdir -p arch/sub other && cp tiny/COVID/*_000[0-2].png arch/ && cp tiny/NON-COVID/*_000[0-1].png other/
 half=$(ls arch/*.png | head -1); cp "$half" whole.png; head -c 300 whole.png > "$half"
-ln -s ../other arch/linked; ln -s .. other/loop; ln -s missing.png arch/gone.png
+ln -s ../other arch/linked; ln -s ../arch other/loop; ln -s missing.png arch/gone.png
 covidxray predict run0 arch --out arch.csv --quiet; echo "  exit $?"
 cp whole.png "$half"
 covidxray predict run0 arch --out arch.csv --quiet; echo "  exit $?"
-mkdir -p ro && chmod 555 ro
-as_nobody covidxray predict "$work/run0" "$work/$film" --out "$work/ro/scores.csv"; echo "  exit $?"
+read_only ro
+covidxray predict run0 "$film" --out ro/scores.csv; echo "  exit $?"
 
 echo "== 5. export over another run; a truncated model.onnx"
 covidxray export run0 --out run1; echo "  exit $?"; ls run1 | tr '\n' ' '; echo

@@ -2,12 +2,13 @@
 node over 200 films with its PACS down, then up.
 
     python bench/memory_soak.py server RUN --images DIR [--rounds 20 --clients 30]
-    python bench/memory_soak.py node RUN --images DIR [--films 200]
+    python bench/memory_soak.py node RUN --film CHEST.dcm [--films 200]
 
 server: ``covidxray serve RUN`` (one worker); two warm-up rounds, then ``--rounds`` rounds of
-``--clients`` requests sent at once (one X-ray each); the server's resident memory after each
-round. Prints each round's figure, the first (after the warm-up), the peak and the last, and
-the last as a ratio of the first (flat: within 5%).
+``--clients`` requests sent at once (one X-ray each); the server's resident memory one second
+after each round. Prints each round's figure, the first (after the warm-up), the peak and the
+last, the last as a ratio of the first, and the mean of the last five rounds as a ratio of the
+mean of the first five (flat: within 5%; a single round's figure moves by a few MB).
 
 node: ``covidxray dicom-node RUN --send-to ORTHANC@...`` with nothing listening at the PACS's
 port; ``--films`` C-STOREs (the same film, a new SOP Instance UID each), acknowledged while
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,40 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children, in MB."""
-    total, pending = 0.0, [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text()
-            total += next(int(line.split()[1]) for line in status.splitlines()
-                          if line.startswith("VmRSS")) / 1024
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-            pending += [int(c) for c in children]
-        except (OSError, StopIteration):
-            continue
-    return total
-
-
-def wait_until(check, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} did not happen within {seconds:.0f} s")
+from processes import free_port, rss_mb, wait_until
 
 
 def server(args) -> None:
@@ -94,13 +62,15 @@ def server(args) -> None:
                 thread.start()
             for thread in threads:
                 thread.join()
-            if round_ >= 2:  # after the warm-up
+            if round_ >= 2:  # after the warm-up, once the server has been idle a second
+                time.sleep(1)
                 figures.append(rss_mb(process.pid))
                 print(f"round {round_ - 1:>2}: {figures[-1]:7.1f} MB", flush=True)
         print(f"server, {args.rounds} rounds of {args.clients} concurrent requests (statuses "
               f"{statuses}): at rest {at_rest:.0f} MB; after the warm-up {figures[0]:.0f} MB, "
               f"peak {max(figures):.0f} MB, last {figures[-1]:.0f} MB: last / first = "
-              f"{figures[-1] / figures[0]:.3f}")
+              f"{figures[-1] / figures[0]:.3f}; last five / first five (means) = "
+              f"{statistics.mean(figures[-5:]) / statistics.mean(figures[:5]):.3f}")
     finally:
         process.terminate()
         process.wait(30)

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from processes import free_port, rss_mb, wait_until
 
 XRV_PIPELINE = r"""
 import json, sys, time
@@ -73,39 +73,6 @@ print(json.dumps({"films_per_s": len(paths) / (time.perf_counter() - started)}))
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    total, pending = 0.0, [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text()
-            total += next(int(line.split()[1]) for line in status.splitlines()
-                          if line.startswith("VmRSS")) / 1024
-            pending += [int(c) for c in Path(f"/proc/{current}/task/{current}/children")
-                        .read_text().split()]
-        except (OSError, StopIteration):
-            continue
-    return total
-
-
-def wait_for(check, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("not ready in time")
-
-
 @dataclass
 class Setup:
     """One way of answering: its name, the options that choose it, and its environment
@@ -126,7 +93,8 @@ def server(run: str, images: list[bytes], requests: int, clients: int, setup: Se
                                stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: httpx.get(url + "/health", timeout=1).status_code == 200, 600)
+        wait_until(lambda: httpx.get(url + "/health", timeout=1).status_code == 200, 600,
+                   "the server's start")
         latencies, statuses, lock = [], [], threading.Lock()
 
         def client(count: int) -> None:
@@ -197,7 +165,7 @@ def node(run: str, film: Path, films: int, setup: Setup, work: Path) -> dict:
             assoc.release()
         return ok
     try:
-        wait_for(echo, 600)
+        wait_until(echo, 600, "the node's start")
         assoc = ae.associate("127.0.0.1", port, ae_title="COVIDXRAY")
         for _ in range(2):  # warm-up
             source.SOPInstanceUID = source.file_meta.MediaStorageSOPInstanceUID = generate_uid()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,12 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from processes import free_port, rss_mb
 
 
 def start(run: str, workers: int, record: Path) -> tuple[subprocess.Popen, str]:
@@ -50,22 +44,6 @@ def start(run: str, workers: int, record: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     process.kill()
     raise RuntimeError("the server did not start")
-
-
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (the workers), in MB."""
-    total, pending = 0, [pid]
-    while pending:
-        current = pending.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text()
-            total += int(next(line.split()[1] for line in status.splitlines()
-                              if line.startswith("VmRSS")))
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-            pending += [int(c) for c in children]
-        except (OSError, StopIteration):
-            continue
-    return total / 1024
 
 
 def load(url: str, images: list[bytes], requests: int, clients: int) -> dict:
@@ -135,11 +113,11 @@ def bomb_cases(folder: Path, xray: bytes) -> dict[str, list[tuple[str, bytes]]]:
 
 
 def memory_under(url: str, pid: int, files: list[tuple[str, bytes]]) -> dict:
-    idle, peak, done = tree_rss_mb(pid), [0.0], threading.Event()
+    idle, peak, done = rss_mb(pid), [0.0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], tree_rss_mb(pid))
+            peak[0] = max(peak[0], rss_mb(pid))
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample)

@@ -3,6 +3,7 @@ arguments and prints what it did; it returns the exit status."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -173,8 +174,8 @@ def cmd_serve(args) -> int:
     for name in ("allowed_hosts", "cors_origins"):
         if name in settings:
             settings[name] = tuple(settings[name])
-    host, port = settings.get("host", SERVE.host), settings.get("port", SERVE.port)
-    print(f"{RESEARCH_NOTICE}\nserving {args.run} on http://{host}:{port}/ "
+    config = dataclasses.replace(SERVE, **settings)  # out-of-range values stop here, unannounced
+    print(f"{RESEARCH_NOTICE}\nserving {args.run} on http://{config.host}:{config.port}/ "
           f"(API docs at /docs, metrics at /metrics)")
     api.serve(args.run, **settings)
     return 0
@@ -197,9 +198,8 @@ def cmd_dicom_node(args) -> int:
     for name in ("allowed_aes", "allowed_hosts"):
         if name in settings:
             settings[name] = tuple(settings[name])
-    print(f"{RESEARCH_NOTICE}\nDICOM node of {args.run}: "
-          f"{settings.get('ae_title', DICOM_NODE.ae_title)} on "
-          f"{settings.get('host', DICOM_NODE.host)}:{settings.get('port', DICOM_NODE.port)}")
+    dataclasses.replace(DICOM_NODE, **settings)  # out-of-range values stop here
+    print(RESEARCH_NOTICE)  # the node says where it listens once it does (its log)
     api.dicom_node(args.run, **settings)
     return 0
 

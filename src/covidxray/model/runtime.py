@@ -54,4 +54,8 @@ def session(path: Path):
     import onnxruntime
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: its notes on unused initialisers are not ours
+    # batches of every size come and go (a server's shared passes): an arena and per-shape
+    # memory plans would keep the largest of each, and a worker's memory would only grow
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -129,7 +129,7 @@ class ReadyModel:
 
 
 READY_MODELS = {m.name: m for m in (
-    ReadyModel("lite0-cxrdev", "f0b9cc0d77c9617a172732b526be8eadce3290a657accc14689984b7fcb367d1",
+    ReadyModel("lite0-cxrdev", "a048d4962b63a53103a9db6fbef105c61748630449e20960add2de93faa31799",
                "EfficientNet-Lite0 (ImageNet, frozen) + a trained head, 224 px, equalised, 8% "
                "crop; trained on cxr-dev's raddb films (600 COVID, 600 normal adults)"),
 )}

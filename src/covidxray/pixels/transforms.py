@@ -266,9 +266,14 @@ def mean_over_views(score, images: np.ndarray, views: int, first: np.ndarray | N
     computed) and ``score`` of ``views`` source-cue views. A model trained with source-cue
     augmentation is scored on the kind of image it learned from, and no single exposure,
     sharpness or framing decides."""
-    total = np.asarray(score(images) if first is None else first, dtype=np.float64)
-    for view in range(views):
-        total = total + score(source_cue_view(images, view, seed))
+    stacked = [images] if first is None else []
+    stacked += [source_cue_view(images, view, seed) for view in range(views)]
+    if not stacked:
+        return np.asarray(first, dtype=np.float32)
+    # one call for every view: a model's fixed cost per call (Keras' predict) is paid once
+    scores = np.asarray(score(np.concatenate(stacked)), dtype=np.float64)
+    scores = scores.reshape(len(stacked), len(images), *scores.shape[1:])
+    total = scores.sum(axis=0) + (0.0 if first is None else np.asarray(first, np.float64))
     return (total / (views + 1)).astype(np.float32)
 
 

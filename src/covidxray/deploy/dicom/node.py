@@ -31,6 +31,7 @@ from pathlib import Path
 
 from covidxray.config import DicomNodeConfig
 from covidxray.deploy.dicom.outbox import Outbox
+from covidxray.deploy.memory import limit_arenas, release_free_memory
 from covidxray.deploy.dicom.results import bad_uid, missing_for_results
 from covidxray.errors import UserError
 from covidxray.fileutil import atomic_path
@@ -136,6 +137,12 @@ class DicomNode:
         self.per_association.pop(id(event.assoc), None)
 
     def on_store(self, event) -> int:
+        try:
+            return self._store(event)
+        finally:  # a film's arrays, freed, go back to the system: the node's memory stays flat
+            release_free_memory()
+
+    def _store(self, event) -> int:
         assoc = event.assoc
         calling = assoc.requestor.ae_title.strip() if isinstance(
             assoc.requestor.ae_title, str) else str(assoc.requestor.ae_title).strip()
@@ -242,32 +249,34 @@ class DicomNode:
 
     def _send(self, paths: list[Path]) -> list[Path]:
         """C-STORE of waiting results to the destination, in one association of this node's
-        own; returns those the destination accepted."""
+        own; returns those the destination accepted. Only the headers are read beforehand
+        (the contexts to ask for); each file is read as it is sent, so hundreds waiting cost
+        no memory, and none is read at all while the destination cannot be reached."""
         import pydicom
         from pynetdicom import AE
         title, host, port = parse_destination(self.config.send_to)
         ae = AE(ae_title=self.config.ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.config.timeout_s
-        datasets = {}
+        headers = {}
         for path in paths:
             try:
-                datasets[path] = pydicom.dcmread(path)
+                headers[path] = pydicom.dcmread(path, stop_before_pixels=True)
             except Exception as error:  # a damaged file: set aside, not sent for ever
                 log.error("%s cannot be read (%s): left in the outbox for a person", path,
                           error)
                 path.rename(path.with_suffix(".unreadable"))
-        contexts = {(d.SOPClassUID, d.file_meta.TransferSyntaxUID) for d in datasets.values()}
+        contexts = {(h.SOPClassUID, h.file_meta.TransferSyntaxUID) for h in headers.values()}
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, syntax)
         assoc = ae.associate(host, port, ae_title=title)
         if not assoc.is_established:
-            self.metrics.results_sent.labels("failed").inc(len(datasets))
+            self.metrics.results_sent.labels("failed").inc(len(headers))
             raise ConnectionError(f"{title}@{host}:{port} cannot be reached or refused the "
                                   f"association")
         accepted = []
         try:
-            for path, dataset in datasets.items():
-                status = assoc.send_c_store(dataset)
+            for path, header in headers.items():
+                status = assoc.send_c_store(path)
                 code = getattr(status, "Status", None)
                 self.metrics.results_sent.labels("sent" if code == SUCCESS else
                                                  "refused").inc()
@@ -275,7 +284,7 @@ class DicomNode:
                     accepted.append(path)
                 else:
                     log.warning("%s@%s:%s answered 0x%04X to %s: it stays in the outbox",
-                                title, host, port, code or 0xFFFF, dataset.SOPInstanceUID)
+                                title, host, port, code or 0xFFFF, header.SOPInstanceUID)
         finally:
             assoc.release()
         return accepted
@@ -289,6 +298,7 @@ def start_node(run_dir: str | Path, config: DicomNodeConfig, block: bool = False
     from covidxray.deploy.records import PredictionLog, default_audit_url
     from covidxray.run.predictor import Predictor
     check_node_folders(config, run_dir)
+    limit_arenas()  # before the association threads start
     predictor = Predictor.load(run_dir, gate=config.gate, runtime=config.runtime)
     _config.STORE_RECV_CHUNKED_DATASET = True  # instances go to a temporary file, not memory
     # highdicom tells every attribute it copies at INFO: one line per module per result

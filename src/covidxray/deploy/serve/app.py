@@ -32,6 +32,7 @@ from PIL import Image
 from pydantic import BaseModel, create_model
 
 from covidxray.config import RESEARCH_NOTICE, SERVE, STAND_IN_CAVEAT, ServeConfig
+from covidxray.deploy.memory import limit_arenas
 from covidxray.deploy.records import PredictionLog, RecordUnavailable, Served, \
     default_audit_url
 from covidxray.deploy.serve.metrics import Metrics
@@ -129,6 +130,7 @@ def api_docs(openapi: dict) -> str:
 def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = None,
                settings: ServeConfig = SERVE) -> FastAPI:
     """The app for one run; the model is loaded once, here."""
+    limit_arenas()  # before the request threads start: a worker's memory stays flat
     predictor = predictor or Predictor.load(run_dir, gate=settings.gate,
                                             runtime=settings.runtime)
     run_dir = run_dir or predictor.run_dir

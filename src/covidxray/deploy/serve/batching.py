@@ -13,7 +13,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from covidxray.deploy.memory import release_free_memory
 from covidxray.run.inputs import Prepared
+
+IDLE_S = 0.5  # no request for this long: freed memory is handed back
 
 
 @dataclass
@@ -51,7 +54,11 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            jobs = [self._jobs.get()]
+            try:
+                jobs = [self._jobs.get(timeout=IDLE_S)]
+            except queue.Empty:  # idle: what the last answers let go goes back to the system
+                release_free_memory()
+                jobs = [self._jobs.get()]
             films = len(jobs[0].items)
             deadline = time.monotonic() + self.wait_s
             while films < self.max_films:
