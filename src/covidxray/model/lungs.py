@@ -130,6 +130,7 @@ class LungSegmenter:
     def __init__(self, model, card: LungCard, weights_file: Path | None = None):
         self.model = model  # a Keras model, or an onnxruntime session (``from_onnx``)
         self.onnx_file: Path | None = None  # the ONNX file an onnxruntime session runs
+        self.run_options = None  # its options for each run (``model.runtime.run_options``)
         self.card = card
         self.weights_file = weights_file
         self.preprocessing = Preprocessing(card.image_size, "equalize")
@@ -187,6 +188,7 @@ class LungSegmenter:
         """An exported segmenter, run by onnxruntime alone (``weights_file``: the Keras
         weights it was exported from, where they are at hand)."""
         segmenter = cls(runtime.session(path), card, weights_file)
+        segmenter.run_options = runtime.run_options()
         segmenter.onnx_file = Path(path)
         return segmenter
 
@@ -198,7 +200,8 @@ class LungSegmenter:
         """P(lung) (n, s, s) of (n, s, s) uint8 segmenter inputs."""
         batch = np.asarray(images, np.float32)[..., None]
         if hasattr(self.model, "get_inputs"):  # onnxruntime
-            out = self.model.run(None, {self.model.get_inputs()[0].name: batch})[0]
+            out = self.model.run(None, {self.model.get_inputs()[0].name: batch},
+                                 self.run_options)[0]
         else:
             import keras
             out = keras.ops.convert_to_numpy(self.model(batch, training=False))

@@ -54,8 +54,16 @@ def session(path: Path):
     import onnxruntime
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: its notes on unused initialisers are not ours
-    # batches of every size come and go (a server's shared passes): an arena and per-shape
-    # memory plans would keep the largest of each, and a worker's memory would only grow
-    options.enable_cpu_mem_arena = False
+    # batches of every size come and go (a server's shared passes): per-shape memory plans
+    # would keep each, and the arena its largest (see run_options)
     options.enable_mem_pattern = False
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_options():
+    """Options for every ``session.run``: the arena keeps what a run needs while it runs (fast),
+    and gives back what it does not hold after each (a worker's memory stays flat)."""
+    import onnxruntime
+    options = onnxruntime.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options

@@ -70,6 +70,7 @@ class OnnxEngine:
         require("onnxruntime", "an exported model", "export")
         self.path = Path(path)
         self.session = runtime.session(path)
+        self.run_options = runtime.run_options()
         self.input = self.session.get_inputs()[0].name
 
     @property
@@ -82,7 +83,8 @@ class OnnxEngine:
         scores, embeddings, terms, probabilities = [], [], [], []
         for start in range(0, len(images), batch_size):
             batch = np.asarray(images[start:start + batch_size], np.float32)[..., None]
-            score, embedding, term, *classes = self.session.run(None, {self.input: batch})
+            score, embedding, term, *classes = self.session.run(None, {self.input: batch},
+                                                                 self.run_options)
             scores.append(np.asarray(score, np.float32).ravel())
             embeddings.append(np.asarray(embedding, np.float32))
             terms.append(np.asarray(term, np.float32))
