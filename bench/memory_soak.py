@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
-from processes import free_port, rss_mb, wait_until
+from processes import dicom_sender, free_port, rss_mb, wait_until
 
 
 def server(args) -> None:
@@ -80,7 +80,6 @@ def server(args) -> None:
 def node(args) -> None:
     import pydicom
     from pydicom.uid import generate_uid
-    from pynetdicom import AE
     film = pydicom.dcmread(args.film)
     work = Path(tempfile.mkdtemp())
     node_port, pacs_port, http_port = free_port(), free_port(), free_port()
@@ -98,17 +97,8 @@ def node(args) -> None:
 
     orthanc = None
     try:
-        ae = AE(ae_title="BENCH")
-        ae.add_requested_context("1.2.840.10008.1.1")
-        ae.add_requested_context(film.SOPClassUID, film.file_meta.TransferSyntaxUID)
-
-        def echo() -> bool:
-            assoc = ae.associate("127.0.0.1", node_port, ae_title="COVIDXRAY")
-            ok = assoc.is_established and assoc.send_c_echo().Status == 0
-            if assoc.is_established:
-                assoc.release()
-            return ok
-        wait_until(echo, 600, "the node's start")
+        ae, echoes = dicom_sender(film)
+        wait_until(lambda: echoes(node_port), 600, "the node's start")
         at_rest = rss_mb(process.pid)
         threading.Thread(target=sample, daemon=True).start()
         started = time.monotonic()

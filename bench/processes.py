@@ -41,3 +41,20 @@ def wait_until(check, seconds: float, what: str) -> None:
             pass
         time.sleep(0.2)
     raise RuntimeError(f"{what} did not happen within {seconds:.0f} s")
+
+
+def dicom_sender(film):
+    """A calling AE for a node under test that can send ``film`` (a pydicom data set), and a
+    check that the node at a port answers a C-ECHO (for ``wait_until``)."""
+    from pynetdicom import AE
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.add_requested_context(film.SOPClassUID, film.file_meta.TransferSyntaxUID)
+
+    def echoes(port: int) -> bool:
+        assoc = ae.associate("127.0.0.1", port, ae_title="COVIDXRAY")
+        ok = assoc.is_established and assoc.send_c_echo().Status == 0
+        if assoc.is_established:
+            assoc.release()
+        return ok
+    return ae, echoes

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from processes import free_port, rss_mb, wait_until
+from processes import dicom_sender, free_port, rss_mb, wait_until
 
 XRV_PIPELINE = r"""
 import json, sys, time
@@ -146,7 +146,6 @@ def archive(run: str, folder: str, setup: Setup, work: Path) -> dict:
 def node(run: str, film: Path, films: int, setup: Setup, work: Path) -> dict:
     import pydicom
     from pydicom.uid import generate_uid
-    from pynetdicom import AE
     source = pydicom.dcmread(film)
     port = free_port()
     process = subprocess.Popen(
@@ -154,18 +153,9 @@ def node(run: str, film: Path, films: int, setup: Setup, work: Path) -> dict:
          str(work / f"node-{setup.name}"), *setup.runtime,
          "--audit-db", f"sqlite:///{work / f'node-{setup.name}.sqlite'}"],
         env=setup.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ae = AE(ae_title="BENCH")
-    ae.add_requested_context("1.2.840.10008.1.1")
-    ae.add_requested_context(source.SOPClassUID, source.file_meta.TransferSyntaxUID)
-
-    def echo() -> bool:
-        assoc = ae.associate("127.0.0.1", port, ae_title="COVIDXRAY")
-        ok = assoc.is_established and assoc.send_c_echo().Status == 0
-        if assoc.is_established:
-            assoc.release()
-        return ok
+    ae, echoes = dicom_sender(source)
     try:
-        wait_until(echo, 600, "the node's start")
+        wait_until(lambda: echoes(port), 600, "the node's start")
         assoc = ae.associate("127.0.0.1", port, ae_title="COVIDXRAY")
         for _ in range(2):  # warm-up
             source.SOPInstanceUID = source.file_meta.MediaStorageSOPInstanceUID = generate_uid()

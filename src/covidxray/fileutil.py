@@ -172,6 +172,18 @@ def write_json_atomic(path: str | Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def schema_version(values: dict, newest: int, source: str, kind: str, error: type) -> int:
+    """The ``schema_version`` of a versioned JSON record (1 where absent), checked: a version
+    this covidxray cannot read raises ``error`` naming ``source`` and the ``kind`` of file."""
+    version = values.get("schema_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise error(f"{source}: schema_version {version!r} is not a version")
+    if version > newest:
+        raise error(f"{source}: written by a newer covidxray ({kind} format {version}; this "
+                    f"version reads up to {newest}): upgrade covidxray")
+    return version
+
+
 def _json_default(value):
     # numpy scalars and arrays, Paths
     if hasattr(value, "tolist"):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from covidxray.errors import UserError
-from covidxray.fileutil import write_json_atomic
+from covidxray.fileutil import schema_version, write_json_atomic
 
 SCHEMA_VERSION = 2
 
@@ -79,13 +79,7 @@ class EvaluationResult:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "evaluation") -> "EvaluationResult":
-        version = values.get("schema_version", 1)
-        if not isinstance(version, int) or version < 1:
-            raise EvaluationFileError(f"{source}: schema_version {version!r} is not a version")
-        if version > SCHEMA_VERSION:
-            raise EvaluationFileError(f"{source}: written by a newer covidxray (evaluation "
-                                      f"format {version}; this version reads up to "
-                                      f"{SCHEMA_VERSION}): upgrade covidxray")
+        schema_version(values, SCHEMA_VERSION, source, "evaluation", EvaluationFileError)
         known = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-4  # of P(positive), between an export and its Keras model
 
 
-
 class KerasEngine:
     def __init__(self, model, positive: int = 0):
         """``positive``: the column of the positive class in a softmax head."""

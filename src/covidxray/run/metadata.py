@@ -16,7 +16,7 @@ from pathlib import Path
 from covidxray.errors import UserError
 from covidxray.config import FILL_MODES, INTENSITY_MODES, LUNG_FALLBACK_CROP, RESEARCH_NOTICE, \
     Preprocessing, check_crop
-from covidxray.fileutil import write_json_atomic
+from covidxray.fileutil import schema_version, write_json_atomic
 
 SCHEMA_VERSION = 2
 
@@ -127,12 +127,7 @@ class RunMetadata:
     @classmethod
     def from_dict(cls, values: dict, source: str = "metadata") -> "RunMetadata":
         """Validated: every required field present with the right type; version 1 converted."""
-        version = values.get("schema_version", 1)
-        if not isinstance(version, int) or version < 1:
-            raise RunError(f"{source}: schema_version {version!r} is not a version")
-        if version > SCHEMA_VERSION:
-            raise RunError(f"{source}: written by a newer covidxray (run format {version}; this "
-                           f"version reads up to {SCHEMA_VERSION}): upgrade covidxray")
+        version = schema_version(values, SCHEMA_VERSION, source, "run", RunError)
         if version == 1:
             values = _from_version_1(values)
         known = {f.name: f for f in dataclasses.fields(cls)}
