@@ -1,13 +1,14 @@
 """Keras trains, onnxruntime answers (issue 33): each figure beside its baseline, measured in
 one run on the same films.
 
-    python bench/runtime.py RUN --images DIR [--requests 240 --clients 8 --films 100]
+    python bench/runtime.py RUN --images DIR [--seconds 30 --clients 8 --films 100]
         [--film CHEST.dcm] [--xrv-python /path/to/venv/bin/python] [--before OLD/src]
 
-1. The server, one worker, every answer with its heat map, overlay and previews:
-   ``--runtime keras --batch-films 1`` (one request per forward pass, on Keras) against the
-   default (onnxruntime, requests that arrive together sharing a pass): requests/s, p50 and
-   p95 latency, and the worker's resident memory at rest. With ``--before``, an earlier
+1. The server, one worker, loaded by wrk (``apt install wrk``), every answer with its heat
+   map (the page's answer: preview, heat map and lung outline), then with the overlay as
+   well: ``--runtime keras --batch-films 1`` (one request per forward pass, on Keras) against
+   the default (onnxruntime, requests that arrive together sharing a pass): requests/s, p50
+   and p95 latency, and the worker's resident memory at rest. With ``--before``, an earlier
    checkout (the code before issue 33, as it answered) beside them, on the same run.
 2. Archive scoring (``covidxray predict RUN DIR --out x.csv``) and the DICOM node (``--films``
    C-STOREs of the same chest film over one association): films/s, each way of answering.
@@ -33,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +83,17 @@ class Setup:
     env: dict | None = None
 
 
-def server(run: str, images: list[bytes], requests: int, clients: int, setup: Setup,
+WRK_SCRIPT = Path(__file__).with_name("post_films.lua")
+# what a client asks of the server: the page's answer (the heat map's layers), and the same
+# with the overlay burnt in as well (every image an answer can carry)
+ANSWERS = {"heat map": "heatmap=1", "heat map and overlay": "heatmap=1&overlay=1"}
+
+
+def server(run: str, paths: list[str], seconds: float, clients: int, setup: Setup,
            work: Path) -> dict:
+    """Requests/s and latency of one worker under ``clients`` connections that each POST one
+    film after another for ``seconds``, by wrk (a load generator in C: the client's own work
+    takes little of the two cores the server needs); each kind of answer in ``ANSWERS``."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "covidxray", "serve", run, "--port",
                                 str(port), "--queue", str(clients), *setup.server,
@@ -95,37 +104,29 @@ def server(run: str, images: list[bytes], requests: int, clients: int, setup: Se
     try:
         wait_until(lambda: httpx.get(url + "/health", timeout=1).status_code == 200, 600,
                    "the server's start")
-        latencies, statuses, lock = [], [], threading.Lock()
-
-        def client(count: int) -> None:
-            with httpx.Client(timeout=600) as session:
-                for index in range(count):
-                    started = time.perf_counter()
-                    answer = session.post(url + "/api/predict?heatmap=1", files=[
-                        ("files", ("x.png", images[index % len(images)]))])
-                    with lock:
-                        latencies.append(time.perf_counter() - started)
-                        statuses.append(answer.status_code)
-
-        client(4)  # warm-up
-        at_rest = rss_mb(process.pid)
-        latencies.clear()
-        statuses.clear()
-        threads = [threading.Thread(target=client, args=(requests // clients,))
-                   for _ in range(clients)]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - started
-        return {"requests_per_s": statuses.count(200) / wall,
-                "p50_ms": 1000 * statistics.median(latencies),
-                "p95_ms": 1000 * sorted(latencies)[int(0.95 * len(latencies)) - 1],
-                "answered_200": statuses.count(200), "rss_at_rest_mb": at_rest}
+        figures = {}
+        for name, query in ANSWERS.items():
+            load(f"{url}/api/predict?{query}", paths, 3, clients)  # warm-up
+            if not figures:
+                figures["rss_at_rest_mb"] = rss_mb(process.pid)
+            done = load(f"{url}/api/predict?{query}", paths, seconds, clients)
+            if done["non_2xx"] or done["socket_errors"]:
+                raise RuntimeError(f"{setup.name}, {name}: {done}")
+            figures[f"{name}: requests_per_s"] = done["requests"] / done["seconds"]
+            figures[f"{name}: p50_ms"] = done["p50_ms"]
+            figures[f"{name}: p95_ms"] = done["p95_ms"]
+        return figures
     finally:
         process.terminate()
         process.wait(60)
+
+
+def load(url: str, paths: list[str], seconds: float, clients: int) -> dict:
+    """wrk's figures (``post_films.lua``) for ``clients`` connections over ``seconds``."""
+    done = subprocess.run(["wrk", "-t", "1", "-c", str(clients), "-d", f"{seconds:g}s",
+                           "--timeout", "60s", "-s", str(WRK_SCRIPT), url, "--", *paths],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def archive(run: str, folder: str, setup: Setup, work: Path) -> dict:
@@ -188,7 +189,8 @@ def main() -> None:
     parser.add_argument("run")
     parser.add_argument("--images", required=True, help="a folder of chest X-ray PNGs")
     parser.add_argument("--film", help="a chest DICOM for the node (default: none measured)")
-    parser.add_argument("--requests", type=int, default=240)
+    parser.add_argument("--seconds", type=float, default=30,
+                        help="how long the server is loaded, each way of answering")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--films", type=int, default=100)
     parser.add_argument("--xrv-python", help="an interpreter with torchxrayvision installed")
@@ -197,7 +199,8 @@ def main() -> None:
                                          "measured beside the others as it answers")
     args = parser.parse_args()
     paths = [str(p) for p in sorted(Path(args.images).glob("*.png"))[:args.films]]
-    images = [Path(p).read_bytes() for p in paths[:40]]
+    if shutil.which("wrk") is None:
+        parser.error("wrk loads the server: apt install wrk")
     work = Path(tempfile.mkdtemp(prefix="runtime-bench-"))
     setups = [Setup("keras", ["--runtime", "keras"], ["--runtime", "keras", "--batch-films", "1"]),
               Setup("onnx", [], [])]
@@ -213,7 +216,7 @@ def main() -> None:
         results["first predict (exports the run if the cache lacks it)"] = {
             "seconds": time.perf_counter() - started}
         for setup in setups:
-            results[f"server {setup.name}"] = server(args.run, images, args.requests,
+            results[f"server {setup.name}"] = server(args.run, paths[:40], args.seconds,
                                                      args.clients, setup, work)
             folder = work / f"films-{setup.name}"
             folder.mkdir()
@@ -241,11 +244,13 @@ def main() -> None:
     new = results["server onnx"]
     for base in [s.name for s in setups if s.name != "onnx"]:
         old = results[f"server {base}"]
-        print(f"onnx against {base}: server requests/s x"
-              f"{new['requests_per_s'] / old['requests_per_s']:.2f}, p95 "
-              f"x{new['p95_ms'] / old['p95_ms']:.2f}, memory at rest "
-              f"{old['rss_at_rest_mb']:.0f} -> {new['rss_at_rest_mb']:.0f} MB; archive files/s "
-              f"x{results['archive onnx']['files_per_s'] / results[f'archive {base}']['files_per_s']:.2f}"  # noqa: E501
+        for answer in ANSWERS:
+            print(f"onnx against {base}, {answer}: server requests/s x"
+                  f"{new[f'{answer}: requests_per_s'] / old[f'{answer}: requests_per_s']:.2f}, "
+                  f"p95 x{new[f'{answer}: p95_ms'] / old[f'{answer}: p95_ms']:.2f}")
+        print(f"onnx against {base}: memory at rest {old['rss_at_rest_mb']:.0f} -> "
+              f"{new['rss_at_rest_mb']:.0f} MB; archive files/s x"
+              f"{results['archive onnx']['files_per_s'] / results[f'archive {base}']['files_per_s']:.2f}"  # noqa: E501
               + (f"; node films/s x{results['node onnx']['films_per_s'] / results[f'node {base}']['films_per_s']:.2f}"  # noqa: E501
                  if args.film else ""))
     if args.xrv_python:

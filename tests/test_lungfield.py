@@ -73,3 +73,35 @@ def test_heat_share_at_the_finer_resolution_and_per_image():
     assert heat_share(-coarse, field.mask) == 0.0  # negative heat counts as none
     shares = heat_shares([fine, coarse], [field.mask, None])
     assert shares[0] == 0.25 and np.isnan(shares[1])
+
+
+def _flood_labels(mask: np.ndarray) -> np.ndarray:
+    """Connected regions the slow, obvious way: a flood from each unlabelled pixel, in flat
+    order (so a region's label is its smallest flat index + 1)."""
+    labels = np.zeros(mask.shape, np.int64)
+    height, width = mask.shape
+    for index in range(mask.size):
+        row, col = divmod(index, width)
+        if not mask[row, col] or labels[row, col]:
+            continue
+        pending = [(row, col)]
+        labels[row, col] = index + 1
+        while pending:
+            r, c = pending.pop()
+            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= rr < height and 0 <= cc < width and mask[rr, cc] and not labels[rr, cc]:
+                    labels[rr, cc] = index + 1
+                    pending.append((rr, cc))
+    return labels
+
+
+def test_components_match_a_flood_fill():
+    from covidxray.pixels.lungfield import components
+    rng = np.random.default_rng(0)
+    masks = [rng.random(rng.integers(1, 30, 2)) < rng.uniform(0.2, 0.8) for _ in range(200)]
+    spiral = np.zeros((15, 15), bool)  # one region that winds back on itself
+    spiral[1, 1:14] = spiral[1:14, 13] = spiral[13, 3:14] = spiral[3:14, 3] = True
+    spiral[3, 3:12] = spiral[3:12, 11] = spiral[11, 5:12] = True
+    masks += [spiral, np.zeros((4, 5), bool), np.ones((3, 7), bool)]
+    for mask in masks:
+        np.testing.assert_array_equal(components(mask), _flood_labels(mask))

@@ -1,6 +1,7 @@
 """The web app: API, input safety, a real server on loopback, the page in a browser, and
 schemathesis against the OpenAPI schema."""
 
+import base64
 import io
 import re
 import socket
@@ -79,6 +80,15 @@ def test_health_and_model_card(client):
     assert client.get("/openapi.json").json()["paths"]["/api/predict"]
 
 
+@pytest.mark.parametrize("shape", [(37, 53), (20, 31, 3), (64, 48, 4), (1, 1), (5, 1, 4)])
+def test_png_previews_decode_to_their_pixels(shape):
+    """The answer's own PNG writer: what any decoder reads back is the image, exactly."""
+    from covidxray.deploy.serve.app import _png
+    pixels = np.random.default_rng(len(shape)).integers(0, 256, shape, dtype=np.uint8)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(
+        _png(pixels).split(",", 1)[1])))), pixels)
+
+
 def test_predict_several_images(client, xray):
     photo = (np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8)
     response = client.post("/api/predict?heatmap=1", files=[
@@ -87,8 +97,13 @@ def test_predict_several_images(client, xray):
     first, second = response.json()["results"]
     assert 0 <= first["probability"] <= 1 and first["label"] in ("COVID", "NON-COVID")
     assert first["ood"] is False and first["model_id"]
-    for key in ("image_png", "heatmap_png", "overlay_png"):
+    for key in ("image_png", "heatmap_png"):
         assert first[key].startswith("data:image/png;base64,")
+    assert first["overlay_png"] is None  # asked for alone
+    burnt = client.post("/api/predict?overlay=1", files=[("files", ("a.png", xray))])
+    overlay = burnt.json()["results"][0]
+    assert overlay["overlay_png"].startswith("data:image/png;base64,")
+    assert overlay["heatmap_png"] == first["heatmap_png"]  # with the layers, the same ones
     assert second["ood"] is True and "not like a frontal chest X-ray" in second["ood_reason"]
     assert response.json()["synthetic_data"] is True
     lean = client.post("/api/predict", files=[("files", ("a.png", xray, "image/png"))])
@@ -649,8 +664,13 @@ def test_gradcam_panel_draws_what_the_api_overlays(server, tiny_data, tmp_path):
         with page.expect_response("**/api/predict*", timeout=60_000) as answer:
             page.set_input_files("#file", str(image))
         result = answer.value.json()["results"][0]
+        assert result["overlay_png"] is None  # the page layers the images itself
         page.wait_for_selector("#result:not([hidden])", timeout=60_000)
-        difference, dark, dark_overlay = _panel_against_overlay(page, result["overlay_png"])
+        import httpx
+        burnt = httpx.post(server + "/api/predict?overlay=1", timeout=60,
+                           files=[("files", (image.name, image.read_bytes()))])
+        difference, dark, dark_overlay = _panel_against_overlay(
+            page, burnt.json()["results"][0]["overlay_png"])
         page.locator("#gradcam").screenshot(path=str(tmp_path / "served.png"))
         assert dark <= dark_overlay + 0.05 and dark < 0.5, (dark, dark_overlay)
         assert difference < 0.04, difference

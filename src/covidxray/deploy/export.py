@@ -16,14 +16,13 @@ import covidxray.model.backend  # noqa: F401  (Keras' backend, chosen before Ker
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from covidxray.config import EXPORT_FORMATS
 from covidxray.errors import ConfigError, UserError, require
-from covidxray.fileutil import atomic_path, file_sha256, write_json_atomic
+from covidxray.fileutil import file_sha256, write_json_atomic
 from covidxray.run.engines import OnnxEngine
 from covidxray.run.folder import RunFolder
 from covidxray.run.metadata import RunError
@@ -93,15 +92,9 @@ def _export_into(predictor: Predictor, run_dir: Path, out: Path, format: str) ->
     """The export of a loaded run (or ensemble) written into the folder ``out``."""
     if predictor.metadata.members:
         return export_ensemble(predictor, run_dir, out, format)
-    graph = predictor.engine.inference_graph()
     import keras
-    size = predictor.image_size
     target = RunFolder(out)
-    with atomic_path(target.onnx_file, suffix=".onnx") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on shapes it fixes, not ours
-        graph.export(str(tmp), format="onnx", verbose=False,
-                     input_signature=[keras.InputSpec(shape=(None, size, size, 1),
-                                                      dtype="float32")])
+    predictor.engine.export_onnx(target.onnx_file)
     _copy_run_files(run_dir, out)
     images = parity_images(predictor)
     keras_scores = predictor.engine.forward(images).scores

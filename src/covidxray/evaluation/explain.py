@@ -38,19 +38,21 @@ def overlay(gray: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4,
     return rgb
 
 
-def heat_colours(heat: np.ndarray, colormap: str = "jet") -> np.ndarray:
-    """RGB float32 in [0, 1] of a heat map in [0, 1]: a matplotlib colour map's own entries,
-    indexed as matplotlib indexes them, looked up per pixel (several times faster than calling
-    the colour map on a full-resolution film)."""
-    table = _colour_table(colormap)
+def heat_colours(heat: np.ndarray, colormap: str = "jet", as_bytes: bool = False) -> np.ndarray:
+    """RGB of a heat map in [0, 1]: float32 in [0, 1], or with ``as_bytes`` uint8 (those
+    times 255, rounded): a matplotlib colour map's own entries, indexed as matplotlib indexes
+    them, looked up per pixel (several times faster than calling the colour map on a
+    full-resolution film)."""
+    table = _colour_table(colormap, as_bytes)
     return table[np.minimum((heat * len(table)).astype(np.intp), len(table) - 1)]
 
 
 @functools.cache
-def _colour_table(colormap: str) -> np.ndarray:
+def _colour_table(colormap: str, as_bytes: bool) -> np.ndarray:
     from matplotlib import colormaps
     table = colormaps[colormap]
-    return table(np.arange(table.N))[:, :3].astype(np.float32)
+    colours = table(np.arange(table.N))[:, :3].astype(np.float32)
+    return np.rint(colours * 255).astype(np.uint8) if as_bytes else colours
 
 
 def border_mask(size: int, fraction: float = BORDER_FRACTION) -> np.ndarray:

@@ -15,6 +15,9 @@ from pathlib import Path
 from covidxray.fileutil import atomic_path, cache_dir
 
 ONNX_FOLDER = "onnx"  # under the cache folder
+# The form of the graphs ``export_keras`` writes; a new form is exported anew into the cache.
+# 2: batch normalisation folded into the convolutions (``model.onnxgraph``)
+GRAPH_FORM = 2
 # What Keras' ONNX export needs on each backend (torch's is in covidxray[export]).
 EXPORTERS = {"torch": ("onnx", "onnxscript"), "jax": ("onnx", "jax2onnx"),
              "tensorflow": ("onnx", "tf2onnx")}
@@ -35,18 +38,22 @@ def can_export() -> bool:
 
 def cache_file(name: str) -> Path:
     """Where the network called ``name`` (its kind and weights' hash) is kept as ONNX."""
-    return cache_dir() / ONNX_FOLDER / f"{name}.onnx"
+    return cache_dir() / ONNX_FOLDER / f"{name}-g{GRAPH_FORM}.onnx"
 
 
 def export_keras(model, path: Path) -> None:
     """``model`` (a Keras model of (n, size, size, channels) float32 input) as ONNX at
-    ``path``, written to a temporary name and renamed: a half-written file is never found."""
+    ``path``, its batch normalisation folded into the convolutions (``model.onnxgraph``),
+    written to a temporary name and renamed: a half-written file is never found."""
     import keras
+
+    from covidxray.model.onnxgraph import fold_batch_norms
     shape = (None, *model.input_shape[1:])
     with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on shapes it fixes, not ours
         model.export(str(tmp), format="onnx", verbose=False,
                      input_signature=[keras.InputSpec(shape=shape, dtype="float32")])
+        fold_batch_norms(tmp)
 
 
 def session(path: Path):
@@ -57,6 +64,10 @@ def session(path: Path):
     # batches of every size come and go (a server's shared passes): per-shape memory plans
     # would keep each, and the arena its largest (see run_options)
     options.enable_mem_pattern = False
+    # idle threads sleep rather than spin: a server runs several sessions from several threads
+    # at once, and on two cores spinning threads take the time the others need (its answers
+    # came 20% faster without; docs/benchmarks.md)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -53,10 +53,11 @@ class KerasEngine:
         from covidxray.model.network import predict_scores
         return predict_scores(self.model, images, batch_size, self.positive)
 
-    def inference_graph(self):
-        """The model with every output a prediction needs, for export."""
+    def export_onnx(self, path: Path) -> None:
+        """The model with every output a prediction needs (``model.network.inference_graph``)
+        as ONNX at ``path``: the graph ``OnnxEngine`` runs."""
         from covidxray.model.network import inference_graph
-        return inference_graph(self.model, self.positive)
+        runtime.export_keras(inference_graph(self.model, self.positive), path)
 
 
 class OnnxEngine:
@@ -141,7 +142,7 @@ def cached_onnx(keras_file: Path, positive: int = 0) -> Path | None:
     log.info("exporting %s for onnxruntime once, into %s", keras_file, path.parent)
     keras_engine = KerasEngine.load(keras_file, positive)
     size = keras_engine.input_size
-    runtime.export_keras(keras_engine.inference_graph(), path)
+    keras_engine.export_onnx(path)
     images = np.random.default_rng(0).integers(0, 256, (4, size, size), dtype=np.uint8)
     difference = float(np.max(np.abs(keras_engine.scores(images) -
                                      OnnxEngine(path).scores(images))))
