@@ -107,6 +107,7 @@ def server(run: str, paths: list[str], seconds: float, clients: int, setup: Setu
         figures = {}
         for name, query in ANSWERS.items():
             load(f"{url}/api/predict?{query}", paths, 3, clients)  # warm-up
+            time.sleep(3)  # what wrk left in flight is answered (it would hold queue places)
             if not figures:
                 figures["rss_at_rest_mb"] = rss_mb(process.pid)
             done = load(f"{url}/api/predict?{query}", paths, seconds, clients)

@@ -1,9 +1,10 @@
 """Requests that arrive together share one forward pass (dynamic batching, as Triton and
 TorchServe do): each request decodes its own files in its own thread, then hands the prepared
 films to one model thread, which waits at most ``wait_s`` for more and runs them all, up to
-``max_films``, in a single pass. A lone request waits no longer than ``wait_s``; under load the
-model runs full batches, which onnxruntime scores several times faster per film than one at a
-time.
+``max_films``, in a single pass. A lone request waits no longer than ``wait_s``. Under load the
+model runs one pass at a time, never several at once contending for the cores, and each pass
+carries whatever waits; on a GPU a batch costs little more than one film, while on a 2-core
+CPU onnxruntime's time per film hardly changes with the batch (docs/benchmarks.md).
 """
 
 from __future__ import annotations
