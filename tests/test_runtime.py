@@ -86,3 +86,21 @@ def test_a_cache_that_cannot_be_written_or_is_damaged_still_answers(tiny_run, ti
     assert covidxray.load(tiny_run).predict(film).probability == pytest.approx(expected,
                                                                                abs=1e-6)
     assert "exported again" in caplog.text
+
+
+def test_an_export_that_fails_its_check_is_not_made_again_at_each_load(tiny_run, tmp_path,
+                                                                        monkeypatch, caplog):
+    from covidxray.model import runtime
+    from covidxray.run import engines
+    monkeypatch.setenv("COVIDXRAY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(engines, "PARITY_TOLERANCE", -1.0)  # no export can pass
+    assert isinstance(covidxray.load(tiny_run).engine, KerasEngine)
+    assert "differs from it" in caplog.text
+    [refused] = (tmp_path / "cache").rglob("*.refused")
+    assert not list((tmp_path / "cache").rglob("classifier-*.onnx"))
+
+    def exported(*args):
+        raise AssertionError("exported again")
+    monkeypatch.setattr(runtime, "export_keras", exported)
+    assert isinstance(covidxray.load(tiny_run).engine, KerasEngine)
+    assert f"delete {refused}" in caplog.text

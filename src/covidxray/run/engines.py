@@ -16,7 +16,7 @@ import numpy as np
 
 from covidxray.config import RUNTIMES, check_runtime
 from covidxray.errors import require
-from covidxray.fileutil import file_sha256
+from covidxray.fileutil import atomic_path, file_sha256
 from covidxray.model import runtime
 from covidxray.model.outputs import Forward
 
@@ -127,14 +127,20 @@ def cached_onnx(keras_file: Path, positive: int = 0) -> Path | None:
     """The classifier of ``keras_file`` as ONNX in the cache: exported the first time (seconds:
     Keras is loaded then), found by the sha256 of the file from then on. The export is
     checked against the Keras model on random inputs first (P(positive) within
-    ``PARITY_TOLERANCE``) and refused otherwise. None where onnxruntime or the exporter is
-    missing, or the check fails: the caller answers on Keras (a warning says why)."""
+    ``PARITY_TOLERANCE``) and refused otherwise, the refusal kept beside it (``.refused``) so
+    that later loads do not export again. None where onnxruntime or the exporter is missing,
+    or the check fails: the caller answers on Keras (a warning says why)."""
     if not runtime.available():
         log.info("onnxruntime is not installed (covidxray[export]): answering on Keras")
         return None
     path = runtime.cache_file(f"classifier-{file_sha256(keras_file)[:32]}-p{positive}")
     if path.is_file():
         return path
+    refused = path.with_suffix(".refused")
+    if refused.is_file():
+        log.warning("the ONNX export of %s differed from it (%s): answering on Keras (delete "
+                    "%s to export it again)", keras_file, refused.read_text().strip(), refused)
+        return None
     if not runtime.can_export():
         log.warning("Keras' ONNX exporter for the %s backend is not installed: answering on "
                     "Keras, seconds slower to start", os.environ.get("KERAS_BACKEND"))
@@ -148,6 +154,8 @@ def cached_onnx(keras_file: Path, positive: int = 0) -> Path | None:
                                      OnnxEngine(path).scores(images))))
     if difference > PARITY_TOLERANCE:
         path.unlink(missing_ok=True)
+        with atomic_path(refused, suffix=".refused") as tmp:
+            tmp.write_text(f"P(positive) by up to {difference:.2g} on random inputs\n")
         log.warning("the ONNX export of %s differs from it by %.2g: answering on Keras",
                     keras_file, difference)
         return None
