@@ -19,7 +19,7 @@ function request()
   sent = sent + 1
   return wrk.format("POST", nil,
     {["Content-Type"] = "multipart/form-data; boundary=" .. boundary},
-    bodies[(sent % #bodies) + 1])
+    bodies[((sent - 1) % #bodies) + 1])
 end
 
 function done(summary, latency, requests)

@@ -89,7 +89,7 @@ WRK_SCRIPT = Path(__file__).with_name("post_films.lua")
 ANSWERS = {"heat map": "heatmap=1", "heat map and overlay": "heatmap=1&overlay=1"}
 
 
-def server(run: str, paths: list[str], seconds: float, clients: int, setup: Setup,
+def server(run: str, paths: list[str], seconds: int, clients: int, setup: Setup,
            work: Path) -> dict:
     """Requests/s and latency of one worker under ``clients`` connections that each POST one
     film after another for ``seconds``, by wrk (a load generator in C: the client's own work
@@ -122,9 +122,9 @@ def server(run: str, paths: list[str], seconds: float, clients: int, setup: Setu
         process.wait(60)
 
 
-def load(url: str, paths: list[str], seconds: float, clients: int) -> dict:
+def load(url: str, paths: list[str], seconds: int, clients: int) -> dict:
     """wrk's figures (``post_films.lua``) for ``clients`` connections over ``seconds``."""
-    done = subprocess.run(["wrk", "-t", "1", "-c", str(clients), "-d", f"{seconds:g}s",
+    done = subprocess.run(["wrk", "-t", "1", "-c", str(clients), "-d", f"{seconds}s",
                            "--timeout", "60s", "-s", str(WRK_SCRIPT), url, "--", *paths],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("run")
     parser.add_argument("--images", required=True, help="a folder of chest X-ray PNGs")
     parser.add_argument("--film", help="a chest DICOM for the node (default: none measured)")
-    parser.add_argument("--seconds", type=float, default=30,
+    parser.add_argument("--seconds", type=int, default=30,
                         help="how long the server is loaded, each way of answering")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--films", type=int, default=100)

@@ -249,3 +249,22 @@ def test_lungs_hidden_warns_where_the_class_is_written_outside_the_lungs(patch_m
     assert len(hidden["warnings"]) == 3  # all films, a and b
     assert "outside the lungs" in hidden["warnings"][0]
     assert "WARNING (all films)" in format_report(beside_the_class)
+
+
+def test_overlay_and_heat_map_colours_are_the_textbook_blend():
+    """The in-place blend and the byte colour table give exactly what the plain formulas give:
+    (1 - w) * gray + w * colour with w = alpha * heat, times 255, rounded; colours rounded."""
+    from covidxray.evaluation.explain import LUNG_OUTLINE_COLOUR, heat_colours
+    rng = np.random.default_rng(3)
+    gray = rng.random((61, 47), dtype=np.float32)
+    heat = (rng.random((61, 47), dtype=np.float32) * 1.4 - 0.2)
+    outline = rng.random((61, 47)) < 0.1
+    clipped = np.clip(heat, 0, 1)
+    colours = heat_colours(clipped)
+    weight = 0.4 * clipped[..., None]
+    expected = np.clip(np.rint(((1 - weight) * gray[..., None] + weight * colours) * 255), 0,
+                       255).astype(np.uint8)
+    expected[outline] = LUNG_OUTLINE_COLOUR
+    np.testing.assert_array_equal(overlay(gray, heat, outline=outline), expected)
+    np.testing.assert_array_equal(heat_colours(clipped, as_bytes=True),
+                                  np.rint(colours * 255).astype(np.uint8))

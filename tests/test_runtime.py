@@ -104,3 +104,30 @@ def test_an_export_that_fails_its_check_is_not_made_again_at_each_load(tiny_run,
     monkeypatch.setattr(runtime, "export_keras", exported)
     assert isinstance(covidxray.load(tiny_run).engine, KerasEngine)
     assert f"delete {refused}" in caplog.text
+    # refused by other versions of Keras or onnxruntime: tried again with these
+    refusal = json.loads(refused.read_text())
+    refused.write_text(json.dumps(dict(refusal, versions={"keras": "0.1"})))
+    with pytest.raises(AssertionError, match="exported again"):
+        covidxray.load(tiny_run)
+
+
+def test_a_keras_export_has_its_batch_normalisation_folded(tiny_run, tmp_path, monkeypatch):
+    """Keras' export as it is written has a Sub, Mul and Add after its convolutions; the fold
+    takes them into the convolutions, with the same answers (what the export runs)."""
+    import onnxruntime
+
+    from covidxray.model import onnxgraph
+    engine = KerasEngine.load(tiny_run / "model.keras")
+    monkeypatch.setattr(onnxgraph, "fold_batch_norms", lambda path: 0)
+    engine.export_onnx(tmp_path / "as-exported.onnx")
+    monkeypatch.undo()
+    folded = tmp_path / "folded.onnx"
+    folded.write_bytes((tmp_path / "as-exported.onnx").read_bytes())
+    assert onnxgraph.fold_batch_norms(folded) > 0
+    assert onnxgraph.fold_batch_norms(folded) == 0  # nothing left
+    images = np.random.default_rng(0).random((2, *engine.model.input_shape[1:]), np.float32)
+    sessions = [onnxruntime.InferenceSession(str(p))
+                for p in (tmp_path / "as-exported.onnx", folded)]
+    before, after = (s.run(None, {s.get_inputs()[0].name: images * 255}) for s in sessions)
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -119,3 +119,16 @@ def test_the_numpy_blur_is_scipys(shape):
     image = np.random.default_rng(0).random(shape).astype(np.float32)
     for sigma in (0.05, 0.3, 1.5):
         assert np.allclose(gaussian_blur(image, sigma), gaussian_filter(image, sigma), atol=1e-6)
+
+
+def test_equalisation_is_interpolation_of_the_cumulative_histogram(film):
+    """The in-place, by-index mapping is np.interp on the bins' upper edges (float rounding
+    apart), a flat histogram out of any exposure."""
+    from covidxray.pixels.transforms import equalize_histogram
+    for image in (film, np.clip(film * 0.3 + 0.2, 0, 1).astype(np.float32)):
+        counts, edges = np.histogram(image, bins=256, range=(0.0, 1.0))
+        cdf = np.cumsum(counts).astype(np.float64)
+        cdf = (cdf - cdf[0]) / (cdf[-1] - cdf[0])
+        equalised = equalize_histogram(image)
+        np.testing.assert_allclose(equalised, np.interp(image, edges[1:], cdf), atol=1e-6)
+        assert equalised.dtype == np.float32 and equalised.shape == image.shape

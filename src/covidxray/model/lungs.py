@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "lungs_unet.npz"
 CARD_NAME = "lungs_unet.json"
 SHIPPED = Path(__file__).parent / WEIGHTS_NAME
+EXPORT_TOLERANCE = 1e-4  # of P(lung), between the ONNX export and the Keras network
 # the shipped weights' sha256: a file that differs (damaged, replaced) is refused
 SHIPPED_SHA256 = "221327c62253ec2b81a493c619160cdb6bb3abca1093ddb844a3ad6a5c033b0d"
 
@@ -177,10 +178,25 @@ class LungSegmenter:
         try:
             if not path.is_file():
                 runtime.export_keras(self.model, path)
+                self._check_export(path)
             return LungSegmenter.from_onnx(path, self.card, self.weights_file)
         except Exception as error:  # an exporter missing or failing: the Keras model still works
             log.debug("lung segmenter stays on Keras (%s: %s)", type(error).__name__, error)
             return self
+
+    def _check_export(self, path: Path) -> None:
+        """Refuse (delete) an export whose P(lung) differs from this Keras model's by more
+        than ``EXPORT_TOLERANCE`` on random inputs."""
+        size = self.card.image_size
+        images = np.random.default_rng(0).integers(0, 256, (2, size, size), dtype=np.uint8)
+        exported = LungSegmenter.from_onnx(path, self.card)
+        difference = float(np.max(np.abs(self.probabilities(images) -
+                                          exported.probabilities(images))))
+        if difference > EXPORT_TOLERANCE:
+            path.unlink(missing_ok=True)
+            log.warning("the lung segmenter's ONNX export differs from it by %.2g: it runs on "
+                        "Keras", difference)
+            raise LungModelError(f"its ONNX export differs from it by {difference:.2g}")
 
     @classmethod
     def from_onnx(cls, path: Path, card: LungCard,

@@ -1,11 +1,13 @@
 """An exported network made fast on a CPU: batch normalisation folded into the convolutions.
 
 Keras' ONNX export writes each inference-mode batch normalisation as arithmetic on constants
-(``(x - mean) * scale + beta``: Sub, Mul, Add) after its Conv. onnxruntime fuses none of it, so
-every convolution leaves its blocked (NCHWc) layout and comes back, and no activation is fused
-into its convolution: on EfficientNet-Lite0 that doubles the time of a forward pass. Folding the
-three into the Conv's weights and bias (``W * scale``, ``(b - mean) * scale + beta``) gives the
-same outputs within float rounding (the exports' parity checks measure it) at half the cost.
+(``(x - mean) * scale + beta``: Sub, Mul, Add) after its Conv. onnxruntime's own fusions of a
+Conv with a following Mul or Add do not match that chain (it starts with Sub, and a Transpose
+may sit between), so every convolution leaves onnxruntime's blocked (NCHWc) layout and comes
+back, and no activation is fused into its convolution: on EfficientNet-Lite0 that doubles the
+time of a forward pass. Folding the three into the Conv's weights and bias (``W * scale``,
+``(b - mean) * scale + beta``) gives the same outputs within float rounding (each export is
+checked against its Keras model) at half the cost.
 
 Needs the ``onnx`` package (installed with the exporters); run at export time only."""
 
@@ -42,7 +44,7 @@ def fold_batch_norms(path: Path) -> int:
     constants = {tensor.name: tensor for tensor in graph.initializer}
     consumers = defaultdict(list)
     for node in graph.node:
-        for name in node.input:
+        for name in _reads(node):
             consumers[name].append(node)
     outputs = {output.name for output in graph.output}
 
@@ -50,19 +52,26 @@ def fold_batch_norms(path: Path) -> int:
         found = consumers[name]
         return found[0] if len(found) == 1 and name not in outputs else None
 
-    def per_channel(node, channels: int) -> np.ndarray | None:
-        """The constant second operand of ``node``, one value per channel (else None)."""
+    def per_channel(node, channels: int, channels_last: bool) -> np.ndarray | None:
+        """The constant second operand of ``node`` if it holds one value per channel and
+        broadcasts along the channels (else None: (C,) on NCHW runs along the width)."""
         if len(node.input) != 2 or node.input[1] not in constants:
             return None
-        value = numpy_helper.to_array(constants[node.input[1]]).astype(np.float64)
-        return value.reshape(channels) if value.size == channels else None
+        value = numpy_helper.to_array(constants[node.input[1]])
+        wanted = (channels,) if channels_last else (channels, 1, 1)
+        shape = value.shape[-len(wanted):] if value.ndim >= len(wanted) else None
+        if shape != wanted or any(size != 1 for size in value.shape[:-len(wanted)]):
+            return None
+        return value.astype(np.float64).reshape(channels)
 
     dropped, folded = set(), 0
     for conv in list(graph.node):
-        if conv.op_type != "Conv" or conv.input[1] not in constants:
+        bias_given = len(conv.input) > 2 and conv.input[2]
+        if conv.op_type != "Conv" or conv.input[1] not in constants or (
+                bias_given and conv.input[2] not in constants):
             continue
-        weights = numpy_helper.to_array(constants[conv.input[1]]).astype(np.float64)
-        channels = weights.shape[0]
+        stored = numpy_helper.to_array(constants[conv.input[1]])
+        weights, channels = stored.astype(np.float64), stored.shape[0]
         following = sole_consumer(conv.output[0])
         transpose = None
         if following is not None and following.op_type == "Transpose":
@@ -73,7 +82,7 @@ def fold_batch_norms(path: Path) -> int:
         steps = []
         for op_type in ("Sub", "Mul", "Add"):
             value = None if following is None or following.op_type != op_type else \
-                per_channel(following, channels)
+                per_channel(following, channels, transpose is not None)
             if value is None:
                 break
             steps.append((following, value))
@@ -82,12 +91,13 @@ def fold_batch_norms(path: Path) -> int:
             continue
         (sub, mean), (mul, scale), (add, beta) = steps
         bias = numpy_helper.to_array(constants[conv.input[2]]).astype(np.float64) \
-            if len(conv.input) > 2 and conv.input[2] else np.zeros(channels)
+            if bias_given else np.zeros(channels)
         names = (f"{conv.output[0]}_folded_weights", f"{conv.output[0]}_folded_bias")
+        per_output = scale.reshape(-1, *[1] * (weights.ndim - 1))
         graph.initializer.extend([
-            numpy_helper.from_array((weights * scale.reshape(-1, 1, 1, 1)).astype(np.float32),
-                                    names[0]),
-            numpy_helper.from_array(((bias - mean) * scale + beta).astype(np.float32), names[1])])
+            numpy_helper.from_array((weights * per_output).astype(stored.dtype), names[0]),
+            numpy_helper.from_array(((bias - mean) * scale + beta).astype(stored.dtype),
+                                    names[1])])
         del conv.input[1:]
         conv.input.extend(names)
         (transpose or conv).output[0] = add.output[0]  # the rest of the graph reads it there
@@ -96,10 +106,20 @@ def fold_batch_norms(path: Path) -> int:
     kept = [node for node in graph.node if id(node) not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
-    used = {name for node in graph.node for name in node.input}
+    used = {name for node in graph.node for name in _reads(node)}
     kept_constants = [tensor for tensor in graph.initializer if tensor.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept_constants)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return folded
+
+
+def _reads(node):
+    """The names ``node`` reads: its inputs, and those of the nodes of its subgraphs (the
+    branches of an If, the body of a Loop), which may read the outer graph's."""
+    yield from node.input
+    for attribute in node.attribute:
+        for subgraph in [attribute.g] * attribute.HasField("g") + list(attribute.graphs):
+            for inner in subgraph.node:
+                yield from _reads(inner)

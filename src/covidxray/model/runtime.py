@@ -8,11 +8,14 @@ Importing this module imports neither Keras nor onnxruntime."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import warnings
 from pathlib import Path
 
 from covidxray.fileutil import atomic_path, cache_dir
+
+log = logging.getLogger(__name__)
 
 ONNX_FOLDER = "onnx"  # under the cache folder
 # The form of the graphs ``export_keras`` writes; a new form is exported anew into the cache.
@@ -36,6 +39,20 @@ def can_export() -> bool:
     return needed is not None and all(importlib.util.find_spec(name) for name in needed)
 
 
+def versions() -> dict:
+    """The versions of what makes and runs an export (None: not installed): an export refused
+    by one set is tried again by another."""
+    from importlib.metadata import PackageNotFoundError, version
+    found = {}
+    for name in ("keras", "onnx", "onnxruntime", *sorted({m for e in EXPORTERS.values()
+                                                           for m in e} - {"onnx"})):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def cache_file(name: str) -> Path:
     """Where the network called ``name`` (its kind and weights' hash) is kept as ONNX."""
     return cache_dir() / ONNX_FOLDER / f"{name}-g{GRAPH_FORM}.onnx"
@@ -53,7 +70,11 @@ def export_keras(model, path: Path) -> None:
         warnings.simplefilter("ignore")  # the tracer's notes on shapes it fixes, not ours
         model.export(str(tmp), format="onnx", verbose=False,
                      input_signature=[keras.InputSpec(shape=shape, dtype="float32")])
-        fold_batch_norms(tmp)
+        try:
+            fold_batch_norms(tmp)
+        except Exception as error:  # a graph the fold does not know: slower, still right
+            log.warning("%s kept as exported, its batch normalisation not folded (%s: %s)",
+                        path.name, type(error).__name__, error)
 
 
 def session(path: Path):

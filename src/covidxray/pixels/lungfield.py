@@ -98,7 +98,7 @@ def components(mask: np.ndarray) -> np.ndarray:
     of the row above whose columns they overlap, then union-find on that graph (minimum
     labels along the joins, with pointer jumping, until nothing changes)."""
     height, width = mask.shape
-    edges = np.diff(np.pad(np.asarray(mask, np.int8), ((0, 0), (1, 1))), axis=1)
+    edges = np.diff(np.pad(np.asarray(mask, bool).view(np.int8), ((0, 0), (1, 1))), axis=1)
     rows, starts = np.nonzero(edges == 1)
     ends = np.nonzero(edges == -1)[1]
     labels = np.zeros(height * width, np.int64)

@@ -8,6 +8,7 @@ for the gate, and per-location logit terms for Grad-CAM."""
 from __future__ import annotations
 
 import covidxray.model.backend  # noqa: F401  (Keras' backend, chosen before Keras is imported)
+import json
 import logging
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 
 from covidxray.config import RUNTIMES, check_runtime
 from covidxray.errors import require
-from covidxray.fileutil import atomic_path, file_sha256
+from covidxray.fileutil import file_sha256, write_json_atomic
 from covidxray.model import runtime
 from covidxray.model.outputs import Forward
 
@@ -138,9 +139,16 @@ def cached_onnx(keras_file: Path, positive: int = 0) -> Path | None:
         return path
     refused = path.with_suffix(".refused")
     if refused.is_file():
-        log.warning("the ONNX export of %s differed from it (%s): answering on Keras (delete "
-                    "%s to export it again)", keras_file, refused.read_text().strip(), refused)
-        return None
+        try:
+            refusal = json.loads(refused.read_text())
+        except (OSError, ValueError):
+            refusal = {}
+        if refusal.get("versions") == runtime.versions():
+            log.warning("the ONNX export of %s differed from it by %s: answering on Keras "
+                        "(delete %s to export it again)", keras_file,
+                        refusal.get("difference"), refused)
+            return None
+        refused.unlink(missing_ok=True)  # refused by other versions: tried again
     if not runtime.can_export():
         log.warning("Keras' ONNX exporter for the %s backend is not installed: answering on "
                     "Keras, seconds slower to start", os.environ.get("KERAS_BACKEND"))
@@ -154,8 +162,8 @@ def cached_onnx(keras_file: Path, positive: int = 0) -> Path | None:
                                      OnnxEngine(path).scores(images))))
     if difference > PARITY_TOLERANCE:
         path.unlink(missing_ok=True)
-        with atomic_path(refused, suffix=".refused") as tmp:
-            tmp.write_text(f"P(positive) by up to {difference:.2g} on random inputs\n")
+        write_json_atomic(refused, {"difference": f"{difference:.2g}",
+                                    "versions": runtime.versions()})
         log.warning("the ONNX export of %s differs from it by %.2g: answering on Keras",
                     keras_file, difference)
         return None

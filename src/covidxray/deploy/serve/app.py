@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 PREVIEW_SIZE = 512
 PNG_UP_FILTER = 2
-PNG_COLOUR_TYPES = {1: 0, 3: 2, 4: 6}  # grey, RGB, RGBA
+PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # grey, grey + alpha, RGB, RGBA
 INTENDED_USE = "Research on chest X-ray classification. " + RESEARCH_NOTICE
 RETRY_AFTER_SECONDS = 5
 
@@ -80,15 +80,18 @@ def response_model(image_result: type[BaseModel]) -> type[BaseModel]:
 
 
 def _png(pixels: np.ndarray) -> str:
-    """A uint8 grey (h, w), RGB or RGBA (h, w, 3 or 4) image as a PNG data URL.
+    """A uint8 grey (h, w) or (h, w, 1 to 4 channels: grey, grey + alpha, RGB, RGBA) image
+    as a PNG data URL.
 
     Written here rather than by Pillow: every row takes PNG's "Up" filter (its difference from
     the row above, computed by numpy for the whole image at once) and zlib's fastest level.
     Pillow tries each of the five filters on every row; on these previews that doubled the
     time for files within a few per cent of the same size (docs/benchmarks.md)."""
+    if pixels.dtype != np.uint8:
+        raise TypeError(f"a PNG preview is made of bytes, not {pixels.dtype}")
     height, width = pixels.shape[:2]
     channels = 1 if pixels.ndim == 2 else pixels.shape[2]
-    rows = np.ascontiguousarray(pixels, np.uint8).reshape(height, width * channels)
+    rows = np.ascontiguousarray(pixels).reshape(height, width * channels)
     filtered = np.empty((height, width * channels + 1), np.uint8)
     filtered[:, 0] = PNG_UP_FILTER
     filtered[0, 1:] = rows[0]
@@ -172,8 +175,9 @@ def create_app(run_dir: str | Path | None = None, predictor: Predictor | None = 
     metrics = Metrics()
     batcher = Batcher(predictor, settings.batch_films, settings.batch_wait_ms / 1000)
     admission = threading.BoundedSemaphore(settings.queue + 1)  # running + waiting
-    # films decoded and prepared at once: the cores the model's thread leaves (more only
-    # contend for them: on two cores, one at a time answered 15% more requests than two)
+    # requests whose files are decoded and prepared at once: as many as the cores the model's
+    # thread leaves (more only contend for them: on two cores, one at a time answered 15% more
+    # requests than eight; a container's CPU quota is not seen here, only its cores)
     preparing = threading.BoundedSemaphore(max(1, _cores() - 1))
     app = FastAPI(title="covidxray", version=meta.covidxray_version, docs_url=None,
                   redoc_url=None,
