@@ -354,6 +354,42 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_run, tmp_path, xray):
     assert statuses == [200, 200]
 
 
+def test_films_are_prepared_by_as_many_requests_as_the_model_leaves_cores(tiny_run, tmp_path,
+                                                                          xray, monkeypatch):
+    """Eight requests at once on three cores: two decode and prepare at the same time, no more
+    (more only contend for the cores the model's thread needs), and all are answered."""
+    import os
+    import threading
+    from covidxray.run.predictor import Predictor
+    cores = 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    predictor = Predictor.load(tiny_run)
+    real, lock, now, most = predictor.prepare_or_error, threading.Lock(), [0], [0]
+
+    def counted(*args, **kwargs):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.2)  # long enough for the others to arrive
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                now[0] -= 1
+    predictor.prepare_or_error = counted
+    client = TestClient(create_app(predictor=predictor, run_dir=tiny_run,
+                                   settings=settings_for(tmp_path, queue=8)))
+    statuses = []
+    threads = [threading.Thread(target=lambda: statuses.append(client.post(
+        "/api/predict", files=[("files", ("a.png", xray))]).status_code)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [200] * 8
+    assert most[0] == cores - 1
+
+
 @pytest.mark.parametrize("option, value", [("queue", "-1"), ("queue", "0"), ("workers", "-2"),
                                            ("port", "70000")])
 def test_settings_out_of_range_are_refused_at_start(option, value, capsys):
