@@ -6,9 +6,10 @@ one run on the same films.
 
 1. The server, one worker, loaded by wrk (``apt install wrk``), every answer with its heat
    map (the page's answer: preview, heat map and lung outline), then with the overlay as
-   well: ``--runtime keras --batch-films 1`` (one request per forward pass, on Keras) against
-   the default (onnxruntime, requests that arrive together sharing a pass): requests/s, p50
-   and p95 latency, and the worker's resident memory at rest. With ``--before``, an earlier
+   well: ``--runtime keras --batch-films 1`` (one request per forward pass, on Keras) and
+   onnxruntime with ``--batch-films 1`` (before batching) against the default (onnxruntime,
+   requests that arrive together sharing a pass): requests/s, p50 and p95 latency, and the
+   worker's resident memory at rest. With ``--before``, an earlier
    checkout (the code before issue 33, as it answered) beside them, on the same run.
 2. Archive scoring (``covidxray predict RUN DIR --out x.csv``) and the DICOM node (``--films``
    C-STOREs of the same chest film over one association): films/s, each way of answering.
@@ -81,6 +82,7 @@ class Setup:
     runtime: list[str]  # for predict and dicom-node
     server: list[str]  # for serve
     env: dict | None = None
+    server_only: bool = False  # a way of serving alone (archive and node answer as another)
 
 
 WRK_SCRIPT = Path(__file__).with_name("post_films.lua")
@@ -204,6 +206,7 @@ def main() -> None:
         parser.error("wrk loads the server: apt install wrk")
     work = Path(tempfile.mkdtemp(prefix="runtime-bench-"))
     setups = [Setup("keras", ["--runtime", "keras"], ["--runtime", "keras", "--batch-films", "1"]),
+              Setup("onnx, one film a pass", [], ["--batch-films", "1"], server_only=True),
               Setup("onnx", [], [])]
     if args.before:
         setups.insert(0, Setup("before", [], [], {**os.environ, "PYTHONPATH": args.before}))
@@ -219,6 +222,8 @@ def main() -> None:
         for setup in setups:
             results[f"server {setup.name}"] = server(args.run, paths[:40], args.seconds,
                                                      args.clients, setup, work)
+            if setup.server_only:
+                continue
             folder = work / f"films-{setup.name}"
             folder.mkdir()
             for path in paths:
@@ -249,6 +254,8 @@ def main() -> None:
             print(f"onnx against {base}, {answer}: server requests/s x"
                   f"{new[f'{answer}: requests_per_s'] / old[f'{answer}: requests_per_s']:.2f}, "
                   f"p95 x{new[f'{answer}: p95_ms'] / old[f'{answer}: p95_ms']:.2f}")
+        if f"archive {base}" not in results:
+            continue
         print(f"onnx against {base}: memory at rest {old['rss_at_rest_mb']:.0f} -> "
               f"{new['rss_at_rest_mb']:.0f} MB; archive files/s x"
               f"{results['archive onnx']['files_per_s'] / results[f'archive {base}']['files_per_s']:.2f}"  # noqa: E501

@@ -431,10 +431,12 @@ class ServeConfig:
     workers: int = 1  # processes, each with the model loaded once
     gate: bool = True  # False: no out-of-distribution gate (a damaged gate file otherwise stops)
     runtime: str = RUNTIMES[0]  # RUNTIMES
-    # requests arriving within batch_wait_ms of each other share one forward pass, up to
-    # batch_films films (deploy.serve.batching)
+    # the films waiting when the model is free share one forward pass, up to batch_films
+    # (deploy.serve.batching); batch_wait_ms > 0 holds a pass that long for more. 0: on a CPU
+    # a film costs onnxruntime as much in a batch as alone, and a 5 ms wait cut a server's
+    # answers from 52 to 45 a second (docs/benchmarks.md); Triton's default too
     batch_films: int = 32
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 0.0
 
     def __post_init__(self) -> None:
         check_runtime(self.runtime)

@@ -518,11 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "locks it out for twice as long as the last (1 s, 2 s, ... 5 min), "
                         f"answered 429 (default {SERVE.key_failures_allowed})")
     p.add_argument("--batch-films", type=int, default=GIVEN, metavar="N",
-                   help="requests that arrive together share one forward pass of up to N "
-                        f"films (default {SERVE.batch_films})")
+                   help="the films waiting when the model is free share one forward pass "
+                        f"of up to N films (default {SERVE.batch_films})")
     p.add_argument("--batch-wait-ms", type=float, default=GIVEN, metavar="MS",
-                   help="how long the model waits for more requests to join a pass "
-                        f"(default {SERVE.batch_wait_ms:g})")
+                   help="how long each pass waits for more requests to join it "
+                        f"(default {SERVE.batch_wait_ms:g}: on a CPU waiting only idles the "
+                        "model)")
     p.add_argument("--audit-db", default=GIVEN, metavar="URL",
                    help="SQLAlchemy URL of the record of every prediction, e.g. "
                         "postgresql+psycopg://user@host/db (default: SQLite in RUN/serve/)")

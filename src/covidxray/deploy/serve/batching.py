@@ -1,10 +1,11 @@
 """Requests that arrive together share one forward pass (dynamic batching, as Triton and
 TorchServe do): each request decodes its own files in its own thread, then hands the prepared
-films to one model thread, which waits at most ``wait_s`` for more and runs them all, up to
-``max_films``, in a single pass. A lone request waits no longer than ``wait_s``. Under load the
-model runs one pass at a time, never several at once contending for the cores, and each pass
-carries whatever waits; on a GPU a batch costs little more than one film, while on a 2-core
-CPU onnxruntime's time per film hardly changes with the batch (docs/benchmarks.md).
+films to one model thread, which takes every film waiting (up to ``max_films``), waits at most
+``wait_s`` for more, and runs them all in a single pass. Under load the model runs one pass at
+a time, never several at once contending for the cores, and each pass carries what queued
+while the last ran. On a GPU a batch costs little more than one film; on a 2-core CPU
+onnxruntime's time per film hardly changes with the batch, so waiting for more only leaves the
+model idle: the server's default ``wait_s`` is 0 (``config.ServeConfig.batch_wait_ms``).
 """
 
 from __future__ import annotations
