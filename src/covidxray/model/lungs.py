@@ -179,18 +179,18 @@ class LungSegmenter:
         try:
             if not path.is_file():
                 runtime.export_keras(self.model, path)
-                self._check_export(path)
+                return self._checked_export(path)
             return LungSegmenter.from_onnx(path, self.card, self.weights_file)
         except Exception as error:  # an exporter missing or failing: the Keras model still works
             log.debug("lung segmenter stays on Keras (%s: %s)", type(error).__name__, error)
             return self
 
-    def _check_export(self, path: Path) -> None:
-        """Refuse (delete) an export whose P(lung) differs from this Keras model's by more
-        than ``EXPORT_TOLERANCE`` on random inputs."""
+    def _checked_export(self, path: Path) -> "LungSegmenter":
+        """The export at ``path`` as a segmenter, refused (deleted) where its P(lung) differs
+        from this Keras model's by more than ``EXPORT_TOLERANCE`` on random inputs."""
         size = self.card.image_size
         images = np.random.default_rng(0).integers(0, 256, (2, size, size), dtype=np.uint8)
-        exported = LungSegmenter.from_onnx(path, self.card)
+        exported = LungSegmenter.from_onnx(path, self.card, self.weights_file)
         difference = float(np.max(np.abs(self.probabilities(images) -
                                           exported.probabilities(images))))
         if difference > EXPORT_TOLERANCE:
@@ -198,6 +198,7 @@ class LungSegmenter:
             log.warning("the lung segmenter's ONNX export differs from it by %.2g: it runs on "
                         "Keras", difference)
             raise LungModelError(f"its ONNX export differs from it by {difference:.2g}")
+        return exported
 
     @classmethod
     def from_onnx(cls, path: Path, card: LungCard,
